@@ -1,0 +1,190 @@
+//! The service's configuration: one struct, from flags or `SESSION_CACHE_*` variables,
+//! checked before anything binds.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{ArgAction, Parser};
+
+use crate::store::Limits;
+
+/// A gRPC cache of validated sessions, in front of an identity provider.
+///
+/// Every flag can also be set by the environment variable named in its help.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "session-cache", version, about, long_about = None)]
+pub struct Config {
+    /// Address to serve gRPC on. Without caller authentication only a loopback address
+    /// is accepted, unless --allow-unauthenticated is given.
+    #[arg(long, env = "SESSION_CACHE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis to cache sessions in (redis://[user:password@]host:port[/db]). Without it
+    /// the embedded in-memory store serves: one process only, forgotten on restart.
+    #[arg(long, env = "SESSION_CACHE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Longest time a session stays cached, in seconds; a session that expires sooner
+    /// is cached until it expires. Also how long a logout refuses late Sets.
+    #[arg(long, env = "SESSION_CACHE_TTL_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ttl_seconds: u32,
+
+    /// How long a user's invalidation (password change) is remembered, in seconds. At
+    /// least --ttl-seconds, or an invalidated entry could outlive it.
+    #[arg(long, env = "SESSION_CACHE_MARKER_TTL_SECONDS", default_value_t = 2_592_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub marker_ttl_seconds: u32,
+
+    /// Whether to cache at all. With false, Get and Set answer DISABLED and the
+    /// invalidations succeed without touching a store.
+    #[arg(long, env = "SESSION_CACHE_ENABLED", default_value_t = true, action = ArgAction::Set)]
+    pub enabled: bool,
+
+    /// The longest a call waits for the store, in milliseconds; past it Get and Set
+    /// answer UNAVAILABLE and the invalidations fail with gRPC UNAVAILABLE.
+    #[arg(long, env = "SESSION_CACHE_STORE_TIMEOUT_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub store_timeout_ms: u64,
+
+    /// Pipelined Redis connections to keep open. Each carries any number of calls at
+    /// once; more than one or two rarely helps on a small machine.
+    #[arg(long, env = "SESSION_CACHE_REDIS_CONNECTIONS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub redis_connections: u32,
+
+    /// Most sessions the in-memory store holds; past it the least useful are dropped.
+    /// Invalidations and logouts are never dropped.
+    #[arg(long, env = "SESSION_CACHE_MEMORY_MAX_ENTRIES", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_max_entries: u64,
+
+    /// How often the store is pinged to drive health, in milliseconds.
+    #[arg(long, env = "SESSION_CACHE_HEALTH_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub health_interval_ms: u64,
+
+    /// On SIGTERM or SIGINT, how long calls in flight may take to finish, in seconds.
+    #[arg(long, env = "SESSION_CACHE_SHUTDOWN_GRACE_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_grace_seconds: u64,
+
+    /// Serve a non-loopback address without caller authentication: anyone who can
+    /// reach the port can then write sessions.
+    #[arg(long, env = "SESSION_CACHE_ALLOW_UNAUTHENTICATED", action = ArgAction::SetTrue)]
+    pub allow_unauthenticated: bool,
+}
+
+/// A configuration that parses but cannot be served; the message says how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Reads flags and environment, then checks the whole; `Err` from clap covers
+    /// `--help` and `--version` too (see `clap::Error::exit_code`).
+    pub fn load() -> Result<Config, LoadError> {
+        let config = Config::try_parse().map_err(LoadError::Parse)?;
+        config.validate().map_err(LoadError::Invalid)?;
+        Ok(config)
+    }
+
+    /// Checks what clap's per-flag parsers cannot see.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.marker_ttl_seconds < self.ttl_seconds {
+            return Err(ConfigError(format!(
+                "--marker-ttl-seconds ({}) must be at least --ttl-seconds ({}): a password \
+                 change must be remembered as long as an entry it hides can live",
+                self.marker_ttl_seconds, self.ttl_seconds
+            )));
+        }
+        if let Some(url) = &self.redis_url {
+            // The URL may hold a password: never echo it.
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+            if !scheme_ok || bb8_redis::redis::Client::open(url.as_str()).is_err() {
+                return Err(ConfigError(
+                    "--redis-url is not a valid redis:// or rediss:// URL \
+                     (redis://[user:password@]host:port[/db])"
+                        .into(),
+                ));
+            }
+        }
+        if !self.listen.ip().is_loopback() && !self.allow_unauthenticated {
+            return Err(ConfigError(format!(
+                "--listen {} is not a loopback address and no caller authentication is \
+                 configured: anyone who can reach it could write sessions. Listen on \
+                 127.0.0.1, or pass --allow-unauthenticated if a network policy guards it",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+
+    /// The store timeout.
+    pub fn store_timeout(&self) -> Duration {
+        Duration::from_millis(self.store_timeout_ms)
+    }
+
+    /// The lifetimes every store keeps.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            ttl_seconds: self.ttl_seconds,
+            marker_ttl_seconds: self.marker_ttl_seconds,
+        }
+    }
+}
+
+/// Why [`Config::load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A flag or variable did not parse (or `--help`/`--version` was asked for).
+    #[error(transparent)]
+    Parse(clap::Error),
+    /// The values parse but do not fit together.
+    #[error(transparent)]
+    Invalid(ConfigError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let config = Config::try_parse_from(std::iter::once("session-cache").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    /// The defaults are SPEC §6's.
+    #[test]
+    fn defaults() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.ttl_seconds, 300);
+        assert_eq!(config.marker_ttl_seconds, 2_592_000);
+        assert!(config.enabled);
+        assert_eq!(config.store_timeout_ms, 100);
+        assert!(config.redis_url.is_none());
+    }
+
+    /// Values that cannot work are refused with a message naming the flag.
+    #[test]
+    fn refuses_bad_values() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--ttl-seconds", "0"], "--ttl-seconds"),
+            (&["--store-timeout-ms", "0"], "--store-timeout-ms"),
+            (&["--enabled", "maybe"], "--enabled"),
+            (&["--listen", "nowhere"], "--listen"),
+            (&["--ttl-seconds", "600", "--marker-ttl-seconds", "60"], "--marker-ttl-seconds"),
+            (&["--redis-url", "http://secret@host"], "--redis-url"),
+            (&["--listen", "0.0.0.0:50051"], "--allow-unauthenticated"),
+        ];
+        for (args, flag) in cases {
+            let error = parse(args).expect_err(&format!("{args:?} should be refused"));
+            assert!(error.contains(flag), "{args:?}: {error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
+        assert!(parse(&["--listen", "0.0.0.0:50051", "--allow-unauthenticated"]).is_ok());
+        assert!(!parse(&["--enabled", "false"]).unwrap().enabled);
+    }
+}

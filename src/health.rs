@@ -1,0 +1,82 @@
+//! The background ping that drives `grpc.health.v1` for the store, and the flag that
+//! lets Get and Set answer UNAVAILABLE at once while the store is known to be down.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{info, warn};
+
+use crate::store::Store;
+
+/// The health name of the store-backed service (SPEC §5).
+pub const SERVICE_NAME: &str = "sessioncache.v1.SessionCache";
+
+/// Whether the last ping reached the store.
+#[derive(Debug, Default)]
+pub struct StoreStatus {
+    up: AtomicBool,
+}
+
+impl StoreStatus {
+    /// A status that starts up or down.
+    pub fn new(up: bool) -> Self {
+        StoreStatus {
+            up: AtomicBool::new(up),
+        }
+    }
+
+    /// Whether the last ping reached the store.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+}
+
+/// Pings the store every `every` until `stop`, and reports each change of its state to
+/// the health service and to [`StoreStatus`]. Also runs the store's upkeep.
+pub(crate) async fn watch_store<S: Store>(
+    store: Arc<S>,
+    status: Arc<StoreStatus>,
+    reporter: HealthReporter,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut was_up = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        store.upkeep();
+        let ping = store.ping().await;
+        let up = ping.is_ok();
+        status.set(up);
+        if was_up == Some(up) {
+            continue;
+        }
+        match &ping {
+            Ok(latency) => info!(store = store.kind(), ?latency, "store is reachable: serving"),
+            Err(e) => warn!(store = store.kind(), error = %e, "store is unreachable: Get and Set answer UNAVAILABLE"),
+        }
+        let serving = if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status(SERVICE_NAME, serving).await;
+        was_up = Some(up);
+    }
+}

@@ -1,0 +1,29 @@
+//! session-cache: a gRPC cache of validated sessions in front of an identity provider.
+//!
+//! Data flows one way: [`server`] (transport) → [`service`] (checks and gRPC mapping)
+//! → [`store`] (Redis or memory). Nothing below the service knows gRPC; nothing above
+//! the store knows Redis. See `README.md` for running it and `SPEC.md` for the contract.
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod config;
+pub mod entry;
+pub mod health;
+pub mod keys;
+pub mod server;
+pub mod service;
+pub mod signal;
+pub mod store;
+
+/// The generated protobuf types and gRPC stubs of `sessioncache.v1`.
+pub mod pb {
+    tonic::include_proto!("sessioncache.v1");
+
+    /// The encoded descriptors of `proto/`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/session_cache_descriptor.bin"));
+}
+
+pub use config::Config;
+pub use server::run;

@@ -1,0 +1,279 @@
+//! The `SessionCache` handlers: check the request, ask the store, shape the answer.
+//!
+//! This is the one place where store results and errors become gRPC: reads degrade to
+//! an UNAVAILABLE outcome with status OK (the caller validates with the identity
+//! provider instead), revocations that the store did not acknowledge fail with gRPC
+//! UNAVAILABLE (the caller retries), and bad input fails with INVALID_ARGUMENT naming
+//! the field, before anything is written.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Datelike, Utc};
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::{
+    clock::Micros,
+    entry::{Session, User},
+    health::StoreStatus,
+    keys::TokenHash,
+    pb::{self, GetOutcome, SetOutcome, session_cache_server::SessionCache},
+    store::{Fence, Lookup, Store, Stored},
+};
+
+/// Longest token accepted, in bytes (SPEC §5).
+pub const MAX_TOKEN_BYTES: usize = 4096;
+/// Longest user id accepted, in bytes (SPEC §5).
+pub const MAX_USER_ID_BYTES: usize = 256;
+
+/// The `SessionCache` service over a store.
+pub struct SessionCacheService<S> {
+    store: Arc<S>,
+    enabled: bool,
+    status: Arc<StoreStatus>,
+}
+
+impl<S: Store> SessionCacheService<S> {
+    /// Serves `store`; `status` is kept by the health loop (see `health::watch_store`).
+    /// With `enabled` false the store is never touched.
+    pub fn new(store: Arc<S>, enabled: bool, status: Arc<StoreStatus>) -> Self {
+        SessionCacheService {
+            store,
+            enabled,
+            status,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> SessionCache for SessionCacheService<S> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let token = check_token(&request.get_ref().token)?;
+        let reply = if !self.enabled {
+            outcome_only(GetOutcome::Disabled)
+        } else if !self.status.is_up() {
+            outcome_only(GetOutcome::Unavailable)
+        } else {
+            match self.store.get(&token).await {
+                Ok(lookup) => get_response(lookup),
+                Err(e) => {
+                    debug!(token = token.short(), error = %e, "get: store failed");
+                    outcome_only(GetOutcome::Unavailable)
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn set(
+        &self,
+        request: Request<pb::SetRequest>,
+    ) -> Result<Response<pb::SetResponse>, Status> {
+        let request = request.into_inner();
+        let token = check_token(&request.token)?;
+        let session = check_session(request.user, request.session_expire)?;
+        let fence = match request.fence.as_str() {
+            "" => None,
+            text => Some(text.parse::<Fence>().map_err(|_| {
+                Status::invalid_argument("fence: not a fence that Get returned")
+            })?),
+        };
+        let outcome = if !self.enabled {
+            Err(SetOutcome::Disabled)
+        } else if !self.status.is_up() {
+            Err(SetOutcome::Unavailable)
+        } else {
+            match self.store.set(&token, &session, fence).await {
+                Ok(stored) => Ok(stored),
+                Err(e) => {
+                    debug!(token = token.short(), error = %e, "set: store failed");
+                    Err(SetOutcome::Unavailable)
+                }
+            }
+        };
+        let (outcome, ttl_seconds) = match outcome {
+            Ok(Stored::Stored { ttl_seconds }) => (SetOutcome::Stored, ttl_seconds),
+            Ok(Stored::Expired) => (SetOutcome::Expired, 0),
+            Ok(Stored::Stale) => (SetOutcome::Stale, 0),
+            Ok(Stored::Revoked) => (SetOutcome::Revoked, 0),
+            Err(outcome) => (outcome, 0),
+        };
+        debug!(token = token.short(), ?outcome, ttl_seconds, "set");
+        Ok(Response::new(pb::SetResponse {
+            outcome: outcome.into(),
+            ttl_seconds,
+        }))
+    }
+
+    async fn invalidate_token(
+        &self,
+        request: Request<pb::InvalidateTokenRequest>,
+    ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
+        let token = check_token(&request.get_ref().token)?;
+        let deleted = if self.enabled {
+            self.store
+                .invalidate_token(&token)
+                .await
+                .map_err(|e| unacknowledged("invalidate_token", &e))?
+        } else {
+            false
+        };
+        info!(token = token.short(), deleted, "token invalidated");
+        Ok(Response::new(pb::InvalidateTokenResponse { deleted }))
+    }
+
+    async fn invalidate_user(
+        &self,
+        request: Request<pb::InvalidateUserRequest>,
+    ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
+        let user_id = &request.get_ref().user_id;
+        check_user_id("user_id", user_id)?;
+        let at = if self.enabled {
+            self.store
+                .invalidate_user(user_id)
+                .await
+                .map_err(|e| unacknowledged("invalidate_user", &e))?
+        } else {
+            Micros::from_datetime(Utc::now())
+        };
+        info!(user_id = %user_id, "user invalidated");
+        Ok(Response::new(pb::InvalidateUserResponse {
+            invalidated_at: at.to_datetime().map(timestamp),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let (serving, store_latency) = if self.enabled {
+            match self.store.ping().await {
+                Ok(latency) => (true, prost_types::Duration::try_from(latency).ok()),
+                Err(_) => (false, None),
+            }
+        } else {
+            (true, None)
+        };
+        Ok(Response::new(pb::HealthResponse {
+            serving,
+            store: self.store.kind().into(),
+            enabled: self.enabled,
+            store_latency,
+        }))
+    }
+}
+
+fn outcome_only(outcome: GetOutcome) -> pb::GetResponse {
+    pb::GetResponse {
+        outcome: outcome.into(),
+        ..Default::default()
+    }
+}
+
+fn get_response(lookup: Lookup) -> pb::GetResponse {
+    let (outcome, fence) = match lookup {
+        Lookup::Hit(session) => {
+            let user = session.user;
+            return pb::GetResponse {
+                outcome: GetOutcome::Hit.into(),
+                user: Some(pb::User {
+                    id: user.id,
+                    email: user.email,
+                    name: user.name,
+                    email_verified: user.email_verified,
+                    tier: user.tier,
+                    created_at: Some(timestamp(user.created_at)),
+                    updated_at: Some(timestamp(user.updated_at)),
+                }),
+                session_expire: Some(timestamp(session.session_expire)),
+                fence: String::new(),
+            };
+        }
+        Lookup::Miss(fence) => (GetOutcome::Miss, fence),
+        Lookup::Expired(fence) => (GetOutcome::Expired, fence),
+        Lookup::Invalidated(fence) => (GetOutcome::Invalidated, fence),
+        Lookup::Corrupt(fence) => (GetOutcome::Corrupt, fence),
+    };
+    pb::GetResponse {
+        outcome: outcome.into(),
+        fence: fence.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A revocation the store did not acknowledge: the caller must retry.
+fn unacknowledged(call: &str, e: &crate::store::StoreError) -> Status {
+    warn!(call, error = %e, "revocation not acknowledged by the store");
+    Status::unavailable("the store did not acknowledge the invalidation; retry it")
+}
+
+fn check_token(token: &str) -> Result<TokenHash, Status> {
+    if token.is_empty() {
+        return Err(Status::invalid_argument("token: must not be empty"));
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "token: longer than {MAX_TOKEN_BYTES} bytes"
+        )));
+    }
+    Ok(TokenHash::of(token))
+}
+
+fn check_user_id(field: &str, user_id: &str) -> Result<(), Status> {
+    if user_id.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{field}: must not be empty"
+        )));
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field}: longer than {MAX_USER_ID_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn check_session(
+    user: Option<pb::User>,
+    session_expire: Option<Timestamp>,
+) -> Result<Session, Status> {
+    let user = user.ok_or_else(|| Status::invalid_argument("user: required"))?;
+    check_user_id("user.id", &user.id)?;
+    Ok(Session {
+        user: User {
+            created_at: instant("user.created_at", user.created_at)?,
+            updated_at: instant("user.updated_at", user.updated_at)?,
+            id: user.id,
+            email: user.email,
+            name: user.name,
+            email_verified: user.email_verified,
+            tier: user.tier,
+        },
+        session_expire: instant("session_expire", session_expire)?,
+    })
+}
+
+/// A required timestamp that Python's `datetime` can also hold (years 1 to 9999).
+fn instant(field: &str, t: Option<Timestamp>) -> Result<DateTime<Utc>, Status> {
+    let t = t.ok_or_else(|| Status::invalid_argument(format!("{field}: required")))?;
+    u32::try_from(t.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+        .filter(|d| (1..=9999).contains(&d.year()))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{field}: not a valid timestamp between years 1 and 9999"
+            ))
+        })
+}
+
+fn timestamp(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}

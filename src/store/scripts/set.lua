@@ -1,0 +1,36 @@
+-- Set: check and write in one atomic step.
+-- KEYS[1]  the entry, session_cache:<hash>
+-- KEYS[2]  the token's logout tombstone, session_revoked:<hash>
+-- KEYS[3]  the user's marker, user_invalidated:<user_id>
+-- ARGV[1]  the entry's JSON up to and including "cached_at":
+-- ARGV[2]  session_expire in micros
+-- ARGV[3]  the fence in micros, or '' for none
+-- ARGV[4]  the configured ttl in seconds
+-- Returns  {'stored', ttl} | {'revoked', 0} | {'stale', 0} | {'expired', 0}
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {'revoked', 0}
+end
+local now = now_micros()
+local fence = tonumber(ARGV[3])
+if fence then
+  local marker = redis.call('GET', KEYS[3])
+  if marker then
+    local at = to_micros(marker)
+    -- An unreadable marker counts as a revocation: fail closed.
+    if (not at) or at >= fence then
+      return {'stale', 0}
+    end
+  end
+end
+local remaining = tonumber(ARGV[2]) - now
+if remaining <= 0 then
+  return {'expired', 0}
+end
+local ttl = math.min(tonumber(ARGV[4]), math.max(1, math.floor(remaining / 1000000)))
+-- The session is no fresher than the validation that began at the fence.
+local cached_at = now
+if fence and fence < now then
+  cached_at = fence
+end
+redis.call('SET', KEYS[1], ARGV[1] .. seconds(cached_at) .. '}', 'EX', ttl)
+return {'stored', ttl}
