@@ -40,7 +40,10 @@ impl Micros {
         for digit in fraction.bytes().chain(std::iter::repeat(b'0')).take(6) {
             micros = micros * 10 + i64::from(digit - b'0');
         }
-        seconds.checked_mul(1_000_000)?.checked_add(micros).map(Micros)
+        seconds
+            .checked_mul(1_000_000)?
+            .checked_add(micros)
+            .map(Micros)
     }
 
     /// Reads a JSON number of seconds, as Python's `time.time()` writes it.
@@ -61,7 +64,12 @@ pub struct Seconds(Micros);
 impl fmt::Display for Seconds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0.0;
-        write!(f, "{}.{:06}", m.div_euclid(1_000_000), m.rem_euclid(1_000_000))
+        write!(
+            f,
+            "{}.{:06}",
+            m.div_euclid(1_000_000),
+            m.rem_euclid(1_000_000)
+        )
     }
 }
 

@@ -83,7 +83,17 @@ impl Config {
     /// Reads flags and environment, then checks the whole; `Err` from clap covers
     /// `--help` and `--version` too (see `clap::Error::exit_code`).
     pub fn load() -> Result<Config, LoadError> {
-        let config = Config::try_parse().map_err(LoadError::Parse)?;
+        Config::load_from(std::env::args_os())
+    }
+
+    /// [`Config::load`] from these arguments (the first is the program name) and the
+    /// environment.
+    pub fn load_from<I, T>(args: I) -> Result<Config, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let config = Config::try_parse_from(args).map_err(LoadError::Parse)?;
         config.validate().map_err(LoadError::Invalid)?;
         Ok(config)
     }
@@ -149,10 +159,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let config = Config::try_parse_from(std::iter::once("session-cache").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        config.validate().map_err(|e| e.to_string())?;
-        Ok(config)
+        Config::load_from(std::iter::once("session-cache").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
     }
 
     /// The defaults are SPEC §6's.
@@ -175,7 +183,10 @@ mod tests {
             (&["--store-timeout-ms", "0"], "--store-timeout-ms"),
             (&["--enabled", "maybe"], "--enabled"),
             (&["--listen", "nowhere"], "--listen"),
-            (&["--ttl-seconds", "600", "--marker-ttl-seconds", "60"], "--marker-ttl-seconds"),
+            (
+                &["--ttl-seconds", "600", "--marker-ttl-seconds", "60"],
+                "--marker-ttl-seconds",
+            ),
             (&["--redis-url", "http://secret@host"], "--redis-url"),
             (&["--listen", "0.0.0.0:50051"], "--allow-unauthenticated"),
         ];

@@ -68,8 +68,14 @@ pub(crate) async fn watch_store<S: Store>(
             continue;
         }
         match &ping {
-            Ok(latency) => info!(store = store.kind(), ?latency, "store is reachable: serving"),
-            Err(e) => warn!(store = store.kind(), error = %e, "store is unreachable: Get and Set answer UNAVAILABLE"),
+            Ok(latency) => info!(
+                store = store.kind(),
+                ?latency,
+                "store is reachable: serving"
+            ),
+            Err(e) => {
+                warn!(store = store.kind(), error = %e, "store is unreachable: Get and Set answer UNAVAILABLE")
+            }
         }
         let serving = if up {
             ServingStatus::Serving

@@ -143,7 +143,10 @@ async fn serve<S: Store>(
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
-    info!(?grace, "shutting down: no new calls; draining calls in flight");
+    info!(
+        ?grace,
+        "shutting down: no new calls; draining calls in flight"
+    );
     let _ = drain.send(());
     // Open streams (a health Watch) never end on their own: the drain is bounded.
     match tokio::time::timeout(grace, &mut server).await {

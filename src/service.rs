@@ -76,12 +76,13 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         let request = request.into_inner();
         let token = check_token(&request.token)?;
         let session = check_session(request.user, request.session_expire)?;
-        let fence = match request.fence.as_str() {
-            "" => None,
-            text => Some(text.parse::<Fence>().map_err(|_| {
-                Status::invalid_argument("fence: not a fence that Get returned")
-            })?),
-        };
+        let fence =
+            match request.fence.as_str() {
+                "" => None,
+                text => Some(text.parse::<Fence>().map_err(|_| {
+                    Status::invalid_argument("fence: not a fence that Get returned")
+                })?),
+            };
         let outcome = if !self.enabled {
             Err(SetOutcome::Disabled)
         } else if !self.status.is_up() {

@@ -191,7 +191,10 @@ impl Store for MemoryStore {
     async fn invalidate_user(&self, user_id: &str) -> Result<Micros, StoreError> {
         let _writes = self.lock();
         let now = self.now();
-        let at = self.markers.get(user_id).map_or(now, |current| current.max(now));
+        let at = self
+            .markers
+            .get(user_id)
+            .map_or(now, |current| current.max(now));
         self.markers.insert(user_id.to_owned(), at);
         Ok(at)
     }

@@ -172,7 +172,9 @@ pub(crate) fn judge_cached(
 }
 
 fn read_marker(raw: &[u8]) -> Option<Micros> {
-    std::str::from_utf8(raw).ok().and_then(Micros::parse_seconds)
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(Micros::parse_seconds)
 }
 
 /// SPEC §3's time to live: the configured one, cut to the session's remaining whole

@@ -163,9 +163,8 @@ impl Store for RedisStore {
     async fn get(&self, token: &TokenHash) -> Result<Lookup, StoreError> {
         let deadline = self.deadline();
         let key = token.entry_key();
-        let (raw, marker, now): (Option<Vec<u8>>, Option<Vec<u8>>, i64) = self
-            .run(deadline, &self.scripts.get.key(&key))
-            .await?;
+        let (raw, marker, now): (Option<Vec<u8>>, Option<Vec<u8>>, i64) =
+            self.run(deadline, &self.scripts.get.key(&key)).await?;
         let fence = Fence(Micros(now));
         match judge(raw.as_deref(), marker.as_deref(), Micros(now)) {
             Verdict::Hit(session) => Ok(Lookup::Hit(session)),

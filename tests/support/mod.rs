@@ -1,0 +1,392 @@
+//! What every integration test stands on: a real `redis-server` on a free port (that the
+//! test can kill, freeze and restart), the real server on port 0, and real clients.
+//!
+//! Waits are bounded polls of a real condition, never fixed sleeps.
+
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::{
+    net::{SocketAddr, TcpListener as StdListener},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use bb8_redis::redis::{self, aio::MultiplexedConnection};
+use prost_types::Timestamp;
+use session_cache::{
+    Config,
+    pb::{self, session_cache_client::SessionCacheClient},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle, time::Instant};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// The longest any test waits for a condition to come true.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A `redis-server` of the test's own, on a free loopback port, with no persistence.
+pub struct Redis {
+    child: Option<Child>,
+    port: u16,
+    extra: Vec<String>,
+}
+
+impl Redis {
+    /// Starts a Redis and waits until it answers PING.
+    pub async fn start() -> Redis {
+        Redis::start_with(&[]).await
+    }
+
+    /// Starts a Redis with extra `redis-server` arguments, such as `--maxmemory 2mb`.
+    pub async fn start_with(extra: &[&str]) -> Redis {
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &std::env::temp_dir().to_string_lossy(),
+            ])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server must be installed (Debian package redis-server); .ci/run installs it",
+            );
+        self.child = Some(child);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut conn) = self.try_connect().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_connect(&self) -> redis::RedisResult<MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// The URL the service is given.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A direct connection, to look at or plant keys as another program would.
+    pub async fn conn(&self) -> MultiplexedConnection {
+        self.try_connect().await.expect("test redis answers")
+    }
+
+    /// SIGKILL: Redis vanishes without a word, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// SIGSTOP: Redis keeps its connections but answers nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Redis::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.thaw();
+        }
+        self.kill();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Which store a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Redis,
+    Memory,
+}
+
+/// The real server on port 0, started through the library's `run`.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), session_cache::server::Error>>>,
+}
+
+impl Server {
+    /// Starts the server with these flags (as on the command line).
+    pub async fn start(args: &[&str]) -> Server {
+        let argv = [
+            "session-cache",
+            "--listen",
+            "127.0.0.1:0",
+            "--health-interval-ms",
+            "100",
+        ]
+        .into_iter()
+        .chain(args.iter().copied());
+        let config = Config::load_from(argv).expect("test flags are valid");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(session_cache::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// A `SessionCache` client.
+    pub async fn client(&self) -> SessionCacheClient<Channel> {
+        SessionCacheClient::new(self.channel().await)
+    }
+
+    /// A `grpc.health.v1` client.
+    pub async fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel().await)
+    }
+
+    /// Waits until health says `service` has `want`.
+    pub async fn wait_health(&self, service: &str, want: ServingStatus) {
+        let mut health = self.health().await;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status());
+            if matches!(status, Ok(s) if s == want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "health of {service:?} stayed {status:?}, wanted {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asks the server to stop and returns what `run` returned.
+    pub async fn stop(mut self) -> Result<(), session_cache::server::Error> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.expect("server task")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A test's whole set-up: a store (Redis or memory) and the server over it, serving.
+pub struct Harness {
+    pub redis: Option<Redis>,
+    pub server: Server,
+    pub client: SessionCacheClient<Channel>,
+}
+
+impl Harness {
+    /// Starts the store and the server with these extra flags, and waits until serving.
+    pub async fn start(backend: Backend, args: &[&str]) -> Harness {
+        let redis = match backend {
+            Backend::Redis => Some(Redis::start().await),
+            Backend::Memory => None,
+        };
+        Harness::over(redis, args).await
+    }
+
+    /// Starts the server over an already running Redis (or memory when `None`).
+    pub async fn over(redis: Option<Redis>, args: &[&str]) -> Harness {
+        let url = redis.as_ref().map(Redis::url);
+        let mut argv: Vec<&str> = args.to_vec();
+        if let Some(url) = &url {
+            argv.extend(["--redis-url", url]);
+        }
+        let server = Server::start(&argv).await;
+        server
+            .wait_health("sessioncache.v1.SessionCache", ServingStatus::Serving)
+            .await;
+        let client = server.client().await;
+        Harness {
+            redis,
+            server,
+            client,
+        }
+    }
+
+    /// The test Redis; panics on the memory backend.
+    pub fn redis(&mut self) -> &mut Redis {
+        self.redis
+            .as_mut()
+            .expect("this test needs the Redis backend")
+    }
+
+    pub async fn get(&mut self, token: &str) -> pb::GetResponse {
+        self.client
+            .get(pb::GetRequest {
+                token: token.into(),
+            })
+            .await
+            .expect("Get answers OK")
+            .into_inner()
+    }
+
+    pub async fn set(
+        &mut self,
+        token: &str,
+        user: pb::User,
+        expire: Timestamp,
+        fence: &str,
+    ) -> pb::SetResponse {
+        self.client
+            .set(pb::SetRequest {
+                token: token.into(),
+                user: Some(user),
+                session_expire: Some(expire),
+                fence: fence.into(),
+            })
+            .await
+            .expect("Set answers OK")
+            .into_inner()
+    }
+
+    pub async fn invalidate_user(
+        &mut self,
+        user_id: &str,
+    ) -> Result<pb::InvalidateUserResponse, tonic::Status> {
+        self.client
+            .invalidate_user(pb::InvalidateUserRequest {
+                user_id: user_id.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn invalidate_token(
+        &mut self,
+        token: &str,
+    ) -> Result<pb::InvalidateTokenResponse, tonic::Status> {
+        self.client
+            .invalidate_token(pb::InvalidateTokenRequest {
+                token: token.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// A user as an identity provider would describe it.
+pub fn user(id: &str) -> pb::User {
+    pb::User {
+        id: id.into(),
+        email: format!("{id}@example.com"),
+        name: format!("User {id}"),
+        email_verified: true,
+        tier: "pro".into(),
+        created_at: Some(Timestamp {
+            seconds: 1_705_314_600,
+            nanos: 0,
+        }),
+        updated_at: Some(Timestamp {
+            seconds: 1_705_314_600,
+            nanos: 123_456_000,
+        }),
+    }
+}
+
+/// The instant `millis` milliseconds from now (negative for the past).
+pub fn in_millis(millis: i64) -> Timestamp {
+    let t = chrono::Utc::now() + chrono::Duration::milliseconds(millis);
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// An hour from now: a session that outlives any test.
+pub fn in_an_hour() -> Timestamp {
+    in_millis(3_600_000)
+}
+
+/// Outcome helpers, so that assertions read as the enums do.
+pub fn get_outcome(r: &pb::GetResponse) -> pb::GetOutcome {
+    r.outcome()
+}
+
+pub fn set_outcome(r: &pb::SetResponse) -> pb::SetOutcome {
+    r.outcome()
+}
