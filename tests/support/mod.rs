@@ -50,6 +50,15 @@ impl Redis {
         redis
     }
 
+    /// A Redis that is not running yet, on a port of its own: [`Redis::restart`] starts it.
+    pub fn not_started() -> Redis {
+        Redis {
+            child: None,
+            port: free_port(),
+            extra: Vec::new(),
+        }
+    }
+
     async fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
