@@ -38,7 +38,9 @@ async fn reads_python_entries() {
         expire.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
         expire.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string(),
         expire.format("%Y-%m-%dT%H:%M:%S.000+00:00").to_string(),
-        (expire + Duration::hours(2)).format("%Y-%m-%dT%H:%M:%S+02:00").to_string(),
+        (expire + Duration::hours(2))
+            .format("%Y-%m-%dT%H:%M:%S+02:00")
+            .to_string(),
     ];
     let mut conn = h.redis().conn().await;
     for (i, form) in forms.iter().enumerate() {
@@ -68,18 +70,43 @@ async fn python_markers_hide_entries() {
     let expire = (Utc::now() + Duration::hours(1)).to_rfc3339();
     let mut conn = h.redis().conn().await;
     let cases = [
-        ("old", "u-old", python_time(-60), python_time(-10), GetOutcome::Hit),
-        ("new", "u-new", python_time(-1), python_time(-10), GetOutcome::Invalidated),
-        ("esc", "us\\u00e9r", python_time(-1), python_time(-10), GetOutcome::Invalidated),
+        (
+            "old",
+            "u-old",
+            python_time(-60),
+            python_time(-10),
+            GetOutcome::Hit,
+        ),
+        (
+            "new",
+            "u-new",
+            python_time(-1),
+            python_time(-10),
+            GetOutcome::Invalidated,
+        ),
+        (
+            "esc",
+            "us\\u00e9r",
+            python_time(-1),
+            python_time(-10),
+            GetOutcome::Invalidated,
+        ),
     ];
     for (token, json_id, marker, cached_at, want) in cases {
         let value = python_entry(json_id, "2024-01-15T10:30:00", &expire, &cached_at);
         let _: () = conn.set_ex(entry_key(token), value, 300).await.unwrap();
         let user_id = json_id.replace("\\u00e9", "é");
-        let _: () = conn.set(format!("user_invalidated:{user_id}"), marker).await.unwrap();
+        let _: () = conn
+            .set(format!("user_invalidated:{user_id}"), marker)
+            .await
+            .unwrap();
         assert_eq!(h.get(token).await.outcome(), want, "{token}");
         let exists: bool = conn.exists(entry_key(token)).await.unwrap();
-        assert_eq!(exists, want == GetOutcome::Hit, "{token}: removed unless a hit");
+        assert_eq!(
+            exists,
+            want == GetOutcome::Hit,
+            "{token}: removed unless a hit"
+        );
     }
 }
 
@@ -98,7 +125,17 @@ async fn writes_python_layout() {
     keys.sort_unstable();
     assert_eq!(
         keys,
-        ["cached_at", "created_at", "email", "email_verified", "name", "session_expire", "tier", "updated_at", "user_id"]
+        [
+            "cached_at",
+            "created_at",
+            "email",
+            "email_verified",
+            "name",
+            "session_expire",
+            "tier",
+            "updated_at",
+            "user_id"
+        ]
     );
     assert_eq!(object["user_id"], "u1");
     assert_eq!(object["email"], "u1@example.com");
@@ -106,12 +143,22 @@ async fn writes_python_layout() {
     assert_eq!(object["created_at"], "2024-01-15T10:30:00+00:00");
     assert_eq!(object["updated_at"], "2024-01-15T10:30:00.123456+00:00");
     let expire = object["session_expire"].as_str().unwrap();
-    assert!(expire.ends_with("+00:00") && expire.len() == "2024-01-15T10:30:00.123456+00:00".len(), "{expire}");
+    assert!(
+        expire.ends_with("+00:00") && expire.len() == "2024-01-15T10:30:00.123456+00:00".len(),
+        "{expire}"
+    );
     let cached_at = object["cached_at"].as_f64().unwrap();
     let now = Utc::now().timestamp_micros() as f64 / 1e6;
-    assert!((now - cached_at).abs() < 5.0, "cached_at {cached_at} is now");
+    assert!(
+        (now - cached_at).abs() < 5.0,
+        "cached_at {cached_at} is now"
+    );
 
-    let pttl: i64 = redis::cmd("PTTL").arg(entry_key("tok")).query_async(&mut conn).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(entry_key("tok"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(pttl > 290_000 && pttl <= 300_000, "PTTL {pttl}");
 }
 
@@ -120,11 +167,20 @@ async fn writes_python_layout() {
 #[tokio::test]
 async fn writes_python_markers() {
     let mut h = Harness::start(Backend::Redis, &["--marker-ttl-seconds", "3600"]).await;
-    let at = h.invalidate_user("u1").await.unwrap().invalidated_at.unwrap();
+    let at = h
+        .invalidate_user("u1")
+        .await
+        .unwrap()
+        .invalidated_at
+        .unwrap();
     let mut conn = h.redis().conn().await;
     let marker: String = conn.get("user_invalidated:u1").await.unwrap();
     assert_eq!(marker, format!("{}.{:06}", at.seconds, at.nanos / 1000));
-    let pttl: i64 = redis::cmd("PTTL").arg("user_invalidated:u1").query_async(&mut conn).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("user_invalidated:u1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(pttl > 3_590_000 && pttl <= 3_600_000, "PTTL {pttl}");
 
     // A later marker (another replica's, say) and a longer life both stay.
@@ -136,23 +192,40 @@ async fn writes_python_markers() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let at = h.invalidate_user("u2").await.unwrap().invalidated_at.unwrap();
+    let at = h
+        .invalidate_user("u2")
+        .await
+        .unwrap()
+        .invalidated_at
+        .unwrap();
     assert_eq!((at.seconds, at.nanos), (9_999_999_999, 500_000_000));
     let marker: String = conn.get("user_invalidated:u2").await.unwrap();
     assert_eq!(marker, "9999999999.500000");
-    let pttl: i64 = redis::cmd("PTTL").arg("user_invalidated:u2").query_async(&mut conn).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg("user_invalidated:u2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(pttl > 8_000_000_000, "PTTL {pttl}");
 }
 
 /// InvalidateToken leaves a tombstone that lives as long as an entry could.
 #[tokio::test]
 async fn logout_leaves_a_tombstone() {
-    let mut h = Harness::start(Backend::Redis, &["--ttl-seconds", "120", "--marker-ttl-seconds", "120"]).await;
+    let mut h = Harness::start(
+        Backend::Redis,
+        &["--ttl-seconds", "120", "--marker-ttl-seconds", "120"],
+    )
+    .await;
     h.set("tok", user("u1"), in_an_hour(), "").await;
     assert!(h.invalidate_token("tok").await.unwrap().deleted);
     let mut conn = h.redis().conn().await;
     let key = TokenHash::of("tok").tombstone_key();
-    let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(pttl > 110_000 && pttl <= 120_000, "PTTL {pttl}");
     let exists: bool = conn.exists(entry_key("tok")).await.unwrap();
     assert!(!exists);

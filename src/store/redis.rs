@@ -268,10 +268,9 @@ impl Handle {
     /// Maps a Redis error, and marks the connection broken when Redis dropped it so
     /// that the pool replaces it at its next checkout.
     fn failed(&self, e: RedisError) -> StoreError {
-        if e.is_unrecoverable_error() || e.is_connection_dropped() || e.is_io_error() {
-            if !self.broken.swap(true, Ordering::Relaxed) {
-                warn!(error = %e, "redis connection lost; it will be replaced");
-            }
+        let dropped = e.is_unrecoverable_error() || e.is_connection_dropped() || e.is_io_error();
+        if dropped && !self.broken.swap(true, Ordering::Relaxed) {
+            warn!(error = %e, "redis connection lost; it will be replaced");
         }
         if e.is_timeout() {
             return StoreError::Timeout;
