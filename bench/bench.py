@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""Measures session-cache beside its floors, in one run, with one load generator.
+
+Floors: a constant-reply server for the same proto (examples/constant_server.rs), and
+redis-benchmark GET/SET. Subjects: the service on Redis and on the memory store (Get hit,
+Get miss, Set, InvalidateUser), at 500 calls in flight (50 connections x 10 streams) and
+at 1. Beside them, a seed-equivalent: what the Python service does per lookup (two GETs
+and a JSON parse with redis-py), for the same number of lookups.
+
+h2load counts any HTTP 200 as a success, gRPC errors included, so each subject is checked
+twice: a sample call through curl must decode to the expected outcome, and the bytes per
+reply under load must equal the sample's.
+"""
+
+import argparse
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+SERVICE = "sessioncache.v1.SessionCache"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- protobuf, by hand: the messages are small and fixed ---------------------------
+
+def varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def field_bytes(number, data):
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
+def field_varint(number, value):
+    return varint(number << 3) + varint(value)
+
+
+def timestamp(seconds):
+    return field_varint(1, seconds)
+
+
+def user(user_id):
+    return b"".join([
+        field_bytes(1, user_id.encode()),
+        field_bytes(2, f"{user_id}@example.com".encode()),
+        field_bytes(3, b"Bench User"),
+        field_varint(4, 1),
+        field_bytes(5, b"pro"),
+        field_bytes(6, timestamp(1_705_314_600)),
+        field_bytes(7, timestamp(1_705_314_600)),
+    ])
+
+
+def frame(message):
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def get_request(token):
+    return frame(field_bytes(1, token.encode()))
+
+
+def set_request(token, user_id):
+    return frame(field_bytes(1, token.encode()) + field_bytes(2, user(user_id))
+                 + field_bytes(3, timestamp(4_102_444_800)))
+
+
+def invalidate_user_request(user_id):
+    return frame(field_bytes(1, user_id.encode()))
+
+
+def first_varint_field(reply):
+    """The outcome (field 1) of a framed reply, or None."""
+    if len(reply) < 5:
+        return None
+    body = reply[5:]
+    if not body or body[0] != 0x08:
+        return 0  # proto3 omits a zero outcome; no outcome is UNSPECIFIED
+    return body[1]
+
+
+# --- processes ---------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline=10.0):
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing listened on {port}")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, args, **kw):
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def redis_cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def redis_cpu_seconds(port):
+    info = redis_cli(port, "info", "cpu")
+    values = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    return float(values["used_cpu_sys"]) + float(values["used_cpu_user"])
+
+
+# --- load --------------------------------------------------------------------------
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[index]
+
+
+def call_once(port, method, body, workdir):
+    """One call through curl; returns the framed reply and the grpc-status trailer."""
+    path = os.path.join(workdir, "sample.bin")
+    with open(path, "wb") as f:
+        f.write(body)
+    out = subprocess.run(
+        ["curl", "-s", "--http2-prior-knowledge", "-H", "content-type: application/grpc",
+         "-H", "te: trailers", "--data-binary", f"@{path}", "-D", "-", "-o",
+         os.path.join(workdir, "reply.bin"),
+         f"http://127.0.0.1:{port}/{SERVICE}/{method}"],
+        capture_output=True, text=True, check=True)
+    with open(os.path.join(workdir, "reply.bin"), "rb") as f:
+        reply = f.read()
+    return reply, out.stdout
+
+
+def h2load(port, method, body, requests, connections, streams, workdir):
+    body_path = os.path.join(workdir, f"{method}.bin")
+    with open(body_path, "wb") as f:
+        f.write(body)
+    log = os.path.join(workdir, "h2load.log")
+    if os.path.exists(log):
+        os.remove(log)
+    out = subprocess.run(
+        ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams),
+         "-t", "1", "--data", body_path, "--log-file", log,
+         "-H", "content-type: application/grpc", "-H", "te: trailers",
+         f"http://127.0.0.1:{port}/{SERVICE}/{method}"],
+        capture_output=True, text=True, timeout=600)
+    text = out.stdout
+    rps = succeeded = data = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("finished in"):
+            rps = float(line.split(",")[1].split()[0])
+        elif line.startswith("requests:"):
+            succeeded = int(line.split(",")[3].split()[0])
+        elif line.startswith("traffic:"):
+            data = int(line.rsplit("(", 1)[1].split(")")[0])
+    if rps is None:
+        raise SystemExit(f"h2load failed:\n{text}\n{out.stderr}")
+    with open(log) as f:
+        latencies = sorted(int(line.split("\t")[2]) for line in f if line.strip())
+    return {
+        "rps": rps,
+        "ok": succeeded,
+        "bytes_per_reply": data / max(1, succeeded),
+        "p50": percentile(latencies, 0.50) / 1000,
+        "p99": percentile(latencies, 0.99) / 1000,
+        "p999": percentile(latencies, 0.999) / 1000,
+    }
+
+
+def measure(port, pid, redis_port, method, body, requests, in_flight, workdir):
+    connections, streams = (50, 10) if in_flight == 500 else (1, 1)
+    cpu0 = cpu_seconds(pid)
+    rcpu0 = redis_cpu_seconds(redis_port) if redis_port else 0.0
+    result = h2load(port, method, body, requests, connections, streams, workdir)
+    result["cpu_us"] = (cpu_seconds(pid) - cpu0) / requests * 1e6
+    result["redis_us"] = ((redis_cpu_seconds(redis_port) - rcpu0) / requests * 1e6
+                          if redis_port else None)
+    result["rss"] = peak_rss_mib(pid)
+    return result
+
+
+def redis_benchmark(port, test, requests, in_flight):
+    clients, pipeline = (50, 10) if in_flight == 500 else (1, 1)
+    out = subprocess.run(
+        ["redis-benchmark", "-p", str(port), "-t", test, "-n", str(requests), "-c",
+         str(clients), "-P", str(pipeline), "--csv"],
+        capture_output=True, text=True, check=True).stdout
+    row = [line for line in out.splitlines() if line.startswith('"' + test.upper())][0]
+    cells = [c.strip('"') for c in row.split(",")]
+    # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    return {"rps": float(cells[1]), "p50": float(cells[4]), "p99": float(cells[6]),
+            "p999": None, "cpu_us": None, "redis_us": None, "rss": None}
+
+
+def seed_equivalent(port, lookups):
+    """The Python service's lookup: GET the entry, parse it, GET the marker."""
+    import redis  # redis-py, as the Python service uses
+    client = redis.Redis(port=port)
+    key = "session_cache:seedbench"
+    client.set(key, json.dumps({
+        "user_id": "seed-user", "email": "seed-user@example.com", "name": "Bench User",
+        "email_verified": True, "tier": "pro", "created_at": "2024-01-15T10:30:00+00:00",
+        "updated_at": "2024-01-15T10:30:00+00:00",
+        "session_expire": "2099-12-31T00:00:00+00:00", "cached_at": time.time()}), ex=300)
+    started = time.perf_counter()
+    for _ in range(lookups):
+        data = json.loads(client.get(key))
+        client.get("user_invalidated:" + data["user_id"])
+    elapsed = time.perf_counter() - started
+    return {"rps": lookups / elapsed, "p50": elapsed / lookups * 1000, "p99": None,
+            "p999": None, "cpu_us": None, "redis_us": None, "rss": None}
+
+
+# --- the run -----------------------------------------------------------------------
+
+def fmt(value, digits=2):
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
+    parser.add_argument("--requests", type=int, default=200_000,
+                        help="calls per scenario at 500 in flight")
+    args = parser.parse_args()
+    many = 3_000 if args.quick else args.requests
+    few = 300 if args.quick else max(2_000, args.requests // 20)
+
+    procs = Procs()
+    workdir = tempfile.mkdtemp(prefix="session-cache-bench-")
+    rows = []
+    try:
+        redis_port = free_port()
+        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no", "--dir", workdir])
+        wait_port(redis_port)
+
+        floor_port = free_port()
+        floor = procs.start([os.path.join(RELEASE, "examples", "constant_server"),
+                             f"127.0.0.1:{floor_port}"])
+        wait_port(floor_port)
+
+        subjects = {}
+        for store in ("redis", "memory"):
+            port = free_port()
+            cmd = [os.path.join(RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}"]
+            if store == "redis":
+                cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}"]
+            env = dict(os.environ, RUST_LOG="warn")
+            subjects[store] = (port, procs.start(cmd, env=env))
+            wait_port(port)
+        time.sleep(1.5)  # the first health ping turns the store SERVING
+
+        hit_body = get_request("bench-token")
+        # The floor and each subject must answer the sample as expected.
+        reply, _ = call_once(floor_port, "Get", hit_body, workdir)
+        assert first_varint_field(reply) == 1, "the floor answers HIT"
+        hit_bytes = len(reply)
+
+        def check(port, method, body, outcome):
+            reply, headers = call_once(port, method, body, workdir)
+            got = first_varint_field(reply)
+            if got != outcome or "grpc-status: 0" not in headers.lower():
+                raise SystemExit(f"{method} on {port}: outcome {got}, wanted {outcome}\n{headers}")
+            return len(reply)
+
+        for in_flight, requests in ((500, many), (1, few)):
+            r = measure(floor_port, floor.pid, None, "Get", hit_body, requests, in_flight, workdir)
+            rows.append(("floor: constant server, Get", in_flight, r))
+            for test in ("get", "set"):
+                rows.append((f"floor: redis-benchmark {test.upper()}", in_flight,
+                             redis_benchmark(redis_port, test, requests, in_flight)))
+
+        for store, (port, proc) in subjects.items():
+            rport = redis_port if store == "redis" else None
+            for in_flight, requests in ((500, many), (1, few)):
+                check(port, "Set", set_request("bench-token", "bench-user"), 1)
+                size = check(port, "Get", hit_body, 1)
+                assert size == hit_bytes, f"a hit is {size} bytes, the floor's {hit_bytes}"
+                r = measure(port, proc.pid, rport, "Get", hit_body, requests, in_flight, workdir)
+                if abs(r["bytes_per_reply"] - hit_bytes) > 0.5 or r["ok"] != requests:
+                    raise SystemExit(f"{store} Get hit: {r['ok']} ok, "
+                                     f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {hit_bytes}")
+                rows.append((f"{store}: Get hit", in_flight, r))
+                if in_flight == 1:
+                    continue
+                check(port, "Get", get_request("bench-miss"), 2)
+                rows.append((f"{store}: Get miss", in_flight, measure(
+                    port, proc.pid, rport, "Get", get_request("bench-miss"), requests, 500, workdir)))
+                check(port, "Set", set_request("bench-set", "bench-set-user"), 1)
+                rows.append((f"{store}: Set", in_flight, measure(
+                    port, proc.pid, rport, "Set", set_request("bench-set", "bench-set-user"),
+                    requests, 500, workdir)))
+                body = invalidate_user_request("bench-invalidated-user")
+                rows.append((f"{store}: InvalidateUser", in_flight, measure(
+                    port, proc.pid, rport, "InvalidateUser", body, requests, 500, workdir)))
+
+        rows.append(("seed-equivalent: redis-py GET+parse+GET", 1,
+                     seed_equivalent(redis_port, few)))
+    finally:
+        procs.stop()
+
+    floors = {f: r for name, f, r in rows if name == "floor: constant server, Get"}
+    print()
+    print(f"calls per scenario: {many:,} at 500 in flight, {few:,} at 1 in flight; "
+          f"{os.cpu_count()} cores")
+    print()
+    print("| scenario | in flight | calls/s | p50 ms | p99 ms | p999 ms | server CPU us/call "
+          "| Redis CPU us/call | peak RSS MiB | calls/s vs floor | CPU vs floor | p99 vs floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, in_flight, r in rows:
+        floor = floors.get(in_flight, {})
+        ratio = lambda key: (r[key] / floor[key]) if r.get(key) and floor.get(key) else None
+        print(f"| {name} | {in_flight} | {fmt(r['rps'], 0)} | {fmt(r['p50'], 3)} | "
+              f"{fmt(r['p99'], 3)} | {fmt(r['p999'], 3)} | {fmt(r['cpu_us'], 1)} | "
+              f"{fmt(r['redis_us'], 1)} | {fmt(r['rss'], 1)} | {fmt(ratio('rps'))} | "
+              f"{fmt(ratio('cpu_us'))} | {fmt(ratio('p99'))} |")
+    seed = rows[-1][2]["rps"]
+    hits = [r["rps"] for name, f, r in rows if name == "redis: Get hit" and f == 500]
+    if hits:
+        print(f"\nlookups/s, service on Redis (500 in flight) vs seed-equivalent (1 in flight): "
+              f"{hits[0] / seed:.1f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
