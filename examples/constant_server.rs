@@ -11,8 +11,14 @@ use session_cache::pb::{
     self, GetOutcome, SetOutcome,
     session_cache_server::{SessionCache, SessionCacheServer},
 };
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status, transport::Server};
+use tonic::{
+    Request, Response, Status,
+    transport::{Server, server::TcpIncoming},
+};
+
+/// The same allocator as the service, so that the floor differs from it only in work.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Constant {
     hit: pb::GetResponse,
@@ -91,7 +97,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     Server::builder()
         .add_service(SessionCacheServer::new(Constant { hit }))
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
         .await?;
     Ok(())
 }

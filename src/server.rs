@@ -4,9 +4,8 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -63,6 +62,12 @@ pub async fn run(
     }
 }
 
+/// Accepted connections, with TCP_NODELAY: a unary reply is one small write that must
+/// not wait for the client's ACK of the previous one.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 async fn serve<S: Store>(
     store: Arc<S>,
     config: &Config,
@@ -110,7 +115,7 @@ async fn serve<S: Store>(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = drained.await;
         });
     tokio::pin!(server);

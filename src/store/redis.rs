@@ -25,8 +25,8 @@ use std::{
 
 use bb8::{ManageConnection, Pool, RunError};
 use bb8_redis::redis::{
-    self, AsyncConnectionConfig, Client, FromRedisValue, RedisError, Script, ScriptInvocation,
-    aio::MultiplexedConnection,
+    self, AsyncConnectionConfig, Client, FromRedisValue, IntoConnectionInfo, RedisError, Script,
+    ScriptInvocation, aio::MultiplexedConnection, io::tcp::TcpSettings,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, warn};
@@ -86,7 +86,14 @@ impl RedisStore {
     /// Sets up the pool without dialling: the service starts, and reports NOT_SERVING,
     /// while Redis is down.
     pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
-        let client = Client::open(config.url.as_str())?;
+        // Small requests and replies: send each at once instead of letting Nagle's
+        // algorithm hold it back for an ACK (redis-rs leaves TCP_NODELAY off).
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client = Client::open(info)?;
         // redis-rs has its own response timeout (500 ms by default); it must agree with
         // ours, or a late reply would be waited for after the caller was answered.
         let connection = AsyncConnectionConfig::new()
