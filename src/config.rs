@@ -1,7 +1,7 @@
 //! The service's configuration: one struct, from flags or `SESSION_CACHE_*` variables,
 //! checked before anything binds.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser};
 
@@ -72,6 +72,40 @@ pub struct Config {
     /// reach the port can then write sessions.
     #[arg(long, env = "SESSION_CACHE_ALLOW_UNAUTHENTICATED", action = ArgAction::SetTrue)]
     pub allow_unauthenticated: bool,
+
+    /// TOML file of the callers: [[keys]] (name, sha256 of the API key, roles) and
+    /// [[certificates]] (name, subject DNS name, roles). With it, every SessionCache
+    /// call needs `authorization: Bearer <key>` or a mapped client certificate.
+    #[arg(long, env = "SESSION_CACHE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, env = "SESSION_CACHE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SESSION_CACHE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA that client certificates must chain to (mutual TLS). A verified
+    /// certificate whose DNS name is in the keys file's [[certificates]] authenticates
+    /// its caller; clients without a certificate may still use an API key.
+    #[arg(long, env = "SESSION_CACHE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// PEM CA to trust for rediss:// besides the system's roots (a private CA).
+    #[arg(long, env = "SESSION_CACHE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// File holding a secret (16 bytes or more): entry keys become HMAC-SHA256 of the
+    /// token under it instead of plain SHA-256. The Python service cannot read them.
+    #[arg(long, env = "SESSION_CACHE_TOKEN_HMAC_SECRET_FILE")]
+    pub token_hmac_secret_file: Option<PathBuf>,
+
+    /// Start even though Redis may evict any key (an allkeys-* maxmemory-policy), which
+    /// can drop invalidation markers and tombstones and so revive revoked sessions.
+    #[arg(long, env = "SESSION_CACHE_ALLOW_EVICTING_REDIS", action = ArgAction::SetTrue)]
+    pub allow_evicting_redis: bool,
 }
 
 /// A configuration that parses but cannot be served; the message says how to fix it.
@@ -118,13 +152,27 @@ impl Config {
                 ));
             }
         }
-        if !self.listen.ip().is_loopback() && !self.allow_unauthenticated {
+        if !self.listen.ip().is_loopback()
+            && self.api_keys_file.is_none()
+            && !self.allow_unauthenticated
+        {
             return Err(ConfigError(format!(
                 "--listen {} is not a loopback address and no caller authentication is \
-                 configured: anyone who can reach it could write sessions. Listen on \
-                 127.0.0.1, or pass --allow-unauthenticated if a network policy guards it",
+                 configured: anyone who can reach it could write sessions. Give \
+                 --api-keys-file, listen on 127.0.0.1, or pass --allow-unauthenticated if \
+                 a network policy guards the port",
                 self.listen
             )));
+        }
+        if self.redis_ca_file.is_some()
+            && !self
+                .redis_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            return Err(ConfigError(
+                "--redis-ca-file needs a rediss:// --redis-url".into(),
+            ));
         }
         Ok(())
     }
@@ -196,6 +244,9 @@ mod tests {
             assert!(!error.contains("secret"), "{error}");
         }
         assert!(parse(&["--listen", "0.0.0.0:50051", "--allow-unauthenticated"]).is_ok());
+        assert!(parse(&["--listen", "0.0.0.0:50051", "--api-keys-file", "keys.toml"]).is_ok());
+        let error = parse(&["--tls-cert", "c.pem"]).unwrap_err();
+        assert!(error.contains("--tls-key"), "{error}");
         assert!(!parse(&["--enabled", "false"]).unwrap().enabled);
     }
 }

@@ -12,7 +12,7 @@ use std::{
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::store::Store;
 
@@ -55,6 +55,7 @@ pub(crate) async fn watch_store<S: Store>(
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut was_up = None;
+    let mut last_problem = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -62,20 +63,38 @@ pub(crate) async fn watch_store<S: Store>(
         }
         store.upkeep();
         let ping = store.ping().await;
-        let up = ping.is_ok();
+        // A store that answers may still be unfit to serve (see readiness_problem);
+        // it is checked whenever the store comes (back) up.
+        let problem = match &ping {
+            Ok(_) if was_up != Some(true) => store.readiness_problem().await,
+            _ => None,
+        };
+        if problem.is_some() && problem != last_problem {
+            error!(
+                problem = problem.as_deref(),
+                "refusing to serve from this store"
+            );
+        }
+        let up = ping.is_ok() && problem.is_none();
+        last_problem = problem;
         status.set(up);
         if was_up == Some(up) {
             continue;
         }
         match &ping {
-            Ok(latency) => info!(
-                store = store.kind(),
-                ?latency,
-                "store is reachable: serving"
-            ),
-            Err(e) => {
-                warn!(store = store.kind(), error = %e, "store is unreachable: Get and Set answer UNAVAILABLE")
+            Ok(latency) if up => {
+                info!(
+                    store = store.kind(),
+                    ?latency,
+                    "store is reachable: serving"
+                )
             }
+            Ok(_) => {}
+            Err(e) => warn!(
+                store = store.kind(),
+                error = %e,
+                "store is unreachable: Get and Set answer UNAVAILABLE"
+            ),
         }
         let serving = if up {
             ServingStatus::Serving

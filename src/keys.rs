@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 /// Prefix of a cached session: `session_cache:<hash>` (the Python service's layout).
@@ -25,10 +26,13 @@ const LOG_CHARS: usize = 16;
 pub struct TokenHash([u8; 32]);
 
 impl TokenHash {
-    /// Hashes a token's UTF-8 bytes.
+    /// Hashes a token's UTF-8 bytes with plain SHA-256, as the Python service does.
     pub fn of(token: &str) -> Self {
+        TokenHash::from_digest(&Sha256::digest(token.as_bytes()))
+    }
+
+    fn from_digest(digest: &[u8]) -> Self {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let digest = Sha256::digest(token.as_bytes());
         let mut hex = [0u8; 32];
         for (i, byte) in digest.iter().take(16).enumerate() {
             hex[2 * i] = HEX[usize::from(byte >> 4)];
@@ -66,6 +70,45 @@ impl fmt::Debug for TokenHash {
     }
 }
 
+/// How tokens become hashes.
+#[derive(Clone, Default)]
+pub enum TokenHasher {
+    /// Plain SHA-256: the Python service's keys, readable by both.
+    #[default]
+    Sha256,
+    /// HMAC-SHA256 under a secret: a dump of Redis cannot be checked against guessed
+    /// or leaked tokens without the secret. The Python service cannot read these keys.
+    Hmac(Hmac<Sha256>),
+}
+
+impl TokenHasher {
+    /// Keyed hashing under `secret`.
+    pub fn hmac(secret: &[u8]) -> Self {
+        TokenHasher::Hmac(Hmac::new_from_slice(secret).expect("HMAC takes keys of any length"))
+    }
+
+    /// The hash that stands for `token`.
+    pub fn hash(&self, token: &str) -> TokenHash {
+        match self {
+            TokenHasher::Sha256 => TokenHash::of(token),
+            TokenHasher::Hmac(mac) => {
+                let mut mac = mac.clone();
+                mac.update(token.as_bytes());
+                TokenHash::from_digest(&mac.finalize().into_bytes())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for TokenHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TokenHasher::Sha256 => "sha256",
+            TokenHasher::Hmac(_) => "hmac-sha256",
+        })
+    }
+}
+
 /// The key of a user's invalidation marker.
 pub fn marker_key(user_id: &str) -> String {
     format!("{MARKER_PREFIX}{user_id}")
@@ -88,6 +131,19 @@ mod tests {
             "session_cache:ba7816bf8f01cfea414140de5dae2223"
         );
         assert_eq!(marker_key("u1"), "user_invalidated:u1");
+    }
+
+    /// Keyed hashing differs from plain hashing and depends on the secret
+    /// (RFC 4231 test case 2: key "Jefe").
+    #[test]
+    fn hmac_hash() {
+        let hashed = TokenHasher::hmac(b"Jefe").hash("what do ya want for nothing?");
+        assert_eq!(hashed.as_str(), "5bdcc146bf60754e6a042426089575c7");
+        assert_ne!(
+            TokenHasher::hmac(b"other").hash("abc"),
+            TokenHash::of("abc")
+        );
+        assert_eq!(TokenHasher::Sha256.hash("abc"), TokenHash::of("abc"));
     }
 
     /// Debug output never carries the whole hash.

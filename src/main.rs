@@ -50,7 +50,8 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "stopped on an error");
-                ExitCode::FAILURE
+                eprintln!("session-cache: {e}");
+                ExitCode::from(e.exit_code())
             }
         }
     })

@@ -5,13 +5,15 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
+    auth::Authenticator,
     config::Config,
     health::{SERVICE_NAME, StoreStatus, watch_store},
+    keys::TokenHasher,
     pb::{self, session_cache_server::SessionCacheServer},
     service::SessionCacheService,
     store::{MemoryStore, RedisStore, Store, redis::RedisConfig},
@@ -24,12 +26,78 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A file the configuration names is missing or wrong, or the store is unfit.
+    #[error("{0}")]
+    Config(String),
     #[error("cannot use the Redis URL: {0}")]
     Redis(String),
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+impl Error {
+    /// The process exit status for this error: 64 (EX_USAGE) for configuration.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::Redis(_) => 64,
+            _ => 1,
+        }
+    }
+}
+
+/// What the configuration's files hold, read and checked before anything is served.
+struct Prepared {
+    auth: Authenticator,
+    hasher: TokenHasher,
+    tls: Option<ServerTlsConfig>,
+}
+
+fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::Config(format!("{flag} {}: {e}", path.display())))
+}
+
+fn prepare(config: &Config) -> Result<Prepared, Error> {
+    let auth = match &config.api_keys_file {
+        Some(path) => Authenticator::from_file(path)
+            .map_err(|e| Error::Config(format!("--api-keys-file {e}")))?,
+        None => Authenticator::open(),
+    };
+    if auth.has_certificates() && config.tls_client_ca.is_none() {
+        return Err(Error::Config(
+            "--api-keys-file maps [[certificates]] but no --tls-client-ca verifies them".into(),
+        ));
+    }
+    let hasher = match &config.token_hmac_secret_file {
+        Some(path) => {
+            let secret = read(path, "--token-hmac-secret-file")?;
+            let secret = secret.trim_ascii_end();
+            if secret.len() < 16 {
+                return Err(Error::Config(
+                    "--token-hmac-secret-file: the secret must be at least 16 bytes".into(),
+                ));
+            }
+            TokenHasher::hmac(secret)
+        }
+        None => TokenHasher::Sha256,
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let identity = Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?);
+            let mut tls = ServerTlsConfig::new().identity(identity);
+            if let Some(ca) = &config.tls_client_ca {
+                // Optional, so that probes and API-key callers without a certificate
+                // still connect; a certificate that is presented must verify.
+                tls = tls
+                    .client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?))
+                    .client_auth_optional(true);
+            }
+            Some(tls)
+        }
+        _ => None,
+    };
+    Ok(Prepared { auth, hasher, tls })
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains calls in flight for at
@@ -39,17 +107,30 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    let prepared = prepare(&config)?;
     match &config.redis_url {
         Some(url) => {
+            let ca_pem = match &config.redis_ca_file {
+                Some(path) => Some(read(path, "--redis-ca-file")?),
+                None => None,
+            };
             let store = RedisStore::new(&RedisConfig {
                 url: url.clone(),
                 timeout: config.store_timeout(),
                 connections: config.redis_connections,
                 limits: config.limits(),
+                ca_pem,
+                allow_evicting: config.allow_evicting_redis,
             })
             // redis-rs errors about a URL do not repeat the URL.
             .map_err(|e| Error::Redis(e.to_string()))?;
-            serve(Arc::new(store), &config, listener, shutdown).await
+            // A Redis that is up at start-up and unfit stops the start; one that is down
+            // is checked by the health loop when it comes up.
+            if let Some(problem) = store.readiness_problem().await {
+                error!(problem, "refusing to start");
+                return Err(Error::Config(problem));
+            }
+            serve(Arc::new(store), &config, prepared, listener, shutdown).await
         }
         None => {
             warn!(
@@ -57,7 +138,7 @@ pub async fn run(
                  do not see them, and a restart forgets them and every invalidation"
             );
             let store = MemoryStore::new(config.limits(), config.memory_max_entries);
-            serve(Arc::new(store), &config, listener, shutdown).await
+            serve(Arc::new(store), &config, prepared, listener, shutdown).await
         }
     }
 }
@@ -71,6 +152,7 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 async fn serve<S: Store>(
     store: Arc<S>,
     config: &Config,
+    prepared: Prepared,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
@@ -105,12 +187,20 @@ async fn serve<S: Store>(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let kind = store.kind();
-    let service = SessionCacheServer::new(SessionCacheService::new(store, config.enabled, status))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let authenticated = prepared.auth.is_enabled();
+    let service = SessionCacheService::new(store, config.enabled, status)
+        .with_auth(prepared.auth)
+        .with_hasher(prepared.hasher);
+    let service = SessionCacheServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     let local = listener.local_addr().ok();
     let (drain, drained) = oneshot::channel::<()>();
-    let server = Server::builder()
+    let tls = prepared.tls.is_some();
+    let mut builder = Server::builder();
+    if let Some(tls) = prepared.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -125,6 +215,8 @@ async fn serve<S: Store>(
         enabled = config.enabled,
         ttl_seconds = config.ttl_seconds,
         store_timeout_ms = config.store_timeout_ms,
+        tls,
+        authenticated,
         "serving"
     );
 

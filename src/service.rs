@@ -14,10 +14,11 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
+    auth::{Authenticator, Denied, Role},
     clock::Micros,
     entry::{Session, User},
     health::StoreStatus,
-    keys::TokenHash,
+    keys::{TokenHash, TokenHasher},
     pb::{self, GetOutcome, SetOutcome, session_cache_server::SessionCache},
     store::{Fence, Lookup, Store, Stored},
 };
@@ -32,6 +33,8 @@ pub struct SessionCacheService<S> {
     store: Arc<S>,
     enabled: bool,
     status: Arc<StoreStatus>,
+    auth: Authenticator,
+    hasher: TokenHasher,
 }
 
 impl<S: Store> SessionCacheService<S> {
@@ -42,7 +45,46 @@ impl<S: Store> SessionCacheService<S> {
             store,
             enabled,
             status,
+            auth: Authenticator::open(),
+            hasher: TokenHasher::Sha256,
         }
+    }
+
+    /// Checks callers against `auth` (by default nobody is checked).
+    pub fn with_auth(mut self, auth: Authenticator) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Hashes tokens with `hasher` (by default plain SHA-256).
+    pub fn with_hasher(mut self, hasher: TokenHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// Admits a call that needs `role`; returns the caller's name for the logs.
+    fn admit<T>(&self, request: &Request<T>, role: Role) -> Result<Option<String>, Status> {
+        let certs = request.peer_certs();
+        match self.auth.authorize(
+            request.metadata(),
+            certs.as_deref().map(Vec::as_slice),
+            role,
+        ) {
+            Ok(caller) => Ok(caller.map(|c| c.name)),
+            Err(denied @ Denied::Unauthenticated) => {
+                info!("call refused: no known credentials");
+                Err(Status::unauthenticated(denied.to_string()))
+            }
+            Err(denied @ Denied::PermissionDenied { .. }) => {
+                warn!(reason = %denied, "call refused");
+                Err(Status::permission_denied(denied.to_string()))
+            }
+        }
+    }
+
+    fn check_token(&self, token: &str) -> Result<TokenHash, Status> {
+        check_token_size(token)?;
+        Ok(self.hasher.hash(token))
     }
 }
 
@@ -52,7 +94,8 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let token = check_token(&request.get_ref().token)?;
+        self.admit(&request, Role::Reader)?;
+        let token = self.check_token(&request.get_ref().token)?;
         let reply = if !self.enabled {
             outcome_only(GetOutcome::Disabled)
         } else if !self.status.is_up() {
@@ -73,8 +116,9 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
+        let caller = self.admit(&request, Role::Writer)?;
         let request = request.into_inner();
-        let token = check_token(&request.token)?;
+        let token = self.check_token(&request.token)?;
         let session = check_session(request.user, request.session_expire)?;
         let fence =
             match request.fence.as_str() {
@@ -103,7 +147,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
             Ok(Stored::Revoked) => (SetOutcome::Revoked, 0),
             Err(outcome) => (outcome, 0),
         };
-        debug!(token = token.short(), ?outcome, ttl_seconds, "set");
+        debug!(token = token.short(), caller, ?outcome, ttl_seconds, "set");
         Ok(Response::new(pb::SetResponse {
             outcome: outcome.into(),
             ttl_seconds,
@@ -114,7 +158,8 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::InvalidateTokenRequest>,
     ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
-        let token = check_token(&request.get_ref().token)?;
+        let caller = self.admit(&request, Role::Writer)?;
+        let token = self.check_token(&request.get_ref().token)?;
         let deleted = if self.enabled {
             self.store
                 .invalidate_token(&token)
@@ -123,7 +168,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         } else {
             false
         };
-        info!(token = token.short(), deleted, "token invalidated");
+        info!(token = token.short(), caller, deleted, "token invalidated");
         Ok(Response::new(pb::InvalidateTokenResponse { deleted }))
     }
 
@@ -131,6 +176,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::InvalidateUserRequest>,
     ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
+        let caller = self.admit(&request, Role::Writer)?;
         let user_id = &request.get_ref().user_id;
         check_user_id("user_id", user_id)?;
         let at = if self.enabled {
@@ -141,7 +187,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         } else {
             Micros::from_datetime(Utc::now())
         };
-        info!(user_id = %user_id, "user invalidated");
+        info!(user_id = %user_id, caller, "user invalidated");
         Ok(Response::new(pb::InvalidateUserResponse {
             invalidated_at: at.to_datetime().map(timestamp),
         }))
@@ -149,8 +195,9 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
 
     async fn health(
         &self,
-        _: Request<pb::HealthRequest>,
+        request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.admit(&request, Role::Reader)?;
         let (serving, store_latency) = if self.enabled {
             match self.store.ping().await {
                 Ok(latency) => (true, prost_types::Duration::try_from(latency).ok()),
@@ -212,7 +259,7 @@ fn unacknowledged(call: &str, e: &crate::store::StoreError) -> Status {
     Status::unavailable("the store did not acknowledge the invalidation; retry it")
 }
 
-fn check_token(token: &str) -> Result<TokenHash, Status> {
+fn check_token_size(token: &str) -> Result<(), Status> {
     if token.is_empty() {
         return Err(Status::invalid_argument("token: must not be empty"));
     }
@@ -221,7 +268,7 @@ fn check_token(token: &str) -> Result<TokenHash, Status> {
             "token: longer than {MAX_TOKEN_BYTES} bytes"
         )));
     }
-    Ok(TokenHash::of(token))
+    Ok(())
 }
 
 fn check_user_id(field: &str, user_id: &str) -> Result<(), Status> {

@@ -20,13 +20,20 @@ fn service(store: Arc<MemoryStore>) -> SessionCacheService<MemoryStore> {
 }
 
 async fn get(svc: &SessionCacheService<MemoryStore>, token: &str) -> pb::GetResponse {
-    svc.get(Request::new(pb::GetRequest { token: token.into() }))
-        .await
-        .unwrap()
-        .into_inner()
+    svc.get(Request::new(pb::GetRequest {
+        token: token.into(),
+    }))
+    .await
+    .unwrap()
+    .into_inner()
 }
 
-async fn set(svc: &SessionCacheService<MemoryStore>, token: &str, user_id: &str, fence: &str) -> SetOutcome {
+async fn set(
+    svc: &SessionCacheService<MemoryStore>,
+    token: &str,
+    user_id: &str,
+    fence: &str,
+) -> SetOutcome {
     svc.set(Request::new(pb::SetRequest {
         token: token.into(),
         user: Some(user(user_id)),
@@ -43,7 +50,10 @@ async fn set(svc: &SessionCacheService<MemoryStore>, token: &str, user_id: &str,
 /// user markers and logout tombstones written before the flood all survive it.
 #[tokio::test]
 async fn size_bound_drops_sessions_never_revocations() {
-    let limits = Limits { ttl_seconds: 300, marker_ttl_seconds: 3600 };
+    let limits = Limits {
+        ttl_seconds: 300,
+        marker_ttl_seconds: 3600,
+    };
     let store = Arc::new(MemoryStore::new(limits, 100));
     let svc = service(store.clone());
 
@@ -51,15 +61,22 @@ async fn size_bound_drops_sessions_never_revocations() {
     for i in 0..20 {
         let miss = get(&svc, &format!("revoked-{i}")).await;
         fences.push(miss.fence);
-        svc.invalidate_user(Request::new(pb::InvalidateUserRequest { user_id: format!("victim-{i}") }))
-            .await
-            .unwrap();
-        svc.invalidate_token(Request::new(pb::InvalidateTokenRequest { token: format!("logged-out-{i}") }))
-            .await
-            .unwrap();
+        svc.invalidate_user(Request::new(pb::InvalidateUserRequest {
+            user_id: format!("victim-{i}"),
+        }))
+        .await
+        .unwrap();
+        svc.invalidate_token(Request::new(pb::InvalidateTokenRequest {
+            token: format!("logged-out-{i}"),
+        }))
+        .await
+        .unwrap();
     }
     for i in 0..5_000 {
-        assert_eq!(set(&svc, &format!("flood-{i}"), "flooder", "").await, SetOutcome::Stored);
+        assert_eq!(
+            set(&svc, &format!("flood-{i}"), "flooder", "").await,
+            SetOutcome::Stored
+        );
     }
     let held = store.len();
     assert!(held <= 110, "the bound holds: {held} entries");
@@ -67,18 +84,28 @@ async fn size_bound_drops_sessions_never_revocations() {
         let stale = set(&svc, &format!("revoked-{i}"), &format!("victim-{i}"), fence).await;
         assert_eq!(stale, SetOutcome::Stale, "marker {i} survived the flood");
         let revoked = set(&svc, &format!("logged-out-{i}"), "someone", "").await;
-        assert_eq!(revoked, SetOutcome::Revoked, "tombstone {i} survived the flood");
+        assert_eq!(
+            revoked,
+            SetOutcome::Revoked,
+            "tombstone {i} survived the flood"
+        );
     }
 }
 
 /// Expired entries are reclaimed by the store's upkeep, with no Get for them.
 #[tokio::test]
 async fn expired_entries_are_reclaimed_without_callers() {
-    let limits = Limits { ttl_seconds: 1, marker_ttl_seconds: 1 };
+    let limits = Limits {
+        ttl_seconds: 1,
+        marker_ttl_seconds: 1,
+    };
     let store = Arc::new(MemoryStore::new(limits, 1_000));
     let svc = service(store.clone());
     for i in 0..50 {
-        assert_eq!(set(&svc, &format!("t-{i}"), "u", "").await, SetOutcome::Stored);
+        assert_eq!(
+            set(&svc, &format!("t-{i}"), "u", "").await,
+            SetOutcome::Stored
+        );
     }
     assert_eq!(store.len(), 50);
     tokio::time::sleep(Duration::from_millis(1_300)).await;

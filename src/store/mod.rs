@@ -130,6 +130,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Periodic housekeeping, run by the health loop; nothing by default.
     fn upkeep(&self) {}
+
+    /// Why the store must not serve even though it answers (a Redis that may evict
+    /// revocations); checked at start-up and each time the store comes back.
+    fn readiness_problem(&self) -> impl Future<Output = Option<String>> + Send {
+        async { None }
+    }
 }
 
 /// How a read turns out, before any clean-up.

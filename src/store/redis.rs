@@ -26,7 +26,7 @@ use std::{
 use bb8::{ManageConnection, Pool, RunError};
 use bb8_redis::redis::{
     self, AsyncConnectionConfig, Client, FromRedisValue, IntoConnectionInfo, RedisError, Script,
-    ScriptInvocation, aio::MultiplexedConnection, io::tcp::TcpSettings,
+    ScriptInvocation, TlsCertificates, aio::MultiplexedConnection, io::tcp::TcpSettings,
 };
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, warn};
@@ -55,6 +55,10 @@ pub struct RedisConfig {
     pub connections: u32,
     /// Entry, tombstone and marker lifetimes.
     pub limits: Limits,
+    /// A PEM CA to trust for `rediss://` besides the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Whether to serve from a Redis that may evict any key.
+    pub allow_evicting: bool,
 }
 
 /// Sessions in Redis, in the layout the Python service shares.
@@ -63,6 +67,7 @@ pub struct RedisStore {
     timeout: Duration,
     limits: Limits,
     scripts: Scripts,
+    allow_evicting: bool,
 }
 
 struct Scripts {
@@ -93,7 +98,16 @@ impl RedisStore {
             .as_str()
             .into_connection_info()?
             .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = Client::open(info)?;
+        let client = match &config.ca_pem {
+            Some(ca) => Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )?,
+            None => Client::open(info)?,
+        };
         // redis-rs has its own response timeout (500 ms by default); it must agree with
         // ours, or a late reply would be waited for after the caller was answered.
         let connection = AsyncConnectionConfig::new()
@@ -117,6 +131,7 @@ impl RedisStore {
             pool,
             timeout: config.timeout,
             limits: config.limits,
+            allow_evicting: config.allow_evicting,
             scripts: Scripts {
                 get: script!("get.lua"),
                 set: script!("set.lua"),
@@ -159,6 +174,29 @@ impl RedisStore {
 
     fn deadline(&self) -> Instant {
         Instant::now() + self.timeout
+    }
+
+    /// Redis's `maxmemory-policy`, from CONFIG GET or, where an ACL forbids that, from
+    /// INFO; `None` when neither is allowed.
+    pub async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
+        let mut handle = self.connection().await?;
+        let config: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut handle.conn)
+            .await;
+        if let Ok(pair) = config {
+            return Ok(pair.into_iter().nth(1));
+        }
+        let info: Result<String, _> = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut handle.conn)
+            .await;
+        Ok(info.ok().and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+                .map(|policy| policy.trim().to_owned())
+        }))
     }
 }
 
@@ -262,6 +300,25 @@ impl Store for RedisStore {
             .await
             .unwrap_or(Err(StoreError::Timeout))?;
         Ok(started.elapsed())
+    }
+
+    async fn readiness_problem(&self) -> Option<String> {
+        if self.allow_evicting {
+            return None;
+        }
+        let policy = timeout_at(self.deadline(), self.eviction_policy()).await;
+        match policy {
+            Ok(Ok(Some(policy))) if policy.starts_with("allkeys") => Some(format!(
+                "Redis maxmemory-policy is {policy}: it may evict invalidation markers and \
+                 tombstones, which would revive revoked sessions. Set noeviction or a \
+                 volatile-* policy, or pass --allow-evicting-redis"
+            )),
+            Ok(Ok(None)) => {
+                warn!("cannot read Redis maxmemory-policy (CONFIG and INFO refused): not checked");
+                None
+            }
+            _ => None,
+        }
     }
 }
 

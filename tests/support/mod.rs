@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod pki;
+
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
     process::{Child, Command, Stdio},
@@ -31,6 +33,7 @@ pub struct Redis {
     child: Option<Child>,
     port: u16,
     extra: Vec<String>,
+    tls: bool,
 }
 
 impl Redis {
@@ -45,6 +48,19 @@ impl Redis {
             child: None,
             port: free_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: false,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// A Redis that serves TLS on `port` (its arguments name the TLS files).
+    pub async fn start_tls(port: u16, args: &[&str]) -> Redis {
+        let mut redis = Redis {
+            child: None,
+            port,
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            tls: true,
         };
         redis.spawn().await;
         redis
@@ -56,12 +72,19 @@ impl Redis {
             child: None,
             port: free_port(),
             extra: Vec::new(),
+            tls: false,
         }
     }
 
     async fn spawn(&mut self) {
+        let port_args = if self.tls {
+            Vec::new()
+        } else {
+            vec!["--port".to_string(), self.port.to_string()]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(&port_args)
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--save",
                 "",
@@ -79,6 +102,21 @@ impl Redis {
             );
         self.child = Some(child);
         let deadline = Instant::now() + PATIENCE;
+        if self.tls {
+            // The caller speaks TLS to it; wait until the port accepts.
+            while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_err()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not start on port {}",
+                    self.port
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return;
+        }
         loop {
             if let Ok(mut conn) = self.try_connect().await {
                 if redis::cmd("PING")
