@@ -58,6 +58,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub memory_max_entries: u64,
 
+    /// Most SessionCache calls served at once; past it calls are refused at once with
+    /// RESOURCE_EXHAUSTED instead of queueing, so admitted calls keep their latency.
+    #[arg(long, env = "SESSION_CACHE_MAX_IN_FLIGHT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+
     /// How often the store is pinged to drive health, in milliseconds.
     #[arg(long, env = "SESSION_CACHE_HEALTH_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]

@@ -143,10 +143,23 @@ pub async fn run(
     }
 }
 
+/// Streams one connection may have open at once; with `--max-in-flight` this bounds
+/// what a few greedy clients can queue inside the process.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// An idle HTTP/2 connection is pinged this often, and dropped when the ping is not
+/// answered within the timeout: dead peers (a crashed pod, a cut network) do not hold
+/// connections and their memory forever.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive, for peers that vanish without closing (also below HTTP/2's pings).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// Accepted connections, with TCP_NODELAY: a unary reply is one small write that must
 /// not wait for the client's ACK of the previous one.
 fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
 }
 
 async fn serve<S: Store>(
@@ -190,13 +203,17 @@ async fn serve<S: Store>(
     let authenticated = prepared.auth.is_enabled();
     let service = SessionCacheService::new(store, config.enabled, status)
         .with_auth(prepared.auth)
-        .with_hasher(prepared.hasher);
+        .with_hasher(prepared.hasher)
+        .with_max_in_flight(config.max_in_flight as usize);
     let service = SessionCacheServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
 
     let local = listener.local_addr().ok();
     let (drain, drained) = oneshot::channel::<()>();
     let tls = prepared.tls.is_some();
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
     if let Some(tls) = prepared.tls {
         builder = builder.tls_config(tls)?;
     }

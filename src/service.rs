@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Utc};
 use prost_types::Timestamp;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -35,7 +36,11 @@ pub struct SessionCacheService<S> {
     status: Arc<StoreStatus>,
     auth: Authenticator,
     hasher: TokenHasher,
+    admission: Semaphore,
 }
+
+/// The default of `--max-in-flight`.
+const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 impl<S: Store> SessionCacheService<S> {
     /// Serves `store`; `status` is kept by the health loop (see `health::watch_store`).
@@ -47,7 +52,23 @@ impl<S: Store> SessionCacheService<S> {
             status,
             auth: Authenticator::open(),
             hasher: TokenHasher::Sha256,
+            admission: Semaphore::new(DEFAULT_MAX_IN_FLIGHT),
         }
+    }
+
+    /// Serves at most `limit` calls at once; the rest are shed with RESOURCE_EXHAUSTED.
+    pub fn with_max_in_flight(mut self, limit: usize) -> Self {
+        self.admission = Semaphore::new(limit);
+        self
+    }
+
+    /// A slot for one call, or RESOURCE_EXHAUSTED at once: queueing past the limit
+    /// would only add latency to every call behind it.
+    fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        self.admission.try_acquire().map_err(|_| {
+            debug!("call shed: too many calls in flight");
+            Status::resource_exhausted("overloaded: too many calls in flight; retry with backoff")
+        })
     }
 
     /// Checks callers against `auth` (by default nobody is checked).
@@ -94,6 +115,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let _slot = self.slot()?;
         self.admit(&request, Role::Reader)?;
         let token = self.check_token(&request.get_ref().token)?;
         let reply = if !self.enabled {
@@ -116,6 +138,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
+        let _slot = self.slot()?;
         let caller = self.admit(&request, Role::Writer)?;
         let request = request.into_inner();
         let token = self.check_token(&request.token)?;
@@ -158,6 +181,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::InvalidateTokenRequest>,
     ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
+        let _slot = self.slot()?;
         let caller = self.admit(&request, Role::Writer)?;
         let token = self.check_token(&request.get_ref().token)?;
         let deleted = if self.enabled {
@@ -176,6 +200,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::InvalidateUserRequest>,
     ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
+        let _slot = self.slot()?;
         let caller = self.admit(&request, Role::Writer)?;
         let user_id = &request.get_ref().user_id;
         check_user_id("user_id", user_id)?;
@@ -197,6 +222,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        let _slot = self.slot()?;
         self.admit(&request, Role::Reader)?;
         let (serving, store_latency) = if self.enabled {
             match self.store.ping().await {

@@ -1,20 +1,25 @@
-//! Redis faults under the service: it answers fast and honestly, never hangs, never
-//! acknowledges a revocation the store did not take, and recovers by itself.
+//! Redis faults under concurrent load: the service answers fast and honestly, never
+//! hangs, never hands one token's session to another, never acknowledges a revocation
+//! the store did not take, and recovers by itself. Each test prints its figures.
 
 mod support;
 
 use std::time::Duration;
 
-use session_cache::pb::{GetOutcome, SetOutcome};
-use support::{Backend, Harness, PATIENCE, in_an_hour, user};
+use session_cache::pb::{self, GetOutcome, SetOutcome};
+use support::{
+    Backend, Harness, PATIENCE, in_an_hour,
+    load::{Load, Sample, quantile},
+    user,
+};
 use tokio::time::Instant;
-use tonic::Code;
+use tonic::{Code, Request};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const SERVICE: &str = "sessioncache.v1.SessionCache";
 const TIMEOUT_MS: u64 = 100;
-
-/// No hang: a call answers within the store timeout plus this much scheduling slack.
+/// A call answers within the store timeout plus this much scheduling slack (the test
+/// machine runs other tests at the same time).
 const SLACK: Duration = Duration::from_millis(400);
 
 async fn start() -> Harness {
@@ -25,60 +30,90 @@ async fn start() -> Harness {
     .await
 }
 
-/// Gets until one answers `want`, each within the bound; returns how many it took.
-async fn get_until(h: &mut Harness, token: &str, want: GetOutcome) -> usize {
-    let deadline = Instant::now() + PATIENCE;
-    for attempt in 1.. {
-        let started = Instant::now();
-        let got = h.get(token).await;
-        assert!(
-            started.elapsed() < Duration::from_millis(TIMEOUT_MS) + SLACK,
-            "a Get took {:?}",
-            started.elapsed()
-        );
-        if got.outcome() == want {
-            return attempt;
-        }
-        assert!(
-            got.user.is_none() || got.outcome() == GetOutcome::Hit,
-            "no user without a hit"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "Get never answered {want:?}; last {:?}",
-            got.outcome()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    unreachable!()
+fn bound() -> Duration {
+    Duration::from_millis(TIMEOUT_MS) + SLACK
 }
 
-/// Redis killed: Gets and Sets answer UNAVAILABLE with status OK and in bounded time,
-/// revocations fail with gRPC UNAVAILABLE, health turns NOT_SERVING; after a restart
-/// health turns SERVING and hits resume, with no restart of the service.
-#[tokio::test]
-async fn redis_killed_and_restarted() {
-    let mut h = start().await;
-    assert_eq!(
-        h.set("tok", user("u1"), in_an_hour(), "").await.outcome(),
-        SetOutcome::Stored
+/// Checks what every fault promises of the samples and prints the figures.
+fn check_samples(name: &str, samples: &[Sample], fault: Instant, recovered: Instant) {
+    let failed: Vec<_> = samples.iter().filter(|s| s.code != Code::Ok).collect();
+    assert!(
+        failed.is_empty(),
+        "{name}: Get/Set calls failed: {:?}",
+        &failed[..failed.len().min(5)]
     );
-    assert_eq!(h.get("tok").await.outcome(), GetOutcome::Hit);
+    let outage: Vec<_> = samples
+        .iter()
+        .filter(|s| s.rpc == "Get" && s.started >= fault && s.started < recovered)
+        .collect();
+    assert!(
+        !outage.is_empty(),
+        "{name}: the load ran through the outage"
+    );
+    let slowest = outage.iter().map(|s| s.latency).max().unwrap();
+    assert!(
+        slowest < bound(),
+        "{name}: a Get waited {slowest:?} during the outage"
+    );
+    let unavailable = outage
+        .iter()
+        .filter(|s| s.outcome == GetOutcome::Unavailable as i32)
+        .count();
+    assert!(unavailable > 0, "{name}: the outage was seen");
+    let hits_after = samples
+        .iter()
+        .filter(|s| s.started >= recovered && s.rpc == "Get" && s.outcome == GetOutcome::Hit as i32)
+        .count();
+    assert!(hits_after > 0, "{name}: hits resumed");
+    eprintln!(
+        "{name}: {} calls, 0 failed; during the outage {} Gets ({} UNAVAILABLE), p50 {:?} p99 {:?} max {:?}; {} hits after recovery",
+        samples.len(),
+        outage.len(),
+        unavailable,
+        quantile(&outage, 0.5),
+        quantile(&outage, 0.99),
+        slowest,
+        hits_after
+    );
+}
 
+/// Waits until the load has seen hits since `since` (bounded), by watching a probe
+/// token of the test's own.
+async fn wait_for_hits(h: &mut Harness) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = h.get("probe").await;
+        match got.outcome() {
+            GetOutcome::Hit => return,
+            GetOutcome::Unavailable => {}
+            _ => {
+                h.set("probe", user("probe-user"), in_an_hour(), &got.fence)
+                    .await;
+            }
+        }
+        assert!(Instant::now() < deadline, "no hits within the patience");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Redis killed (SIGKILL) and restarted under load: no Get or Set fails, Gets during the
+/// outage answer within the timeout, health turns NOT_SERVING within 3 s and SERVING
+/// within 5 s of the restart, revocations fail with UNAVAILABLE, hits resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load() {
+    let mut h = start().await;
+    let load = Load::start(&h.client, 16, Duration::from_millis(2));
+    wait_for_hits(&mut h).await;
+
+    let killed = Instant::now();
     h.redis().kill();
-    get_until(&mut h, "tok", GetOutcome::Unavailable).await;
     h.server
         .wait_health(SERVICE, ServingStatus::NotServing)
         .await;
-    let started = Instant::now();
-    assert_eq!(h.get("tok").await.outcome(), GetOutcome::Unavailable);
+    let down_after = killed.elapsed();
     assert!(
-        started.elapsed() < SLACK,
-        "a known-down store answers at once"
-    );
-    assert_eq!(
-        h.set("tok", user("u1"), in_an_hour(), "").await.outcome(),
-        SetOutcome::Unavailable
+        down_after < Duration::from_secs(3),
+        "NOT_SERVING after {down_after:?}"
     );
     assert_eq!(
         h.invalidate_user("u1").await.unwrap_err().code(),
@@ -88,47 +123,74 @@ async fn redis_killed_and_restarted() {
         h.invalidate_token("tok").await.unwrap_err().code(),
         Code::Unavailable
     );
-    // Health checks by the process name keep serving: the process is alive.
     h.server.wait_health("", ServingStatus::Serving).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the outage, under load
 
+    let restarted = Instant::now();
     h.redis().restart().await;
     h.server.wait_health(SERVICE, ServingStatus::Serving).await;
-    // The restarted Redis is empty; a Set lands once every pooled connection healed.
-    let deadline = Instant::now() + PATIENCE;
-    while h.set("tok", user("u1"), in_an_hour(), "").await.outcome() != SetOutcome::Stored {
-        assert!(Instant::now() < deadline, "Set never recovered");
-    }
-    get_until(&mut h, "tok", GetOutcome::Hit).await;
+    let up_after = restarted.elapsed();
+    assert!(
+        up_after < Duration::from_secs(5),
+        "SERVING after {up_after:?}"
+    );
+    wait_for_hits(&mut h).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the load sees hits too
     assert!(h.invalidate_user("u1").await.is_ok());
+
+    let samples = load.stop().await;
+    check_samples("kill", &samples, killed, restarted);
+    eprintln!("kill: NOT_SERVING after {down_after:?}, SERVING {up_after:?} after the restart");
 }
 
-/// Redis frozen (SIGSTOP): calls answer within the timeout instead of waiting for it;
-/// after SIGCONT it serves again.
-#[tokio::test]
-async fn redis_frozen_then_thawed() {
+/// Redis frozen (SIGSTOP) then thawed under load: the same promises; no call waits
+/// longer than the timeout while Redis holds its connections without answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_then_thawed_under_load() {
     let mut h = start().await;
-    assert_eq!(
-        h.set("tok", user("u1"), in_an_hour(), "").await.outcome(),
-        SetOutcome::Stored
-    );
+    let load = Load::start(&h.client, 16, Duration::from_millis(2));
+    wait_for_hits(&mut h).await;
 
+    let frozen = Instant::now();
     h.redis().freeze();
-    get_until(&mut h, "tok", GetOutcome::Unavailable).await;
-    let started = Instant::now();
-    let status = h.invalidate_user("u1").await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable);
-    assert!(started.elapsed() < Duration::from_millis(TIMEOUT_MS) + SLACK);
     h.server
         .wait_health(SERVICE, ServingStatus::NotServing)
         .await;
+    let down_after = frozen.elapsed();
+    assert!(
+        down_after < Duration::from_secs(3),
+        "NOT_SERVING after {down_after:?}"
+    );
+    let started = Instant::now();
+    assert_eq!(
+        h.invalidate_user("u1").await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    assert!(
+        started.elapsed() < bound(),
+        "a revocation waited {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
+    let thawed = Instant::now();
     h.redis().thaw();
     h.server.wait_health(SERVICE, ServingStatus::Serving).await;
-    get_until(&mut h, "tok", GetOutcome::Hit).await;
+    let up_after = thawed.elapsed();
+    assert!(
+        up_after < Duration::from_secs(5),
+        "SERVING after {up_after:?}"
+    );
+    wait_for_hits(&mut h).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let samples = load.stop().await;
+    check_samples("freeze", &samples, frozen, thawed);
+    eprintln!("freeze: NOT_SERVING after {down_after:?}, SERVING {up_after:?} after SIGCONT");
 }
 
-/// Redis full under `noeviction`: Set answers UNAVAILABLE, Gets of what is stored
-/// still hit, and nothing breaks.
+/// Redis full under `noeviction`: Set answers UNAVAILABLE, Gets of what is stored still
+/// hit, a revocation is refused honestly, and nothing breaks.
 #[tokio::test]
 async fn redis_out_of_memory() {
     let redis =
@@ -139,9 +201,9 @@ async fn redis_out_of_memory() {
         h.set("kept", user("u1"), in_an_hour(), "").await.outcome(),
         SetOutcome::Stored
     );
-    // Fill Redis behind the service's back until it refuses writes.
+    // Fill Redis behind the service's back until it refuses writes; small values, so
+    // that the last accepted one leaves Redis over its limit.
     let mut conn = h.redis().conn().await;
-    // Small values, so that the last accepted one leaves Redis over its limit.
     let filler = "x".repeat(1024);
     let mut full = false;
     for i in 0..20_000 {
@@ -162,9 +224,133 @@ async fn redis_out_of_memory() {
     );
     assert_eq!(h.get("kept").await.outcome(), GetOutcome::Hit);
     assert_eq!(h.get("new").await.outcome(), GetOutcome::Miss);
-    // A full Redis cannot take a revocation either: the caller is told, never fooled.
     assert_eq!(
         h.invalidate_user("u1").await.unwrap_err().code(),
         Code::Unavailable
     );
+}
+
+/// Thousands of Gets with 1-5 ms deadlines (cancelled mid-flight on the shared Redis
+/// connection) mixed with ordinary Gets: every hit is the user stored for that token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_never_cross_tokens() {
+    let mut h = start().await;
+    const TOKENS: usize = 40;
+    for i in 0..TOKENS {
+        let set = h
+            .set(
+                &format!("tok-{i}"),
+                user(&format!("user-{i}")),
+                in_an_hour(),
+                "",
+            )
+            .await;
+        assert_eq!(set.outcome(), SetOutcome::Stored);
+    }
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let mut client = h.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut hits, mut cut) = (0, 0);
+            let mut state = task * 7919 + 1;
+            for call in 0..400u64 {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let i = (state >> 33) as usize % TOKENS;
+                let mut request = Request::new(pb::GetRequest {
+                    token: format!("tok-{i}"),
+                });
+                if call % 2 == 0 {
+                    request.set_timeout(Duration::from_millis(1 + (state >> 40) % 5));
+                }
+                match client.get(request).await {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        if reply.outcome() == GetOutcome::Hit {
+                            assert_eq!(reply.user.unwrap().id, format!("user-{i}"), "tok-{i}");
+                            hits += 1;
+                        }
+                    }
+                    Err(status) => {
+                        // Cut by the deadline, on the client's side or the server's.
+                        assert!(
+                            matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+                            "{status:?}"
+                        );
+                        cut += 1;
+                    }
+                }
+            }
+            (hits, cut)
+        }));
+    }
+    let (mut hits, mut cut) = (0, 0);
+    for task in tasks {
+        let (h, c) = task.await.unwrap();
+        hits += h;
+        cut += c;
+    }
+    assert!(hits > 1000, "{hits} hits");
+    eprintln!(
+        "integrity: 3200 Gets, {hits} hits all for their own token, {cut} cut by their deadline"
+    );
+}
+
+/// Past --max-in-flight calls are shed at once with RESOURCE_EXHAUSTED while admitted
+/// calls carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_not_queued() {
+    // A slow store (frozen Redis, 1 s timeout, health checked rarely) keeps admitted
+    // calls in flight.
+    let mut h = Harness::start(
+        Backend::Redis,
+        &[
+            "--max-in-flight",
+            "4",
+            "--store-timeout-ms",
+            "1000",
+            "--health-interval-ms",
+            "60000",
+        ],
+    )
+    .await;
+    h.redis().freeze();
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let mut client = h.client.clone();
+        calls.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let result = client
+                .get(pb::GetRequest {
+                    token: format!("t{i}"),
+                })
+                .await;
+            (
+                result
+                    .map(|r| r.into_inner().outcome())
+                    .map_err(|s| s.code()),
+                started.elapsed(),
+            )
+        }));
+    }
+    let (mut shed, mut admitted) = (0, 0);
+    for call in calls {
+        let (result, took) = call.await.unwrap();
+        match result {
+            Err(Code::ResourceExhausted) => {
+                shed += 1;
+                assert!(
+                    took < Duration::from_millis(900),
+                    "a shed call waited {took:?}"
+                );
+            }
+            Ok(GetOutcome::Unavailable) => admitted += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    h.redis().thaw();
+    assert!(admitted >= 1 && admitted <= 8, "{admitted} admitted");
+    assert!(shed >= 32, "{shed} shed");
+    eprintln!("overload: 40 concurrent calls, limit 4: {admitted} admitted, {shed} shed at once");
 }

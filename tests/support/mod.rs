@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod load;
 pub mod pki;
 
 use std::{
@@ -220,15 +221,16 @@ pub struct Server {
 impl Server {
     /// Starts the server with these flags (as on the command line).
     pub async fn start(args: &[&str]) -> Server {
-        let argv = [
-            "session-cache",
-            "--listen",
-            "127.0.0.1:0",
-            "--health-interval-ms",
-            "100",
-        ]
-        .into_iter()
-        .chain(args.iter().copied());
+        // Tests ping the store often, so that health follows it quickly.
+        let interval: &[&str] = if args.contains(&"--health-interval-ms") {
+            &[]
+        } else {
+            &["--health-interval-ms", "100"]
+        };
+        let argv = ["session-cache", "--listen", "127.0.0.1:0"]
+            .into_iter()
+            .chain(interval.iter().copied())
+            .chain(args.iter().copied());
         let config = Config::load_from(argv).expect("test flags are valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().unwrap();
