@@ -169,3 +169,47 @@ async fn shutdown_flips_health_and_ends_despite_open_watch() {
         .unwrap()
         .expect("run returns Ok");
 }
+
+/// A call in flight when shutdown begins completes with its answer; the process then
+/// stops within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_calls_in_flight_finish() {
+    // A frozen Redis and a long store timeout hold the Get in flight for ~1 s; the
+    // health loop checks rarely, so the Get really waits on Redis.
+    let mut h = Harness::start(
+        Backend::Redis,
+        &[
+            "--store-timeout-ms",
+            "1000",
+            "--health-interval-ms",
+            "60000",
+            "--shutdown-grace-seconds",
+            "5",
+        ],
+    )
+    .await;
+    h.redis().freeze();
+    let mut client = h.client.clone();
+    let in_flight = tokio::spawn(async move {
+        client
+            .get(session_cache::pb::GetRequest {
+                token: "tok".into(),
+            })
+            .await
+    });
+    // Let the call reach the server before shutdown starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    let Harness { server, redis, .. } = h;
+    server.stop().await.expect("run returns Ok");
+    let reply = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight finished with OK");
+    assert_eq!(
+        reply.into_inner().outcome(),
+        session_cache::pb::GetOutcome::Unavailable
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    redis.unwrap().thaw();
+}

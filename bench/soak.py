@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Soak: minutes of mixed load against the service on a real Redis.
+
+Three h2load streams run side by side for the whole duration: Get hits (the bulk),
+Sets, and InvalidateUser for users the Gets do not read. It prints, per stream, calls,
+failures and latency percentiles, and the service's resident memory at start and end,
+so that a leak or a slow drift shows.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (the benchmark's helpers: messages, processes, h2load parsing)
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def h2load_for(port, method, body, seconds, connections, streams, workdir, name):
+    body_path = os.path.join(workdir, f"{name}.bin")
+    with open(body_path, "wb") as f:
+        f.write(body)
+    log = os.path.join(workdir, f"{name}.log")
+    return subprocess.Popen(
+        ["h2load", "-D", str(seconds), "-c", str(connections), "-m", str(streams), "-t", "1",
+         "--data", body_path, "--log-file", log, "-H", "content-type: application/grpc",
+         "-H", "te: trailers", f"http://127.0.0.1:{port}/{bench.SERVICE}/{method}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log
+
+
+def summarize(name, proc, log):
+    out, _ = proc.communicate(timeout=120)
+    done = succeeded = failed = errored = 0
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("requests:"):
+            parts = [p.strip() for p in line[len("requests:"):].split(",")]
+            counts = {p.split()[1]: int(p.split()[0]) for p in parts}
+            done, succeeded = counts.get("done", 0), counts.get("succeeded", 0)
+            failed, errored = counts.get("failed", 0), counts.get("errored", 0)
+    with open(log) as f:
+        latencies = sorted(int(l.split("\t")[2]) for l in f if l.strip())
+    p = lambda q: bench.percentile(latencies, q) / 1000
+    print(f"{name:16} calls {done:>10,}  ok {succeeded:>10,}  failed {failed + errored:>6,}  "
+          f"p50 {p(0.5):7.3f} ms  p99 {p(0.99):7.3f} ms  p999 {p(0.999):7.3f} ms")
+    return failed + errored
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    args = parser.parse_args()
+    seconds = max(5, int(args.minutes * 60))
+
+    procs = bench.Procs()
+    workdir = tempfile.mkdtemp(prefix="session-cache-soak-")
+    try:
+        redis_port = bench.free_port()
+        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no", "--dir", workdir,
+                     "--maxmemory", "256mb", "--maxmemory-policy", "noeviction"])
+        bench.wait_port(redis_port)
+        port = bench.free_port()
+        service = procs.start(
+            [os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
+             "--redis-url", f"redis://127.0.0.1:{redis_port}",
+             # Sessions outlive the soak; TTLs are exercised, not waited for.
+             "--ttl-seconds", "3600"],
+            env=dict(os.environ, RUST_LOG="warn"))
+        bench.wait_port(port)
+        time.sleep(1.5)
+        reply, _ = bench.call_once(port, "Set", bench.set_request("soak-token", "soak-user"), workdir)
+        assert bench.first_varint_field(reply) == 1, "the soak's session is stored"
+
+        rss_start = rss_mib(service.pid)
+        cpu_start = bench.cpu_seconds(service.pid)
+        print(f"soak: {seconds} s of mixed load; service RSS at start {rss_start:.1f} MiB")
+        streams = [
+            ("Get hit", "Get", bench.get_request("soak-token"), 20, 10),
+            ("Set", "Set", bench.set_request("soak-set", "soak-set-user"), 4, 4),
+            ("InvalidateUser", "InvalidateUser",
+             bench.invalidate_user_request("soak-invalidated"), 2, 2),
+        ]
+        running = [(name, *h2load_for(port, method, body, seconds, c, m, workdir, name.replace(" ", "-")))
+                   for name, method, body, c, m in streams]
+        errors = sum(summarize(name, proc, log) for name, proc, log in running)
+        rss_end = rss_mib(service.pid)
+        cpu = bench.cpu_seconds(service.pid) - cpu_start
+        reply, _ = bench.call_once(port, "Get", bench.get_request("soak-token"), workdir)
+        still_hit = bench.first_varint_field(reply) == 1
+        print(f"service RSS: start {rss_start:.1f} MiB, end {rss_end:.1f} MiB, "
+              f"peak {bench.peak_rss_mib(service.pid):.1f} MiB; CPU {cpu:.1f} s")
+        print(f"errors: {errors}; the soak's session still hits: {still_hit}")
+        return 0 if errors == 0 and still_hit else 1
+    finally:
+        procs.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
