@@ -275,7 +275,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
     parser.add_argument("--requests", type=int, default=200_000,
                         help="calls per scenario at 500 in flight")
+    parser.add_argument("--bin-dir", default=RELEASE,
+                        help="where the session-cache and examples/constant_server binaries are")
     args = parser.parse_args()
+    bin_dir = os.path.abspath(args.bin_dir)
     many = 3_000 if args.quick else args.requests
     few = 300 if args.quick else max(2_000, args.requests // 20)
 
@@ -289,14 +292,14 @@ def main():
         wait_port(redis_port)
 
         floor_port = free_port()
-        floor = procs.start([os.path.join(RELEASE, "examples", "constant_server"),
+        floor = procs.start([os.path.join(bin_dir, "examples", "constant_server"),
                              f"127.0.0.1:{floor_port}"])
         wait_port(floor_port)
 
         subjects = {}
         for store in ("redis", "memory"):
             port = free_port()
-            cmd = [os.path.join(RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}"]
+            cmd = [os.path.join(bin_dir, "session-cache"), "--listen", f"127.0.0.1:{port}"]
             if store == "redis":
                 cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}"]
             env = dict(os.environ, RUST_LOG="warn")

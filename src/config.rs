@@ -64,6 +64,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_in_flight: u32,
 
+    /// Address to serve Prometheus metrics on (GET /metrics); off when not given.
+    #[arg(long, env = "SESSION_CACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format: text for people, json for log pipelines. RUST_LOG filters (default
+    /// info).
+    #[arg(long, env = "SESSION_CACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// How often the store is pinged to drive health, in milliseconds.
     #[arg(long, env = "SESSION_CACHE_HEALTH_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -112,6 +121,13 @@ pub struct Config {
     /// can drop invalidation markers and tombstones and so revive revoked sessions.
     #[arg(long, env = "SESSION_CACHE_ALLOW_EVICTING_REDIS", action = ArgAction::SetTrue)]
     pub allow_evicting_redis: bool,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A configuration that parses but cannot be served; the message says how to fix it.
@@ -183,6 +199,19 @@ impl Config {
         Ok(())
     }
 
+    /// The Redis URL without its password, for logs.
+    pub fn redis_url_redacted(&self) -> Option<String> {
+        let url = self.redis_url.as_deref()?;
+        let (scheme, rest) = url.split_once("://")?;
+        Some(match rest.rsplit_once('@') {
+            Some((user_info, host)) => {
+                let user = user_info.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_owned(),
+        })
+    }
+
     /// The store timeout.
     pub fn store_timeout(&self) -> Duration {
         Duration::from_millis(self.store_timeout_ms)
@@ -227,6 +256,18 @@ mod tests {
         assert!(config.enabled);
         assert_eq!(config.store_timeout_ms, 100);
         assert!(config.redis_url.is_none());
+    }
+
+    /// The Redis password never reaches a log line.
+    #[test]
+    fn redacts_redis_password() {
+        let config = parse(&["--redis-url", "redis://cache:hunter2@redis:6379/2"]).unwrap();
+        assert_eq!(
+            config.redis_url_redacted().unwrap(),
+            "redis://cache:***@redis:6379/2"
+        );
+        let config = parse(&["--redis-url", "redis://redis:6379"]).unwrap();
+        assert_eq!(config.redis_url_redacted().unwrap(), "redis://redis:6379");
     }
 
     /// Values that cannot work are refused with a message naming the flag.

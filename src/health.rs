@@ -76,6 +76,7 @@ pub(crate) async fn watch_store<S: Store>(
             );
         }
         let up = ping.is_ok() && problem.is_none();
+        crate::metrics::store_state(up, ping.as_ref().ok().copied());
         last_problem = problem;
         status.set(up);
         if was_up == Some(up) {

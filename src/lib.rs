@@ -12,6 +12,7 @@ pub mod config;
 pub mod entry;
 pub mod health;
 pub mod keys;
+mod metrics;
 pub mod server;
 pub mod service;
 pub mod signal;

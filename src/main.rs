@@ -2,7 +2,10 @@
 
 use std::process::ExitCode;
 
-use session_cache::{Config, config::LoadError};
+use session_cache::{
+    Config,
+    config::{LoadError, LogFormat},
+};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -27,9 +30,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -39,6 +47,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let shutdown = session_cache::signal::shutdown();
         let listener = match TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
             Err(e) => {
@@ -46,7 +55,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match session_cache::run(config, listener, session_cache::signal::shutdown()).await {
+        match session_cache::run(config, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "stopped on an error");

@@ -184,6 +184,26 @@ async fn serve<S: Store>(
     reporter.set_service_status(SERVICE_NAME, initial).await;
 
     let stop = CancellationToken::new();
+    if let Some(addr) = config.metrics_listen {
+        let (handle, exporter) = crate::metrics::install(addr).map_err(Error::Config)?;
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
+            tokio::pin!(exporter);
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => return,
+                    result = &mut exporter => {
+                        if let Err(e) = result {
+                            error!(error = ?e, "the metrics endpoint stopped");
+                        }
+                        return;
+                    }
+                    _ = upkeep.tick() => handle.run_upkeep(),
+                }
+            }
+        });
+    }
     let pinger = config.enabled.then(|| {
         tokio::spawn(watch_store(
             store.clone(),
@@ -226,14 +246,22 @@ async fn serve<S: Store>(
             let _ = drained.await;
         });
     tokio::pin!(server);
+    // The effective configuration, one line, with no secret in it.
     info!(
         listen = ?local,
         store = kind,
+        redis_url = config.redis_url_redacted(),
         enabled = config.enabled,
         ttl_seconds = config.ttl_seconds,
+        marker_ttl_seconds = config.marker_ttl_seconds,
         store_timeout_ms = config.store_timeout_ms,
+        redis_connections = config.redis_connections,
+        max_in_flight = config.max_in_flight,
         tls,
+        mutual_tls = config.tls_client_ca.is_some(),
         authenticated,
+        keyed_token_hashing = config.token_hmac_secret_file.is_some(),
+        metrics_listen = ?config.metrics_listen,
         "serving"
     );
 

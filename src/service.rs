@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Utc};
 use prost_types::Timestamp;
-use tokio::sync::Semaphore;
+use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
@@ -20,6 +20,7 @@ use crate::{
     entry::{Session, User},
     health::StoreStatus,
     keys::{TokenHash, TokenHasher},
+    metrics,
     pb::{self, GetOutcome, SetOutcome, session_cache_server::SessionCache},
     store::{Fence, Lookup, Store, Stored},
 };
@@ -115,6 +116,67 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let started = Instant::now();
+        let result = self.handle_get(request).await;
+        let label = match &result {
+            Ok(reply) => get_label(reply.get_ref().outcome()),
+            Err(status) => metrics::code_label(status),
+        };
+        metrics::call("Get", started, label);
+        result
+    }
+
+    async fn set(
+        &self,
+        request: Request<pb::SetRequest>,
+    ) -> Result<Response<pb::SetResponse>, Status> {
+        let started = Instant::now();
+        let result = self.handle_set(request).await;
+        let label = match &result {
+            Ok(reply) => set_label(reply.get_ref().outcome()),
+            Err(status) => metrics::code_label(status),
+        };
+        metrics::call("Set", started, label);
+        result
+    }
+
+    async fn invalidate_token(
+        &self,
+        request: Request<pb::InvalidateTokenRequest>,
+    ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
+        let started = Instant::now();
+        let result = self.handle_invalidate_token(request).await;
+        metrics::call("InvalidateToken", started, ok_label(&result));
+        result
+    }
+
+    async fn invalidate_user(
+        &self,
+        request: Request<pb::InvalidateUserRequest>,
+    ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
+        let started = Instant::now();
+        let result = self.handle_invalidate_user(request).await;
+        metrics::call("InvalidateUser", started, ok_label(&result));
+        result
+    }
+
+    async fn health(
+        &self,
+        request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let started = Instant::now();
+        let result = self.handle_health(request).await;
+        metrics::call("Health", started, ok_label(&result));
+        result
+    }
+}
+
+/// The handlers proper; the trait methods above wrap them with metrics.
+impl<S: Store> SessionCacheService<S> {
+    async fn handle_get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let _slot = self.slot()?;
         self.admit(&request, Role::Reader)?;
         let token = self.check_token(&request.get_ref().token)?;
@@ -126,6 +188,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
             match self.store.get(&token).await {
                 Ok(lookup) => get_response(lookup),
                 Err(e) => {
+                    metrics::store_error("Get");
                     debug!(token = token.short(), error = %e, "get: store failed");
                     outcome_only(GetOutcome::Unavailable)
                 }
@@ -134,7 +197,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         Ok(Response::new(reply))
     }
 
-    async fn set(
+    async fn handle_set(
         &self,
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
@@ -158,6 +221,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
             match self.store.set(&token, &session, fence).await {
                 Ok(stored) => Ok(stored),
                 Err(e) => {
+                    metrics::store_error("Set");
                     debug!(token = token.short(), error = %e, "set: store failed");
                     Err(SetOutcome::Unavailable)
                 }
@@ -177,7 +241,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         }))
     }
 
-    async fn invalidate_token(
+    async fn handle_invalidate_token(
         &self,
         request: Request<pb::InvalidateTokenRequest>,
     ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
@@ -188,7 +252,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
             self.store
                 .invalidate_token(&token)
                 .await
-                .map_err(|e| unacknowledged("invalidate_token", &e))?
+                .map_err(|e| unacknowledged("InvalidateToken", &e))?
         } else {
             false
         };
@@ -196,7 +260,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         Ok(Response::new(pb::InvalidateTokenResponse { deleted }))
     }
 
-    async fn invalidate_user(
+    async fn handle_invalidate_user(
         &self,
         request: Request<pb::InvalidateUserRequest>,
     ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
@@ -208,7 +272,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
             self.store
                 .invalidate_user(user_id)
                 .await
-                .map_err(|e| unacknowledged("invalidate_user", &e))?
+                .map_err(|e| unacknowledged("InvalidateUser", &e))?
         } else {
             Micros::from_datetime(Utc::now())
         };
@@ -218,7 +282,7 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         }))
     }
 
-    async fn health(
+    async fn handle_health(
         &self,
         request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
@@ -238,6 +302,38 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
             enabled: self.enabled,
             store_latency,
         }))
+    }
+}
+
+fn get_label(outcome: GetOutcome) -> &'static str {
+    match outcome {
+        GetOutcome::Hit => "hit",
+        GetOutcome::Miss => "miss",
+        GetOutcome::Expired => "expired",
+        GetOutcome::Invalidated => "invalidated",
+        GetOutcome::Corrupt => "corrupt",
+        GetOutcome::Disabled => "disabled",
+        GetOutcome::Unavailable => "unavailable",
+        GetOutcome::Unspecified => "unspecified",
+    }
+}
+
+fn set_label(outcome: SetOutcome) -> &'static str {
+    match outcome {
+        SetOutcome::Stored => "stored",
+        SetOutcome::Disabled => "disabled",
+        SetOutcome::Unavailable => "unavailable",
+        SetOutcome::Expired => "expired",
+        SetOutcome::Stale => "stale",
+        SetOutcome::Revoked => "revoked",
+        SetOutcome::Unspecified => "unspecified",
+    }
+}
+
+fn ok_label<T>(result: &Result<T, Status>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(status) => metrics::code_label(status),
     }
 }
 
@@ -280,7 +376,8 @@ fn get_response(lookup: Lookup) -> pb::GetResponse {
 }
 
 /// A revocation the store did not acknowledge: the caller must retry.
-fn unacknowledged(call: &str, e: &crate::store::StoreError) -> Status {
+fn unacknowledged(call: &'static str, e: &crate::store::StoreError) -> Status {
+    metrics::store_error(call);
     warn!(call, error = %e, "revocation not acknowledged by the store");
     Status::unavailable("the store did not acknowledge the invalidation; retry it")
 }

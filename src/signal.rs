@@ -1,19 +1,28 @@
 //! The shutdown signal: SIGTERM (what Kubernetes and most supervisors send) or SIGINT.
 
-/// Completes when the process is asked to stop.
-pub async fn shutdown() {
+use std::future::Future;
+
+/// Installs the handlers at once (a signal that arrives during start-up is not lost,
+/// nor does it kill the process) and returns a future that completes on the first
+/// SIGTERM or SIGINT. Must be called inside the runtime.
+pub fn shutdown() -> impl Future<Output = ()> + Send {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+        async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("interrupt received");
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("interrupt received");
+        }
     }
 }

@@ -63,6 +63,46 @@ fn help_documents_every_flag() {
     assert!(help.contains("SESSION_CACHE_REDIS_URL"));
 }
 
+/// JSON logs: one object per line, and the start-up line states the effective
+/// configuration without the Redis password.
+#[tokio::test]
+async fn json_logs_state_the_configuration_without_secrets() {
+    let port = free_port();
+    let mut process = Process(
+        Command::new(BIN)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-format",
+                "json",
+            ])
+            .args(["--redis-url", "redis://cache:hunter2@127.0.0.1:1"])
+            .env_clear()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    connect(port).await;
+    process.signal("-TERM");
+    assert!(process.wait().await.success());
+    let logs = process.stdout();
+    assert!(!logs.contains("hunter2"), "{logs}");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let serving = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "serving")
+        .expect("a start-up line");
+    assert_eq!(
+        serving["fields"]["redis_url"],
+        "redis://cache:***@127.0.0.1:1"
+    );
+    assert_eq!(serving["fields"]["ttl_seconds"], 300);
+}
+
 /// The process under test; killed if the test fails half-way.
 struct Process(Child);
 

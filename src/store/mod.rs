@@ -128,7 +128,7 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers; returns the round-trip time.
     fn ping(&self) -> impl Future<Output = Result<Duration, StoreError>> + Send;
 
-    /// Periodic housekeeping, run by the health loop; nothing by default.
+    /// Periodic housekeeping and metrics, run by the health loop; nothing by default.
     fn upkeep(&self) {}
 
     /// Why the store must not serve even though it answers (a Redis that may evict

@@ -302,6 +302,11 @@ impl Store for RedisStore {
         Ok(started.elapsed())
     }
 
+    fn upkeep(&self) {
+        let state = self.pool.state();
+        crate::metrics::redis_connections(state.connections, state.idle_connections);
+    }
+
     async fn readiness_problem(&self) -> Option<String> {
         if self.allow_evicting {
             return None;
