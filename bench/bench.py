@@ -302,6 +302,10 @@ def main():
             cmd = [os.path.join(bin_dir, "session-cache"), "--listen", f"127.0.0.1:{port}"]
             if store == "redis":
                 cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}"]
+            if args.quick:
+                # Debug binaries on a busy CI machine: give Redis time, so that every
+                # reply is the hit the smoke checks for.
+                cmd += ["--store-timeout-ms", "2000"]
             env = dict(os.environ, RUST_LOG="warn")
             subjects[store] = (port, procs.start(cmd, env=env))
             wait_port(port)

@@ -354,3 +354,31 @@ async fn overload_is_shed_not_queued() {
     assert!(shed >= 32, "{shed} shed");
     eprintln!("overload: 40 concurrent calls, limit 4: {admitted} admitted, {shed} shed at once");
 }
+
+/// Redis forgets its scripts (SCRIPT FLUSH, or a restart): lookups and writes load
+/// them again and go on.
+#[tokio::test]
+async fn flushed_scripts_are_loaded_again() {
+    let mut h = start().await;
+    assert_eq!(
+        h.set("tok", user("u1"), in_an_hour(), "").await.outcome(),
+        SetOutcome::Stored
+    );
+    let mut conn = h.redis().conn().await;
+    let _: () = bb8_redis::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(h.get("tok").await.outcome(), GetOutcome::Hit);
+    let _: () = bb8_redis::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.set("tok2", user("u1"), in_an_hour(), "").await.outcome(),
+        SetOutcome::Stored
+    );
+    assert!(h.invalidate_user("u1").await.is_ok());
+}

@@ -78,7 +78,7 @@ pub enum Stored {
 }
 
 /// The store could not answer. Reads treat it as a miss; revocations report it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store did not answer in time")]
     Timeout,

@@ -31,7 +31,11 @@ use bb8_redis::redis::{
 use tokio::time::{Instant, timeout_at};
 use tracing::{debug, warn};
 
+use tokio::sync::{mpsc, oneshot};
+
 use super::{Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge};
+
+mod batch;
 use crate::{
     clock::Micros,
     entry::{self, Session},
@@ -64,6 +68,8 @@ pub struct RedisConfig {
 /// Sessions in Redis, in the layout the Python service shares.
 pub struct RedisStore {
     pool: Pool<Manager>,
+    /// Get lookups, coalesced into pipelines (see `batch`).
+    gets: mpsc::UnboundedSender<batch::Job>,
     timeout: Duration,
     limits: Limits,
     scripts: Scripts,
@@ -71,7 +77,6 @@ pub struct RedisStore {
 }
 
 struct Scripts {
-    get: Script,
     set: Script,
     invalidate_token: Script,
     invalidate_user: Script,
@@ -89,7 +94,8 @@ macro_rules! script {
 
 impl RedisStore {
     /// Sets up the pool without dialling: the service starts, and reports NOT_SERVING,
-    /// while Redis is down.
+    /// while Redis is down. Must be called within a Tokio runtime (it starts the Get
+    /// batcher).
     pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
         // Small requests and replies: send each at once instead of letting Nagle's
         // algorithm hold it back for an ACK (redis-rs leaves TCP_NODELAY off).
@@ -127,13 +133,14 @@ impl RedisStore {
             // timeout: the caller gets UNAVAILABLE fast and the pinger tries again.
             .retry_connection(false)
             .build_unchecked(Manager { client, connection });
+        let get = script!("get.lua");
         Ok(RedisStore {
+            gets: batch::spawn(pool.clone(), get),
             pool,
             timeout: config.timeout,
             limits: config.limits,
             allow_evicting: config.allow_evicting,
             scripts: Scripts {
-                get: script!("get.lua"),
                 set: script!("set.lua"),
                 invalidate_token: script!("invalidate_token.lua"),
                 invalidate_user: script!("invalidate_user.lua"),
@@ -142,16 +149,8 @@ impl RedisStore {
         })
     }
 
-    /// A handle on a pipelined connection; the pool slot is given back at once.
     async fn connection(&self) -> Result<Handle, StoreError> {
-        let pooled = self.pool.get().await.map_err(|e| match e {
-            RunError::User(e) => StoreError::Failed(e.to_string()),
-            RunError::TimedOut => StoreError::Timeout,
-        })?;
-        Ok(Handle {
-            conn: pooled.conn.clone(),
-            broken: pooled.broken.clone(),
-        })
+        checkout(&self.pool).await
     }
 
     /// Runs one script within `deadline`.
@@ -208,8 +207,18 @@ impl Store for RedisStore {
     async fn get(&self, token: &TokenHash) -> Result<Lookup, StoreError> {
         let deadline = self.deadline();
         let key = token.entry_key();
-        let (raw, marker, now): (Option<Vec<u8>>, Option<Vec<u8>>, i64) =
-            self.run(deadline, &self.scripts.get.key(&key)).await?;
+        let (reply, replied) = oneshot::channel();
+        let job = batch::Job {
+            key: key.clone(),
+            reply,
+        };
+        self.gets
+            .send(job)
+            .map_err(|_| StoreError::Failed("the get batcher has stopped".into()))?;
+        let (raw, marker, now) = timeout_at(deadline, replied)
+            .await
+            .map_err(|_| StoreError::Timeout)?
+            .map_err(|_| StoreError::Failed("the get batcher dropped a lookup".into()))??;
         let fence = Fence(Micros(now));
         match judge(raw.as_deref(), marker.as_deref(), Micros(now)) {
             Verdict::Hit(session) => Ok(Lookup::Hit(session)),
@@ -325,6 +334,18 @@ impl Store for RedisStore {
             _ => None,
         }
     }
+}
+
+/// A handle on a pipelined connection; the pool slot is given back at once.
+async fn checkout(pool: &Pool<Manager>) -> Result<Handle, StoreError> {
+    let pooled = pool.get().await.map_err(|e| match e {
+        RunError::User(e) => StoreError::Failed(e.to_string()),
+        RunError::TimedOut => StoreError::Timeout,
+    })?;
+    Ok(Handle {
+        conn: pooled.conn.clone(),
+        broken: pooled.broken.clone(),
+    })
 }
 
 /// A clone of a pooled connection's handle, used outside the pool.
