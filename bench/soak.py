@@ -38,8 +38,34 @@ def h2load_for(port, method, body, seconds, connections, streams, workdir, name)
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log
 
 
-def summarize(name, proc, log):
-    out, _ = proc.communicate(timeout=120)
+def percentiles(log, quantiles):
+    """Latency quantiles in ms from an h2load log, streamed into 10 us buckets (a soak's
+    log holds tens of millions of calls)."""
+    buckets = {}
+    total = 0
+    with open(log) as f:
+        for line in f:
+            fields = line.split("\t")
+            if len(fields) < 3:
+                continue
+            bucket = int(fields[2]) // 10
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+            total += 1
+    result, seen = [], 0
+    ordered = sorted(buckets.items())
+    for q in quantiles:
+        target, seen, value = q * total, 0, float("nan")
+        for bucket, count in ordered:
+            seen += count
+            if seen >= target:
+                value = bucket * 10 / 1000
+                break
+        result.append(value)
+    return result
+
+
+def summarize(name, proc, log, seconds):
+    out, _ = proc.communicate(timeout=seconds + 120)
     done = succeeded = failed = errored = 0
     for line in out.splitlines():
         line = line.strip()
@@ -48,11 +74,10 @@ def summarize(name, proc, log):
             counts = {p.split()[1]: int(p.split()[0]) for p in parts}
             done, succeeded = counts.get("done", 0), counts.get("succeeded", 0)
             failed, errored = counts.get("failed", 0), counts.get("errored", 0)
-    with open(log) as f:
-        latencies = sorted(int(l.split("\t")[2]) for l in f if l.strip())
-    p = lambda q: bench.percentile(latencies, q) / 1000
+    p50, p99, p999 = percentiles(log, (0.5, 0.99, 0.999))
+    os.remove(log)
     print(f"{name:16} calls {done:>10,}  ok {succeeded:>10,}  failed {failed + errored:>6,}  "
-          f"p50 {p(0.5):7.3f} ms  p99 {p(0.99):7.3f} ms  p999 {p(0.999):7.3f} ms")
+          f"p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  p999 {p999:7.2f} ms")
     return failed + errored
 
 
@@ -93,7 +118,7 @@ def main():
         ]
         running = [(name, *h2load_for(port, method, body, seconds, c, m, workdir, name.replace(" ", "-")))
                    for name, method, body, c, m in streams]
-        errors = sum(summarize(name, proc, log) for name, proc, log in running)
+        errors = sum(summarize(name, proc, log, seconds) for name, proc, log in running)
         rss_end = rss_mib(service.pid)
         cpu = bench.cpu_seconds(service.pid) - cpu_start
         reply, _ = bench.call_once(port, "Get", bench.get_request("soak-token"), workdir)

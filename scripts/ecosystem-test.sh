@@ -374,8 +374,12 @@ need(sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 10001, "Deploymen
 need(container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, "Deployment: readOnlyRootFilesystem")
 need(container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, "Deployment: allowPrivilegeEscalation false")
 need("secretKeyRef" in c_env.get("SESSION_CACHE_REDIS_URL", {}).get("valueFrom", {}), "Deployment: SESSION_CACHE_REDIS_URL from a Secret")
-need(str(c_env.get("SESSION_CACHE_ALLOW_UNAUTHENTICATED", {}).get("value", "")).lower() == "true",
-     "Deployment: SESSION_CACHE_ALLOW_UNAUTHENTICATED=true (the pod listens on its interface)")
+need("SESSION_CACHE_ALLOW_UNAUTHENTICATED" not in c_env, "Deployment: callers authenticate (no --allow-unauthenticated)")
+keys_file = c_env.get("SESSION_CACHE_API_KEYS_FILE", {}).get("value", "")
+mounts = {m.get("name"): m.get("mountPath", "") for m in container.get("volumeMounts", [])}
+secret_volumes = {v.get("name") for v in pod.get("volumes", []) if "secret" in v}
+need(any(keys_file.startswith(path.rstrip("/") + "/") and name in secret_volumes for name, path in mounts.items()),
+     "Deployment: SESSION_CACHE_API_KEYS_FILE is in a mounted Secret")
 
 service = (docs.get("Service") or [{}])[0]
 s_spec = service.get("spec", {})
@@ -425,6 +429,7 @@ if [ "$READY" = 1 ] && step "start servers: memory and redis, both SERVING" star
     step "node client ($1)" node_client "127.0.0.1:$2"
     step "python health checker ($1)" health_checker "127.0.0.1:$2"
   done
+  step "python service's layout shared (redis)" "$PY" "$PY_DIR/seed_compat.py" "127.0.0.1:$REDIS_SRV_PORT" "127.0.0.1:$REDIS_PORT"
   step "redis stopped: readiness turns NOT_SERVING" stop_redis
   step "python client, redis down" python_client "127.0.0.1:$REDIS_SRV_PORT" --store-down
   step "node client, redis down" node_client "127.0.0.1:$REDIS_SRV_PORT" --store-down
