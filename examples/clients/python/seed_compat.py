@@ -101,7 +101,7 @@ def main():
     expire = (dt.datetime.now(utc) + dt.timedelta(hours=1)).replace(microsecond=123456)
 
     # 1. written by session-cache, read by the Python service
-    token, user_id = f"rust-wrote-{run}", f"rust-user-{run}"
+    token, user_id = f"service-wrote-{run}", f"service-user-{run}"
     user = pb.User(id=user_id, email="ada@example.com", name="Adá", email_verified=True,
                    tier="pro", created_at=client.ts(created),
                    updated_at=client.ts(created + dt.timedelta(microseconds=250)))
@@ -132,9 +132,9 @@ def main():
     time.sleep(0.01)
     python_invalidate_user(r, user_id)
     python_invalidate_user(r, py_user)
-    for t in (token, py_token):
+    for t, writer in ((token, "session-cache"), (py_token, "the Python service")):
         got = stub.Get(pb.GetRequest(token=t))
-        check(f"a Python InvalidateUser hides {t.split('-')[0]}'s entry",
+        check(f"a Python InvalidateUser hides the entry {writer} wrote",
               got.outcome == pb.GET_OUTCOME_INVALIDATED, str(got))
 
     # 4. session-cache invalidates a user: the Python service stops serving its entry
