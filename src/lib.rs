@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: [`server`] (transport) → [`service`] (checks and gRPC mapping)
 //! → [`store`] (Redis or memory). Nothing below the service knows gRPC; nothing above
-//! the store knows Redis. See `README.md` for running it and `SPEC.md` for the contract.
+//! the store knows Redis. See `README.md` for running it and `docs/SPEC.md` for the contract
+//! (sections are cited as SPEC §N throughout).
 
 #![forbid(unsafe_code)]
 

@@ -14,6 +14,9 @@
 //! a live one without a PING per checkout. Here each connection carries a `broken` flag
 //! that a call raises when Redis drops it; checkout tests only the flag, so bb8 drops
 //! the dead connection and dials a new one, with no PING on the hot path.
+//!
+//! Gets do not go to Redis one by one: `batch` sends the lookups that are ready at the
+//! same moment as one pipeline. Sets and invalidations, rarer, go straight.
 
 use std::{
     sync::{
