@@ -64,6 +64,17 @@ impl Returned {
     }
 }
 
+/// Adds up the (hits, violations) of every task.
+async fn sum(tasks: Vec<tokio::task::JoinHandle<(usize, usize)>>) -> (usize, usize) {
+    let mut totals = (0, 0);
+    for task in tasks {
+        let (hits, violations) = task.await.unwrap();
+        totals.0 += hits;
+        totals.1 += violations;
+    }
+    totals
+}
+
 /// The service: a hit is a violation when its session's fence is at or before an
 /// invalidation of its user that had returned before the Get was sent.
 async fn run_service(client: SessionCacheClient<Channel>) -> (usize, usize) {
@@ -126,13 +137,7 @@ async fn run_service(client: SessionCacheClient<Channel>) -> (usize, usize) {
             (hits, violations)
         }));
     }
-    let mut totals = (0, 0);
-    for task in tasks {
-        let (h, v) = task.await.unwrap();
-        totals.0 += h;
-        totals.1 += v;
-    }
-    totals
+    sum(tasks).await
 }
 
 /// The Python service's algorithm, in memory: Set stamps `cached_at` with the time of
@@ -210,13 +215,7 @@ async fn run_model(model: Arc<PythonModel>) -> (usize, usize) {
             (hits, violations)
         }));
     }
-    let mut totals = (0, 0);
-    for task in tasks {
-        let (h, v) = task.await.unwrap();
-        totals.0 += h;
-        totals.1 += v;
-    }
-    totals
+    sum(tasks).await
 }
 
 async fn check(backend: Backend) {
