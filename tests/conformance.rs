@@ -1,20 +1,26 @@
-//! The contract of SPEC §3-§5, run once against each store through the real server.
+//! The contract of SPEC §3-§5, written once and run against each store, both through
+//! the real server on port 0 and by calling the handlers directly with no network.
 //!
-//! Every case is a function of the backend; the macro at the bottom runs each against
-//! Redis and against the embedded memory store.
+//! Every case is a function of the store and the path; the macro at the bottom runs
+//! each against Redis and the embedded memory store, by each path (the transport's own
+//! limits only through the network).
 
 mod support;
 
 use std::time::Duration;
 
 use session_cache::pb::{self, GetOutcome, SetOutcome};
-use support::{Backend, Harness, in_an_hour, in_millis, user};
+use support::{
+    Backend, in_an_hour, in_millis,
+    subject::{Path, Subject},
+    user,
+};
 use tonic::Code;
 
 /// Miss, Set with the fence, hit: the caller flow of SPEC §1, and the hit carries
 /// exactly what was stored.
-async fn miss_set_hit(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn miss_set_hit(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     let miss = h.get("tok-1").await;
     assert_eq!(miss.outcome(), GetOutcome::Miss);
     assert!(!miss.fence.is_empty(), "a miss carries a fence");
@@ -36,9 +42,10 @@ async fn miss_set_hit(backend: Backend) {
 }
 
 /// TTL = min(ttl_seconds, remaining whole seconds), at least 1 (SPEC §3).
-async fn ttl_arithmetic(backend: Backend) {
-    let mut h = Harness::start(
+async fn ttl_arithmetic(backend: Backend, path: Path) {
+    let mut h = Subject::start(
         backend,
+        path,
         &["--ttl-seconds", "60", "--marker-ttl-seconds", "60"],
     )
     .await;
@@ -56,8 +63,8 @@ async fn ttl_arithmetic(backend: Backend) {
 }
 
 /// A session that has already expired is not stored (SPEC §3, NEW).
-async fn expired_session_is_not_stored(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn expired_session_is_not_stored(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     let set = h.set("tok", user("u1"), in_millis(-1000), "").await;
     assert_eq!(set.outcome(), SetOutcome::Expired);
     assert_eq!(set.ttl_seconds, 0);
@@ -65,8 +72,8 @@ async fn expired_session_is_not_stored(backend: Backend) {
 }
 
 /// An entry whose session expired answers EXPIRED once, with a fence, and is removed.
-async fn expired_entry(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn expired_entry(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     // Stored for 1 s (the minimum), but the session ends after 300 ms.
     let set = h.set("tok", user("u1"), in_millis(300), "").await;
     assert_eq!(set.outcome(), SetOutcome::Stored);
@@ -83,8 +90,8 @@ async fn expired_entry(backend: Backend) {
 }
 
 /// InvalidateUser hides every cached session of the user, and only theirs.
-async fn invalidate_user_hides_sessions(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn invalidate_user_hides_sessions(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     for token in ["a1", "a2"] {
         assert_eq!(
             h.set(token, user("alice"), in_an_hour(), "")
@@ -134,8 +141,8 @@ async fn invalidate_user_hides_sessions(backend: Backend) {
 }
 
 /// SPEC §4.1: a Set whose validation began before a password change is refused.
-async fn stale_set_is_refused(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn stale_set_is_refused(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     let miss = h.get("tok").await; // t0: the caller starts validating
     h.invalidate_user("u1").await.unwrap(); // t1: the password changes
     let set = h.set("tok", user("u1"), in_an_hour(), &miss.fence).await; // t2
@@ -157,8 +164,8 @@ async fn stale_set_is_refused(backend: Backend) {
 
 /// SPEC §4.2: after a logout, a late Set for the token is refused while the tombstone
 /// lives; other tokens are not affected.
-async fn logout_then_late_set_is_refused(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn logout_then_late_set_is_refused(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     let miss = h.get("tok").await;
     let logout = h.invalidate_token("tok").await.unwrap();
     assert!(!logout.deleted, "nothing was cached yet");
@@ -174,8 +181,8 @@ async fn logout_then_late_set_is_refused(backend: Backend) {
 }
 
 /// InvalidateToken deletes the entry and says so.
-async fn invalidate_token_deletes(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn invalidate_token_deletes(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     h.set("tok", user("u1"), in_an_hour(), "").await;
     assert_eq!(h.get("tok").await.outcome(), GetOutcome::Hit);
     assert!(h.invalidate_token("tok").await.unwrap().deleted);
@@ -184,8 +191,8 @@ async fn invalidate_token_deletes(backend: Backend) {
 }
 
 /// A user's marker never moves back: a second invalidation records a later instant.
-async fn marker_moves_forward(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn marker_moves_forward(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     let first = h
         .invalidate_user("u1")
         .await
@@ -202,8 +209,8 @@ async fn marker_moves_forward(backend: Backend) {
 }
 
 /// Disabled: Get and Set pass through, the invalidations succeed as no-ops (SPEC §3).
-async fn disabled_passes_through(backend: Backend) {
-    let mut h = Harness::start(backend, &["--enabled", "false"]).await;
+async fn disabled_passes_through(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &["--enabled", "false"]).await;
     let got = h.get("tok").await;
     assert_eq!(got.outcome(), GetOutcome::Disabled);
     assert!(got.fence.is_empty(), "DISABLED carries no fence");
@@ -218,19 +225,14 @@ async fn disabled_passes_through(backend: Backend) {
             .invalidated_at
             .is_some()
     );
-    let health = h
-        .client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let health = h.caller.health(pb::HealthRequest {}).await.unwrap();
     assert!(!health.enabled);
     assert!(health.serving);
 }
 
 /// Bad input is refused with INVALID_ARGUMENT naming the field, and nothing is written.
-async fn bad_input_is_refused(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn bad_input_is_refused(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     let long_token = "t".repeat(4097);
     let long_id = "u".repeat(257);
     let good = || pb::SetRequest {
@@ -317,7 +319,7 @@ async fn bad_input_is_refused(backend: Backend) {
         ),
     ];
     for (request, field) in bad_sets {
-        let status = h.client.set(request).await.expect_err(field);
+        let status = h.caller.set(request).await.expect_err(field);
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
         assert!(
             status.message().starts_with(&format!("{field}:")),
@@ -334,7 +336,7 @@ async fn bad_input_is_refused(backend: Backend) {
 
     for token in [String::new(), long_token.clone()] {
         let status = h
-            .client
+            .caller
             .get(pb::GetRequest {
                 token: token.clone(),
             })
@@ -365,8 +367,8 @@ async fn bad_input_is_refused(backend: Backend) {
 }
 
 /// A request over 64 KiB is refused by the transport before any handler runs.
-async fn oversized_message_is_refused(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
+async fn oversized_message_is_refused(backend: Backend, path: Path) {
+    let mut h = Subject::start(backend, path, &[]).await;
     let request = pb::SetRequest {
         token: "tok".into(),
         user: Some(pb::User {
@@ -376,20 +378,15 @@ async fn oversized_message_is_refused(backend: Backend) {
         session_expire: Some(in_an_hour()),
         fence: String::new(),
     };
-    let status = h.client.set(request).await.unwrap_err();
+    let status = h.caller.set(request).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert_eq!(h.get("tok").await.outcome(), GetOutcome::Miss);
 }
 
 /// Health reports the store, whether it serves, and how fast it answered.
-async fn health_reports_the_store(backend: Backend) {
-    let mut h = Harness::start(backend, &[]).await;
-    let health = h
-        .client
-        .health(pb::HealthRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+async fn health_reports_the_store(backend: Backend, path: Path) {
+    let h = Subject::start(backend, path, &[]).await;
+    let health = h.caller.health(pb::HealthRequest {}).await.unwrap();
     assert!(health.serving);
     assert!(health.enabled);
     let want = match backend {
@@ -401,11 +398,11 @@ async fn health_reports_the_store(backend: Backend) {
 }
 
 /// Many tasks share the store; every hit returns the user stored for that very token.
-async fn concurrent_calls_keep_tokens_apart(backend: Backend) {
-    let h = Harness::start(backend, &[]).await;
+async fn concurrent_calls_keep_tokens_apart(backend: Backend, path: Path) {
+    let h = Subject::start(backend, path, &[]).await;
     let mut tasks = Vec::new();
     for task in 0..16 {
-        let mut client = h.client.clone();
+        let client = h.caller.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..40 {
                 let token = format!("tok-{task}-{i}");
@@ -419,11 +416,7 @@ async fn concurrent_calls_keep_tokens_apart(backend: Backend) {
                     })
                     .await
                     .unwrap();
-                let got = client
-                    .get(pb::GetRequest { token })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let got = client.get(pb::GetRequest { token }).await.unwrap();
                 assert_eq!(got.outcome(), GetOutcome::Hit);
                 assert_eq!(got.user.unwrap().id, id);
             }
@@ -436,11 +429,11 @@ async fn concurrent_calls_keep_tokens_apart(backend: Backend) {
 
 /// Sets, Gets and InvalidateUser race from many tasks; once an InvalidateUser has
 /// returned, no Get serves a session whose fence predates it.
-async fn concurrent_invalidation_is_never_undone(backend: Backend) {
-    let h = Harness::start(backend, &[]).await;
+async fn concurrent_invalidation_is_never_undone(backend: Backend, path: Path) {
+    let h = Subject::start(backend, path, &[]).await;
     let mut tasks = Vec::new();
     for task in 0..8 {
-        let mut client = h.client.clone();
+        let client = h.caller.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..30 {
                 let token = format!("tok-{task}-{i}");
@@ -450,15 +443,13 @@ async fn concurrent_invalidation_is_never_undone(backend: Backend) {
                         token: token.clone(),
                     })
                     .await
-                    .unwrap()
-                    .into_inner();
+                    .unwrap();
                 let invalidated = client
                     .invalidate_user(pb::InvalidateUserRequest {
                         user_id: id.clone(),
                     })
                     .await
-                    .unwrap()
-                    .into_inner();
+                    .unwrap();
                 // The validation began before the invalidation returned: refused.
                 let set = client
                     .set(pb::SetRequest {
@@ -468,14 +459,9 @@ async fn concurrent_invalidation_is_never_undone(backend: Backend) {
                         fence: miss.fence.clone(),
                     })
                     .await
-                    .unwrap()
-                    .into_inner();
+                    .unwrap();
                 assert_eq!(set.outcome(), SetOutcome::Stale, "{token}: {invalidated:?}");
-                let got = client
-                    .get(pb::GetRequest { token })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let got = client.get(pb::GetRequest { token }).await.unwrap();
                 assert_ne!(got.outcome(), GetOutcome::Hit);
             }
         }));
@@ -485,43 +471,48 @@ async fn concurrent_invalidation_is_never_undone(backend: Backend) {
     }
 }
 
-macro_rules! against_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod redis {
+macro_rules! conformance {
+    (
+        every path: [$($case:ident),* $(,)?],
+        network only: [$($network_case:ident),* $(,)?] $(,)?
+    ) => {
+        mod redis_network {
             use super::*;
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(Backend::Redis).await;
-                }
-            )*
+            $(#[tokio::test] async fn $case() { super::$case(Backend::Redis, Path::Network).await; })*
+            $(#[tokio::test] async fn $network_case() { super::$network_case(Backend::Redis, Path::Network).await; })*
         }
-        mod memory {
+        mod memory_network {
             use super::*;
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(Backend::Memory).await;
-                }
-            )*
+            $(#[tokio::test] async fn $case() { super::$case(Backend::Memory, Path::Network).await; })*
+            $(#[tokio::test] async fn $network_case() { super::$network_case(Backend::Memory, Path::Network).await; })*
+        }
+        mod redis_direct {
+            use super::*;
+            $(#[tokio::test] async fn $case() { super::$case(Backend::Redis, Path::Direct).await; })*
+        }
+        mod memory_direct {
+            use super::*;
+            $(#[tokio::test] async fn $case() { super::$case(Backend::Memory, Path::Direct).await; })*
         }
     };
 }
 
-against_both_stores!(
-    miss_set_hit,
-    ttl_arithmetic,
-    expired_session_is_not_stored,
-    expired_entry,
-    invalidate_user_hides_sessions,
-    stale_set_is_refused,
-    logout_then_late_set_is_refused,
-    invalidate_token_deletes,
-    marker_moves_forward,
-    disabled_passes_through,
-    bad_input_is_refused,
-    oversized_message_is_refused,
-    health_reports_the_store,
-    concurrent_calls_keep_tokens_apart,
-    concurrent_invalidation_is_never_undone,
+conformance!(
+    every path: [
+        miss_set_hit,
+        ttl_arithmetic,
+        expired_session_is_not_stored,
+        expired_entry,
+        invalidate_user_hides_sessions,
+        stale_set_is_refused,
+        logout_then_late_set_is_refused,
+        invalidate_token_deletes,
+        marker_moves_forward,
+        disabled_passes_through,
+        bad_input_is_refused,
+        health_reports_the_store,
+        concurrent_calls_keep_tokens_apart,
+        concurrent_invalidation_is_never_undone,
+    ],
+    network only: [oversized_message_is_refused],
 );

@@ -7,6 +7,7 @@
 
 pub mod load;
 pub mod pki;
+pub mod subject;
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
