@@ -15,13 +15,14 @@
 //! that a call raises when Redis drops it; checkout tests only the flag, so bb8 drops
 //! the dead connection and dials a new one, with no PING on the hot path.
 //!
-//! Gets do not go to Redis one by one: `batch` sends the lookups that are ready at the
-//! same moment as one pipeline. Sets and invalidations, rarer, go straight.
+//! Concurrent Gets do not go to Redis one by one: `batch` sends the lookups that are
+//! ready at the same moment as one pipeline. A lone Get, and the rarer Sets and
+//! invalidations, go straight.
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -73,6 +74,9 @@ pub struct RedisStore {
     pool: Pool<Manager>,
     /// Get lookups, coalesced into pipelines (see `batch`).
     gets: mpsc::UnboundedSender<batch::Job>,
+    /// Lookups in progress: a lookup with no other beside it goes straight to Redis,
+    /// since there is nothing to coalesce and the batcher's hop would only add latency.
+    lookups: AtomicUsize,
     timeout: Duration,
     limits: Limits,
     scripts: Scripts,
@@ -80,6 +84,7 @@ pub struct RedisStore {
 }
 
 struct Scripts {
+    get: Script,
     set: Script,
     invalidate_token: Script,
     invalidate_user: Script,
@@ -138,12 +143,14 @@ impl RedisStore {
             .build_unchecked(Manager { client, connection });
         let get = script!("get.lua");
         Ok(RedisStore {
-            gets: batch::spawn(pool.clone(), get),
+            gets: batch::spawn(pool.clone(), get.clone()),
+            lookups: AtomicUsize::new(0),
             pool,
             timeout: config.timeout,
             limits: config.limits,
             allow_evicting: config.allow_evicting,
             scripts: Scripts {
+                get: get.clone(),
                 set: script!("set.lua"),
                 invalidate_token: script!("invalidate_token.lua"),
                 invalidate_user: script!("invalidate_user.lua"),
@@ -178,6 +185,27 @@ impl RedisStore {
         Instant::now() + self.timeout
     }
 
+    /// Runs the Get script for `key`: directly when no other lookup is in progress,
+    /// else through the batcher.
+    async fn lookup(&self, deadline: Instant, key: &str) -> Result<batch::Reply, StoreError> {
+        let counted = Counted::enter(&self.lookups);
+        if counted.alone {
+            return self.run(deadline, &self.scripts.get.key(key)).await;
+        }
+        let (reply, replied) = oneshot::channel();
+        let job = batch::Job {
+            key: key.to_owned(),
+            reply,
+        };
+        self.gets
+            .send(job)
+            .map_err(|_| StoreError::Failed("the get batcher has stopped".into()))?;
+        timeout_at(deadline, replied)
+            .await
+            .map_err(|_| StoreError::Timeout)?
+            .map_err(|_| StoreError::Failed("the get batcher dropped a lookup".into()))?
+    }
+
     /// Redis's `maxmemory-policy`, from CONFIG GET or, where an ACL forbids that, from
     /// INFO; `None` when neither is allowed.
     pub async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
@@ -210,18 +238,7 @@ impl Store for RedisStore {
     async fn get(&self, token: &TokenHash) -> Result<Lookup, StoreError> {
         let deadline = self.deadline();
         let key = token.entry_key();
-        let (reply, replied) = oneshot::channel();
-        let job = batch::Job {
-            key: key.clone(),
-            reply,
-        };
-        self.gets
-            .send(job)
-            .map_err(|_| StoreError::Failed("the get batcher has stopped".into()))?;
-        let (raw, marker, now) = timeout_at(deadline, replied)
-            .await
-            .map_err(|_| StoreError::Timeout)?
-            .map_err(|_| StoreError::Failed("the get batcher dropped a lookup".into()))??;
+        let (raw, marker, now) = self.lookup(deadline, &key).await?;
         let fence = Fence(Micros(now));
         match judge(raw.as_deref(), marker.as_deref(), Micros(now)) {
             Verdict::Hit(session) => Ok(Lookup::Hit(session)),
@@ -336,6 +353,29 @@ impl Store for RedisStore {
             }
             _ => None,
         }
+    }
+}
+
+/// Counts a lookup in progress for as long as it lives, however it ends.
+struct Counted<'a> {
+    count: &'a AtomicUsize,
+    /// No other lookup was in progress when this one began.
+    alone: bool,
+}
+
+impl<'a> Counted<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            count,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -6,8 +6,9 @@
 //! the script, were most of what a Redis lookup added over a constant reply. Here the
 //! lookups that are ready at the same moment go out as one pipeline: the batcher takes
 //! the first, yields once so that every handler already scheduled can add its own, and
-//! sends what has gathered. Under load that is dozens per write; alone, a lookup waits
-//! for nothing (the yield returns at once when no other task is ready).
+//! sends what has gathered. Under load that is dozens per write. A lookup that starts
+//! while no other is in progress does not come here at all (see `RedisStore::lookup`):
+//! with nothing to coalesce, the batcher's extra hop would only add latency.
 //!
 //! Callers keep their own deadline: a caller that gave up is skipped if its lookup has
 //! not been sent, and ignored when its reply arrives.
