@@ -194,30 +194,42 @@ async fn redis_frozen_then_thawed_under_load() {
 #[tokio::test]
 async fn redis_out_of_memory() {
     let redis =
-        support::Redis::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"])
+        support::Redis::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"])
             .await;
     let mut h = Harness::over(Some(redis), &[]).await;
     assert_eq!(
         h.set("kept", user("u1"), in_an_hour(), "").await.outcome(),
         SetOutcome::Stored
     );
-    // Fill Redis behind the service's back until it refuses writes; small values, so
-    // that the last accepted one leaves Redis over its limit.
+    // Fill Redis behind the service's back, then hold it over its limit: lowering
+    // maxmemory below what it uses keeps it full however its buffers shrink (filling up
+    // to the limit alone leaves Redis hovering at it, taking a write now and then).
     let mut conn = h.redis().conn().await;
     let filler = "x".repeat(1024);
-    let mut full = false;
-    for i in 0..20_000 {
-        let refused: Result<(), _> = bb8_redis::redis::cmd("SET")
+    for i in 0..500 {
+        let _: () = bb8_redis::redis::cmd("SET")
             .arg(format!("filler:{i}"))
             .arg(&filler)
             .query_async(&mut conn)
-            .await;
-        if refused.is_err() {
-            full = true;
-            break;
-        }
+            .await
+            .unwrap();
     }
-    assert!(full, "Redis reached maxmemory");
+    let _: () = bb8_redis::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1mb")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let refused: Result<(), _> = bb8_redis::redis::cmd("SET")
+        .arg("filler:last")
+        .arg(&filler)
+        .query_async(&mut conn)
+        .await;
+    assert!(
+        refused.is_err(),
+        "Redis is over maxmemory and refuses writes"
+    );
     assert_eq!(
         h.set("new", user("u2"), in_an_hour(), "").await.outcome(),
         SetOutcome::Unavailable
