@@ -345,14 +345,13 @@ impl Harness {
             .expect("this test needs the Redis backend")
     }
 
+    /// The same service, as a [`subject::Caller`] (whose shorthands the methods below use).
+    pub fn caller(&self) -> subject::Caller {
+        subject::Caller::Network(self.client.clone())
+    }
+
     pub async fn get(&mut self, token: &str) -> pb::GetResponse {
-        self.client
-            .get(pb::GetRequest {
-                token: token.into(),
-            })
-            .await
-            .expect("Get answers OK")
-            .into_inner()
+        self.caller().get_token(token).await
     }
 
     pub async fn set(
@@ -362,40 +361,21 @@ impl Harness {
         expire: Timestamp,
         fence: &str,
     ) -> pb::SetResponse {
-        self.client
-            .set(pb::SetRequest {
-                token: token.into(),
-                user: Some(user),
-                session_expire: Some(expire),
-                fence: fence.into(),
-            })
-            .await
-            .expect("Set answers OK")
-            .into_inner()
+        self.caller().set_session(token, user, expire, fence).await
     }
 
     pub async fn invalidate_user(
         &mut self,
         user_id: &str,
     ) -> Result<pb::InvalidateUserResponse, tonic::Status> {
-        self.client
-            .invalidate_user(pb::InvalidateUserRequest {
-                user_id: user_id.into(),
-            })
-            .await
-            .map(|r| r.into_inner())
+        self.caller().invalidate_user_id(user_id).await
     }
 
     pub async fn invalidate_token(
         &mut self,
         token: &str,
     ) -> Result<pb::InvalidateTokenResponse, tonic::Status> {
-        self.client
-            .invalidate_token(pb::InvalidateTokenRequest {
-                token: token.into(),
-            })
-            .await
-            .map(|r| r.into_inner())
+        self.caller().invalidate_token_of(token).await
     }
 }
 

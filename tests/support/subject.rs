@@ -74,6 +74,53 @@ impl Caller {
     pub async fn health(&self, request: pb::HealthRequest) -> Result<pb::HealthResponse, Status> {
         dispatch!(self, health, request)
     }
+
+    /// Get by token; a failed call fails the test.
+    pub async fn get_token(&self, token: &str) -> pb::GetResponse {
+        self.get(pb::GetRequest {
+            token: token.into(),
+        })
+        .await
+        .expect("Get answers OK")
+    }
+
+    /// Set a session; a failed call fails the test.
+    pub async fn set_session(
+        &self,
+        token: &str,
+        user: pb::User,
+        expire: Timestamp,
+        fence: &str,
+    ) -> pb::SetResponse {
+        self.set(pb::SetRequest {
+            token: token.into(),
+            user: Some(user),
+            session_expire: Some(expire),
+            fence: fence.into(),
+        })
+        .await
+        .expect("Set answers OK")
+    }
+
+    pub async fn invalidate_user_id(
+        &self,
+        user_id: &str,
+    ) -> Result<pb::InvalidateUserResponse, Status> {
+        self.invalidate_user(pb::InvalidateUserRequest {
+            user_id: user_id.into(),
+        })
+        .await
+    }
+
+    pub async fn invalidate_token_of(
+        &self,
+        token: &str,
+    ) -> Result<pb::InvalidateTokenResponse, Status> {
+        self.invalidate_token(pb::InvalidateTokenRequest {
+            token: token.into(),
+        })
+        .await
+    }
 }
 
 /// A store, and the service over it reached by one path.
@@ -130,12 +177,7 @@ impl Subject {
     }
 
     pub async fn get(&mut self, token: &str) -> pb::GetResponse {
-        self.caller
-            .get(pb::GetRequest {
-                token: token.into(),
-            })
-            .await
-            .expect("Get answers OK")
+        self.caller.get_token(token).await
     }
 
     pub async fn set(
@@ -145,36 +187,20 @@ impl Subject {
         expire: Timestamp,
         fence: &str,
     ) -> pb::SetResponse {
-        self.caller
-            .set(pb::SetRequest {
-                token: token.into(),
-                user: Some(user),
-                session_expire: Some(expire),
-                fence: fence.into(),
-            })
-            .await
-            .expect("Set answers OK")
+        self.caller.set_session(token, user, expire, fence).await
     }
 
     pub async fn invalidate_user(
         &mut self,
         user_id: &str,
     ) -> Result<pb::InvalidateUserResponse, Status> {
-        self.caller
-            .invalidate_user(pb::InvalidateUserRequest {
-                user_id: user_id.into(),
-            })
-            .await
+        self.caller.invalidate_user_id(user_id).await
     }
 
     pub async fn invalidate_token(
         &mut self,
         token: &str,
     ) -> Result<pb::InvalidateTokenResponse, Status> {
-        self.caller
-            .invalidate_token(pb::InvalidateTokenRequest {
-                token: token.into(),
-            })
-            .await
+        self.caller.invalidate_token_of(token).await
     }
 }
