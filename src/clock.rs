@@ -19,6 +19,11 @@ impl Micros {
         Micros(t.timestamp_micros())
     }
 
+    /// A span of time in whole microseconds (saturating).
+    pub fn from_duration(d: std::time::Duration) -> Self {
+        Micros(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
     /// The instant as a `DateTime`; `None` only for instants chrono cannot represent.
     pub fn to_datetime(self) -> Option<DateTime<Utc>> {
         DateTime::from_timestamp_micros(self.0)

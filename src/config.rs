@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser};
 
-use crate::store::Limits;
+use crate::{clock::Micros, store::Limits};
 
 /// A gRPC cache of validated sessions, in front of an identity provider.
 ///
@@ -22,6 +22,61 @@ pub struct Config {
     /// the embedded in-memory store serves: one process only, forgotten on restart.
     #[arg(long, env = "SESSION_CACHE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Redis Sentinels to ask for the primary (host:port[,host:port...]), instead of
+    /// --redis-url; needs --redis-sentinel-master. The service follows failovers.
+    #[arg(long, env = "SESSION_CACHE_REDIS_SENTINELS", value_delimiter = ',',
+          value_parser = parse_host_port, requires = "redis_sentinel_master")]
+    pub redis_sentinels: Vec<HostPort>,
+
+    /// The name the Sentinels monitor the primary under (`sentinel monitor NAME ...`).
+    #[arg(
+        long,
+        env = "SESSION_CACHE_REDIS_SENTINEL_MASTER",
+        requires = "redis_sentinels"
+    )]
+    pub redis_sentinel_master: Option<String>,
+
+    /// Redis ACL user for the data nodes. With --redis-url the URL may carry it instead.
+    #[arg(long, env = "SESSION_CACHE_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// File holding the data nodes' Redis password (trailing newline ignored). With
+    /// --redis-url the URL may carry it instead, not both.
+    #[arg(long, env = "SESSION_CACHE_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
+    /// Redis ACL user for the Sentinels, when they require one.
+    #[arg(long, env = "SESSION_CACHE_REDIS_SENTINEL_USERNAME")]
+    pub redis_sentinel_username: Option<String>,
+
+    /// File holding the Sentinels' password (`requirepass` of the Sentinels).
+    #[arg(long, env = "SESSION_CACHE_REDIS_SENTINEL_PASSWORD_FILE")]
+    pub redis_sentinel_password_file: Option<PathBuf>,
+
+    /// Speak TLS to the Sentinels and the data nodes they name (with --redis-url, use
+    /// a rediss:// URL instead). --redis-ca-file adds a private CA.
+    #[arg(long, env = "SESSION_CACHE_REDIS_TLS", action = ArgAction::SetTrue)]
+    pub redis_tls: bool,
+
+    /// InvalidateToken and InvalidateUser answer OK only once their write reached this
+    /// many replicas (Redis WAIT, within --store-timeout-ms); otherwise gRPC
+    /// UNAVAILABLE, and a retry is safe. Set it to the replica count so that an
+    /// acknowledged revocation survives the loss of the primary. Default: 0 with
+    /// --redis-url, 1 with Sentinels.
+    #[arg(long, env = "SESSION_CACHE_REVOCATION_REPLICAS",
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub revocation_replicas: Option<u32>,
+
+    /// Margin for instants that may come from different clocks (another Redis node
+    /// after a failover, or a marker written by the Python service with its host's
+    /// clock), in milliseconds: a Set is STALE when the user's marker is at or after
+    /// fence - margin, a Get INVALIDATED when the marker is after cached_at - margin.
+    /// Costs one more validation for sessions validated within the margin after a
+    /// revocation. Default: 0 with --redis-url and in memory, 500 with Sentinels.
+    #[arg(long, env = "SESSION_CACHE_CLOCK_SKEW_MS",
+          value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    pub clock_skew_ms: Option<u32>,
 
     /// Longest time a session stays cached, in seconds; a session that expires sooner
     /// is cached until it expires. Also how long a logout refuses late Sets.
@@ -123,6 +178,48 @@ pub struct Config {
     pub allow_evicting_redis: bool,
 }
 
+/// A `host:port` pair, as the Sentinel flags take them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+fn parse_host_port(text: &str) -> Result<HostPort, String> {
+    let (host, port) = text
+        .trim()
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not host:port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port
+        .parse()
+        .map_err(|_| format!("{text:?}: the port is not a number from 1 to 65535"))?;
+    if host.is_empty() || port == 0 {
+        return Err(format!("{text:?} is not host:port"));
+    }
+    Ok(HostPort {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// Where the store lives, from the topology flags (SPEC §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// No Redis: the embedded store.
+    Memory,
+    /// One Redis at --redis-url.
+    Redis,
+    /// The primary the Sentinels name.
+    Sentinel,
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -163,7 +260,55 @@ impl Config {
                 self.marker_ttl_seconds, self.ttl_seconds
             )));
         }
+        if self.redis_url.is_some() && !self.redis_sentinels.is_empty() {
+            return Err(ConfigError(
+                "--redis-url and --redis-sentinels name two topologies: give one".into(),
+            ));
+        }
+        if self.topology() == Topology::Memory {
+            let redis_only = [
+                (self.redis_username.is_some(), "--redis-username"),
+                (self.redis_password_file.is_some(), "--redis-password-file"),
+                (self.redis_tls, "--redis-tls"),
+                (
+                    self.revocation_replicas.is_some_and(|n| n > 0),
+                    "--revocation-replicas",
+                ),
+            ];
+            if let Some((_, flag)) = redis_only.iter().find(|(given, _)| *given) {
+                return Err(ConfigError(format!(
+                    "{flag} needs a Redis: give --redis-url or --redis-sentinels"
+                )));
+            }
+        }
+        if self.topology() != Topology::Sentinel
+            && (self.redis_sentinel_username.is_some()
+                || self.redis_sentinel_password_file.is_some())
+        {
+            return Err(ConfigError(
+                "--redis-sentinel-username and --redis-sentinel-password-file need \
+                 --redis-sentinels"
+                    .into(),
+            ));
+        }
         if let Some(url) = &self.redis_url {
+            if self.redis_tls {
+                return Err(ConfigError(
+                    "--redis-tls is for --redis-sentinels; with --redis-url use a rediss:// URL"
+                        .into(),
+                ));
+            }
+            let has_password = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.rsplit_once('@'))
+                .is_some_and(|(user_info, _)| user_info.contains(':'));
+            if has_password && self.redis_password_file.is_some() {
+                return Err(ConfigError(
+                    "--redis-url carries a password and --redis-password-file gives another: \
+                     give one"
+                        .into(),
+                ));
+            }
             // The URL may hold a password: never echo it.
             let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
             if !scheme_ok || bb8_redis::redis::Client::open(url.as_str()).is_err() {
@@ -186,14 +331,16 @@ impl Config {
                 self.listen
             )));
         }
-        if self.redis_ca_file.is_some()
-            && !self
+        let tls = self.redis_tls
+            || self
                 .redis_url
                 .as_deref()
-                .is_some_and(|u| u.starts_with("rediss://"))
-        {
+                .is_some_and(|u| u.starts_with("rediss://"));
+        if self.redis_ca_file.is_some() && !tls {
             return Err(ConfigError(
-                "--redis-ca-file needs a rediss:// --redis-url".into(),
+                "--redis-ca-file needs TLS to Redis: a rediss:// --redis-url, or --redis-tls \
+                 with --redis-sentinels"
+                    .into(),
             ));
         }
         Ok(())
@@ -212,6 +359,35 @@ impl Config {
         })
     }
 
+    /// Which store the flags name.
+    pub fn topology(&self) -> Topology {
+        if !self.redis_sentinels.is_empty() {
+            Topology::Sentinel
+        } else if self.redis_url.is_some() {
+            Topology::Redis
+        } else {
+            Topology::Memory
+        }
+    }
+
+    /// `--revocation-replicas`, or its default for the topology (SPEC §8).
+    pub fn revocation_replicas(&self) -> u32 {
+        self.revocation_replicas.unwrap_or(match self.topology() {
+            Topology::Sentinel => 1,
+            Topology::Redis | Topology::Memory => 0,
+        })
+    }
+
+    /// `--clock-skew-ms`, or its default for the topology (SPEC §8): one Redis has one
+    /// clock; a failover brings another.
+    pub fn clock_skew(&self) -> Duration {
+        let millis = self.clock_skew_ms.unwrap_or(match self.topology() {
+            Topology::Sentinel => 500,
+            Topology::Redis | Topology::Memory => 0,
+        });
+        Duration::from_millis(millis.into())
+    }
+
     /// The store timeout.
     pub fn store_timeout(&self) -> Duration {
         Duration::from_millis(self.store_timeout_ms)
@@ -222,6 +398,7 @@ impl Config {
         Limits {
             ttl_seconds: self.ttl_seconds,
             marker_ttl_seconds: self.marker_ttl_seconds,
+            clock_skew: Micros::from_duration(self.clock_skew()),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! | `session_cache_store_up` | gauge | |
 //! | `session_cache_store_ping_seconds` | gauge | |
 //! | `session_cache_redis_connections` | gauge | `state` (`open`, `idle`) |
+//! | `session_cache_redis_primary_moves_total` | counter | |
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -66,6 +67,12 @@ pub(crate) fn install(addr: SocketAddr) -> Result<(PrometheusHandle, ExporterFut
         "session_cache_redis_connections",
         "Redis connections in the pool"
     );
+    describe_counter!(
+        "session_cache_redis_primary_moves_total",
+        "Times the Redis primary was found moved (a failover) and connections replaced"
+    );
+    // Exported from the start, so that an alert on its rate has a series to read.
+    counter!("session_cache_redis_primary_moves_total").absolute(0);
     Ok((handle, exporter))
 }
 
@@ -93,6 +100,11 @@ pub(crate) fn store_state(up: bool, ping: Option<Duration>) {
 pub(crate) fn redis_connections(open: u32, idle: u32) {
     gauge!("session_cache_redis_connections", "state" => "open").set(f64::from(open));
     gauge!("session_cache_redis_connections", "state" => "idle").set(f64::from(idle));
+}
+
+/// Records that the Redis primary moved and connections are being replaced.
+pub(crate) fn redis_primary_moved() {
+    counter!("session_cache_redis_primary_moves_total").increment(1);
 }
 
 /// The `outcome` label of a failed call: its gRPC code.

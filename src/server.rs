@@ -11,12 +11,15 @@ use tracing::{error, info, warn};
 
 use crate::{
     auth::Authenticator,
-    config::Config,
+    config::{Config, Topology},
     health::{SERVICE_NAME, StoreStatus, watch_store},
     keys::TokenHasher,
     pb::{self, session_cache_server::SessionCacheServer},
     service::SessionCacheService,
-    store::{MemoryStore, RedisStore, Store, redis::RedisConfig},
+    store::{
+        MemoryStore, RedisStore, Store,
+        redis::{Credentials, RedisConfig, RedisTopology, SentinelConfig},
+    },
 };
 
 /// Largest request message accepted, in bytes; larger ones are refused by the transport
@@ -108,22 +111,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let prepared = prepare(&config)?;
-    match &config.redis_url {
-        Some(url) => {
-            let ca_pem = match &config.redis_ca_file {
-                Some(path) => Some(read(path, "--redis-ca-file")?),
-                None => None,
-            };
-            let store = RedisStore::new(&RedisConfig {
-                url: url.clone(),
-                timeout: config.store_timeout(),
-                connections: config.redis_connections,
-                limits: config.limits(),
-                ca_pem,
-                allow_evicting: config.allow_evicting_redis,
-            })
-            // redis-rs errors about a URL do not repeat the URL.
-            .map_err(|e| Error::Redis(e.to_string()))?;
+    match redis_config(&config)? {
+        Some(redis) => {
+            let store = RedisStore::new(&redis)
+                // redis-rs errors about a URL do not repeat the URL.
+                .map_err(|e| Error::Redis(e.to_string()))?;
             // A Redis that is up at start-up and unfit stops the start; one that is down
             // is checked by the health loop when it comes up.
             if let Some(problem) = store.readiness_problem().await {
@@ -134,13 +126,69 @@ pub async fn run(
         }
         None => {
             warn!(
-                "no --redis-url: sessions are cached in this process only; other replicas \
-                 do not see them, and a restart forgets them and every invalidation"
+                "no --redis-url or --redis-sentinels: sessions are cached in this process \
+                 only; other replicas do not see them, and a restart forgets them and every \
+                 invalidation"
             );
             let store = MemoryStore::new(config.limits(), config.memory_max_entries);
             serve(Arc::new(store), &config, prepared, listener, shutdown).await
         }
     }
+}
+
+/// The Redis store's settings, files read; `None` for the memory store.
+pub fn redis_config(config: &Config) -> Result<Option<RedisConfig>, Error> {
+    let topology = match config.topology() {
+        Topology::Memory => return Ok(None),
+        Topology::Redis => RedisTopology::Url(config.redis_url.clone().unwrap_or_default()),
+        Topology::Sentinel => RedisTopology::Sentinel(SentinelConfig {
+            sentinels: config.redis_sentinels.clone(),
+            master: config.redis_sentinel_master.clone().unwrap_or_default(),
+            credentials: Credentials {
+                username: config.redis_sentinel_username.clone(),
+                password: read_secret(
+                    config.redis_sentinel_password_file.as_deref(),
+                    "--redis-sentinel-password-file",
+                )?,
+            },
+        }),
+    };
+    let ca_pem = match &config.redis_ca_file {
+        Some(path) => Some(read(path, "--redis-ca-file")?),
+        None => None,
+    };
+    Ok(Some(RedisConfig {
+        topology,
+        credentials: Credentials {
+            username: config.redis_username.clone(),
+            password: read_secret(
+                config.redis_password_file.as_deref(),
+                "--redis-password-file",
+            )?,
+        },
+        tls: config.redis_tls,
+        timeout: config.store_timeout(),
+        connections: config.redis_connections,
+        limits: config.limits(),
+        ca_pem,
+        allow_evicting: config.allow_evicting_redis,
+        revocation_replicas: config.revocation_replicas(),
+    }))
+}
+
+/// A password from a file, without its trailing newline; never echoed.
+fn read_secret(path: Option<&std::path::Path>, flag: &str) -> Result<Option<String>, Error> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let bytes = read(path, flag)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::Config(format!("{flag} {}: not UTF-8 text", path.display())))?;
+    let secret = text.trim_end_matches(['\r', '\n']);
+    if secret.is_empty() {
+        return Err(Error::Config(format!("{flag} {}: empty", path.display())));
+    }
+    Ok(Some(secret.to_owned()))
 }
 
 /// Streams one connection may have open at once; with `--max-in-flight` this bounds
@@ -251,6 +299,10 @@ async fn serve<S: Store>(
         listen = ?local,
         store = kind,
         redis_url = config.redis_url_redacted(),
+        redis_sentinels = ?config.redis_sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        redis_sentinel_master = config.redis_sentinel_master,
+        revocation_replicas = config.revocation_replicas(),
+        clock_skew_ms = config.clock_skew().as_millis() as u64,
         enabled = config.enabled,
         ttl_seconds = config.ttl_seconds,
         marker_ttl_seconds = config.marker_ttl_seconds,

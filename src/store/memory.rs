@@ -20,7 +20,10 @@ use std::{
 
 use moka::{Expiry, sync::Cache};
 
-use super::{Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge_cached, ttl_for};
+use super::{
+    Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge_cached, marker_revokes_fence,
+    ttl_for,
+};
 use crate::{
     clock::Micros,
     entry::{CachedSession, Session},
@@ -127,7 +130,12 @@ impl Store for MemoryStore {
             return Ok(Lookup::Miss(fence));
         };
         let marker = self.markers.get(&entry.cached.session.user.id);
-        match judge_cached(entry.cached.clone(), marker.map(Some), now) {
+        match judge_cached(
+            entry.cached.clone(),
+            marker.map(Some),
+            now,
+            self.limits.clock_skew,
+        ) {
             Verdict::Hit(session) => Ok(Lookup::Hit(session)),
             Verdict::Miss => Ok(Lookup::Miss(fence)),
             Verdict::Remove(outcome) => {
@@ -160,7 +168,7 @@ impl Store for MemoryStore {
             if self
                 .markers
                 .get(&session.user.id)
-                .is_some_and(|at| at >= fence.0)
+                .is_some_and(|at| marker_revokes_fence(at, fence, self.limits.clock_skew))
             {
                 return Ok(Stored::Stale);
             }

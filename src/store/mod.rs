@@ -84,6 +84,10 @@ pub enum StoreError {
     Timeout,
     #[error("the store failed: {0}")]
     Failed(String),
+    /// The write happened on the primary but reached fewer replicas than required
+    /// (SPEC §8); a failover now could lose it.
+    #[error("the write reached {reached} of the {wanted} replicas required")]
+    NotReplicated { reached: u32, wanted: u32 },
 }
 
 /// The time limits every store call keeps, from the configuration.
@@ -93,6 +97,21 @@ pub struct Limits {
     pub ttl_seconds: u32,
     /// Time to live of a user's invalidation marker.
     pub marker_ttl_seconds: u32,
+    /// The margin by which instants that may come from different clocks are compared
+    /// against the session (SPEC §8, `--clock-skew-ms`).
+    pub clock_skew: Micros,
+}
+
+/// SPEC §4 and §8, the one rule both stores (and the Lua scripts) keep: a user's marker
+/// revokes a session cached at `cached_at` when it is after `cached_at - margin`.
+pub(crate) fn marker_revokes_entry(marker: Micros, cached_at: Micros, margin: Micros) -> bool {
+    marker.0 > cached_at.0.saturating_sub(margin.0)
+}
+
+/// The same rule for a Set: a validation that began at `fence` is stale when the user's
+/// marker is at or after `fence - margin`.
+pub(crate) fn marker_revokes_fence(marker: Micros, fence: Fence, margin: Micros) -> bool {
+    marker.0 >= fence.0.0.saturating_sub(margin.0)
 }
 
 /// A place to cache sessions. Both implementations keep SPEC §3-§5 to the letter; the
@@ -148,16 +167,21 @@ pub(crate) enum Verdict {
 }
 
 /// SPEC §3's rules for a stored value, in Python's order: expiry first, then the
-/// user's marker. `marker` is the raw marker text; one that does not read as an
-/// instant counts as "invalidated" (fail closed).
-pub(crate) fn judge(raw: Option<&[u8]>, marker: Option<&[u8]>, now: Micros) -> Verdict {
+/// user's marker (by [`marker_revokes_entry`] with `margin`). `marker` is the raw marker
+/// text; one that does not read as an instant counts as "invalidated" (fail closed).
+pub(crate) fn judge(
+    raw: Option<&[u8]>,
+    marker: Option<&[u8]>,
+    now: Micros,
+    margin: Micros,
+) -> Verdict {
     let Some(raw) = raw else {
         return Verdict::Miss;
     };
     let Ok(cached) = entry::decode(raw) else {
         return Verdict::Remove(Lookup::Corrupt);
     };
-    judge_cached(cached, marker.map(read_marker), now)
+    judge_cached(cached, marker.map(read_marker), now, margin)
 }
 
 /// [`judge`] for a session already decoded; `marker` is `Some(None)` when unreadable.
@@ -165,12 +189,13 @@ pub(crate) fn judge_cached(
     cached: CachedSession,
     marker: Option<Option<Micros>>,
     now: Micros,
+    margin: Micros,
 ) -> Verdict {
     if Micros::from_datetime(cached.session.session_expire) < now {
         return Verdict::Remove(Lookup::Expired);
     }
     match marker {
-        Some(Some(at)) if at <= cached.cached_at => {}
+        Some(Some(at)) if !marker_revokes_entry(at, cached.cached_at, margin) => {}
         None => {}
         Some(_) => return Verdict::Remove(Lookup::Invalidated),
     }
@@ -218,5 +243,30 @@ mod tests {
         assert_eq!(ttl_for(later(500_000), now, 300), Some(1));
         assert_eq!(ttl_for(now, now, 300), None);
         assert_eq!(ttl_for(later(-1), now, 300), None);
+    }
+
+    /// SPEC §8's margin: without it a marker revokes what it postdates; with it, also
+    /// what it predates by less than the margin.
+    #[test]
+    fn margin_rules() {
+        let at = Micros(1_000_000_000);
+        let margin = Micros(500_000);
+        let none = Micros(0);
+        assert!(!marker_revokes_entry(at, at, none));
+        assert!(marker_revokes_entry(Micros(at.0 + 1), at, none));
+        assert!(marker_revokes_entry(Micros(at.0 - 499_999), at, margin));
+        assert!(!marker_revokes_entry(Micros(at.0 - 500_000), at, margin));
+        assert!(marker_revokes_fence(at, Fence(at), none));
+        assert!(!marker_revokes_fence(Micros(at.0 - 1), Fence(at), none));
+        assert!(marker_revokes_fence(
+            Micros(at.0 - 500_000),
+            Fence(at),
+            margin
+        ));
+        assert!(!marker_revokes_fence(
+            Micros(at.0 - 500_001),
+            Fence(at),
+            margin
+        ));
     }
 }

@@ -9,7 +9,7 @@ use session_cache::{
     health::StoreStatus,
     pb::{self, session_cache_client::SessionCacheClient, session_cache_server::SessionCache},
     service::SessionCacheService,
-    store::{MemoryStore, RedisStore, redis::RedisConfig},
+    store::{MemoryStore, RedisStore},
 };
 use tonic::{Request, Response, Status, transport::Channel};
 
@@ -150,15 +150,15 @@ impl Subject {
         let (caller, redis) = match backend {
             Backend::Redis => {
                 let redis = Redis::start().await;
-                let store = RedisStore::new(&RedisConfig {
-                    url: redis.url(),
-                    timeout: config.store_timeout(),
-                    connections: config.redis_connections,
-                    limits: config.limits(),
-                    ca_pem: None,
-                    allow_evicting: false,
-                })
-                .unwrap();
+                let url = redis.url();
+                let argv = ["session-cache", "--redis-url", &url]
+                    .into_iter()
+                    .chain(args.iter().copied());
+                let config = Config::load_from(argv).expect("test flags are valid");
+                let redis_config = session_cache::server::redis_config(&config)
+                    .expect("the test's files are readable")
+                    .expect("a Redis topology");
+                let store = RedisStore::new(&redis_config).unwrap();
                 let service = SessionCacheService::new(Arc::new(store), config.enabled, status);
                 (Caller::Redis(Arc::new(service)), Some(redis))
             }

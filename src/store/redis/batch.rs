@@ -19,7 +19,7 @@ use bb8::Pool;
 use bb8_redis::redis::{self, FromRedisValue, Script, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Manager, checkout};
+use super::{checkout, connection::Manager};
 use crate::store::StoreError;
 
 /// What the Get script returns: the entry, the marker, and the store's clock.
@@ -72,7 +72,7 @@ async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, sc
     }
 }
 
-async fn send(mut handle: super::Handle, script: Arc<Script>, batch: Vec<Job>) {
+async fn send(mut handle: super::connection::Handle, script: Arc<Script>, batch: Vec<Job>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for job in &batch {
@@ -100,7 +100,10 @@ async fn send(mut handle: super::Handle, script: Arc<Script>, batch: Vec<Job>) {
                 .invoke_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e)),
-            Value::ServerError(e) => Err(StoreError::Failed(format!("the get script failed: {e}"))),
+            Value::ServerError(e) => {
+                handle.refused(e.code());
+                Err(StoreError::Failed(format!("the get script failed: {e}")))
+            }
             value => Reply::from_redis_value(value)
                 .map_err(|e| StoreError::Failed(format!("the get script answered {e}"))),
         };

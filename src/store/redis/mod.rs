@@ -22,17 +22,18 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use bb8::{ManageConnection, Pool, RunError};
+use bb8::{Pool, RunError};
 use bb8_redis::redis::{
     self, AsyncConnectionConfig, Client, FromRedisValue, IntoConnectionInfo, RedisError, Script,
-    ScriptInvocation, TlsCertificates, aio::MultiplexedConnection, io::tcp::TcpSettings,
+    ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
 };
 use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, warn};
 
 use tokio::sync::{mpsc, oneshot};
@@ -40,6 +41,12 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge};
 
 mod batch;
+mod connection;
+mod sentinel;
+
+use connection::{Handle, Manager, Primary, Target};
+pub use sentinel::SentinelConfig;
+
 use crate::{
     clock::Micros,
     entry::{self, Session},
@@ -52,26 +59,67 @@ use crate::{
 /// every call is bounded by the store timeout whatever the dial does.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Connections held by revocations that wait for replicas. `WAIT` blocks the
+/// connection it is sent on, so each such revocation holds one connection of this pool
+/// to itself, apart from the pipelined connections that lookups share: a lookup never
+/// queues behind a `WAIT`.
+const DURABLE_CONNECTIONS: u32 = 8;
+
+/// A user name and password for Redis or the Sentinels; the password never prints.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Where the Redis primary is (SPEC §8).
+#[derive(Clone, Debug)]
+pub enum RedisTopology {
+    /// One Redis: a `redis://` or `rediss://` URL, with credentials and database if any.
+    Url(String),
+    /// The primary that these Sentinels name.
+    Sentinel(SentinelConfig),
+}
+
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` URL, with credentials and database if any.
-    pub url: String,
+    pub topology: RedisTopology,
+    /// Credentials for the data nodes, besides (never as well as) those in a URL.
+    pub credentials: Credentials,
+    /// TLS to the Sentinels and the data nodes they name (a URL says so itself).
+    pub tls: bool,
     /// The bound on every call: checkout, command and reply together.
     pub timeout: Duration,
     /// How many pipelined connections to keep open.
     pub connections: u32,
-    /// Entry, tombstone and marker lifetimes.
+    /// Entry, tombstone and marker lifetimes, and the clock-skew margin.
     pub limits: Limits,
-    /// A PEM CA to trust for `rediss://` besides the system's roots.
+    /// A PEM CA to trust for TLS besides the system's roots.
     pub ca_pem: Option<Vec<u8>>,
     /// Whether to serve from a Redis that may evict any key.
     pub allow_evicting: bool,
+    /// Replicas that must have a revocation before it is acknowledged (Redis `WAIT`).
+    pub revocation_replicas: u32,
 }
 
 /// Sessions in Redis, in the layout the Python service shares.
 pub struct RedisStore {
+    kind: &'static str,
     pool: Pool<Manager>,
+    /// Connections that revocations hold alone while they `WAIT` for replicas; `None`
+    /// when no replica is waited for.
+    durable: Option<Pool<Manager>>,
+    revocation_replicas: u32,
     /// Get lookups, coalesced into pipelines (see `batch`).
     gets: mpsc::UnboundedSender<batch::Job>,
     /// Lookups in progress: a lookup with no other beside it goes straight to Redis,
@@ -81,6 +129,8 @@ pub struct RedisStore {
     limits: Limits,
     scripts: Scripts,
     allow_evicting: bool,
+    /// Ends the Sentinel watchers when the store goes.
+    _watchers: DropGuard,
 }
 
 struct Scripts {
@@ -89,73 +139,110 @@ struct Scripts {
     invalidate_token: Script,
     invalidate_user: Script,
     remove_if: Script,
+    ping: Script,
 }
 
+/// The first line of every script. A script with a shebang and without the `no-writes`
+/// flag is one that Redis (7.0 and later) refuses on a replica (`READONLY`) and on a
+/// primary short of `min-replicas-to-write` (`NOREPLICAS`): so no call, not even a
+/// lookup, is ever served by a demoted primary or a replica, whatever this process
+/// believes about where the primary is. `allow-oom` lets the scripts that only read or
+/// delete run on a full Redis, as plain scripts did; Set and the revocations leave it
+/// off, and a full Redis refuses them (under `noeviction`) before they run.
+const SHEBANG: &str = "#!lua\n";
+const SHEBANG_ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
+
 macro_rules! script {
-    ($file:literal) => {
-        Script::new(concat!(
-            include_str!("scripts/lib.lua"),
-            include_str!(concat!("scripts/", $file))
-        ))
+    ($shebang:expr, $file:literal) => {
+        Script::new(
+            &[
+                $shebang,
+                include_str!("scripts/lib.lua"),
+                include_str!(concat!("scripts/", $file)),
+            ]
+            .concat(),
+        )
     };
 }
 
 impl RedisStore {
-    /// Sets up the pool without dialling: the service starts, and reports NOT_SERVING,
+    /// Sets up the pools without dialling: the service starts, and reports NOT_SERVING,
     /// while Redis is down. Must be called within a Tokio runtime (it starts the Get
-    /// batcher).
+    /// batcher and, with Sentinels, their watchers).
     pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
-        // Small requests and replies: send each at once instead of letting Nagle's
-        // algorithm hold it back for an ACK (redis-rs leaves TCP_NODELAY off).
-        let info = config
-            .url
-            .as_str()
-            .into_connection_info()?
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = match &config.ca_pem {
-            Some(ca) => Client::build_with_tls(
-                info,
-                TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            )?,
-            None => Client::open(info)?,
+        let certificates = config.ca_pem.as_ref().map(|ca| TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        });
+        let primary = Arc::new(Primary::default());
+        let stop = CancellationToken::new();
+        let (kind, target) = match &config.topology {
+            RedisTopology::Url(url) => {
+                // Small requests and replies: send each at once instead of letting
+                // Nagle's algorithm hold it back for an ACK (redis-rs leaves TCP_NODELAY
+                // off).
+                let mut info = url
+                    .as_str()
+                    .into_connection_info()?
+                    .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+                let mut redis = info.redis_settings().clone();
+                if let Some(user) = &config.credentials.username {
+                    redis = redis.set_username(user);
+                }
+                if let Some(password) = &config.credentials.password {
+                    redis = redis.set_password(password);
+                }
+                info = info.set_redis_settings(redis);
+                let client = match &certificates {
+                    Some(certificates) => Client::build_with_tls(info, certificates.clone())?,
+                    None => Client::open(info)?,
+                };
+                ("redis", Target::Direct(client))
+            }
+            RedisTopology::Sentinel(sentinels) => {
+                let tls = config.tls.then(|| sentinel::Tls {
+                    certificates: certificates.clone(),
+                });
+                let client = sentinel::client(sentinels, &config.credentials, tls.as_ref())?;
+                sentinel::watch(sentinels, tls.as_ref(), primary.clone(), stop.clone())?;
+                (
+                    "redis-sentinel",
+                    Target::Sentinel(tokio::sync::Mutex::new(client)),
+                )
+            }
         };
         // redis-rs has its own response timeout (500 ms by default); it must agree with
         // ours, or a late reply would be waited for after the caller was answered.
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(config.timeout));
-        let pool = Pool::builder()
-            .max_size(config.connections)
-            .min_idle(Some(config.connections))
-            // The test is the `broken` flag, not a PING.
-            .test_on_check_out(true)
-            // Connections live as long as Redis keeps them; a broken one is replaced.
-            .max_lifetime(None)
-            .idle_timeout(None)
-            // bb8's own default is 30 s; a checkout never waits longer than a call may.
-            .connection_timeout(config.timeout)
-            // A refused dial fails the checkout at once instead of retrying until the
-            // timeout: the caller gets UNAVAILABLE fast and the pinger tries again.
-            .retry_connection(false)
-            .build_unchecked(Manager { client, connection });
-        let get = script!("get.lua");
+        let manager = Manager::new(target, connection, primary);
+        let shared = pool(config.connections, config.timeout).build_unchecked(manager.clone());
+        let durable = (config.revocation_replicas > 0).then(|| {
+            pool(DURABLE_CONNECTIONS, config.timeout)
+                .min_idle(Some(1))
+                .build_unchecked(manager)
+        });
+        let get = script!(SHEBANG_ALLOW_OOM, "get.lua");
         Ok(RedisStore {
-            gets: batch::spawn(pool.clone(), get.clone()),
+            kind,
+            gets: batch::spawn(shared.clone(), get.clone()),
             lookups: AtomicUsize::new(0),
-            pool,
+            pool: shared,
+            durable,
+            revocation_replicas: config.revocation_replicas,
             timeout: config.timeout,
             limits: config.limits,
             allow_evicting: config.allow_evicting,
             scripts: Scripts {
-                get: get.clone(),
-                set: script!("set.lua"),
-                invalidate_token: script!("invalidate_token.lua"),
-                invalidate_user: script!("invalidate_user.lua"),
-                remove_if: script!("remove_if.lua"),
+                get,
+                set: script!(SHEBANG, "set.lua"),
+                invalidate_token: script!(SHEBANG, "invalidate_token.lua"),
+                invalidate_user: script!(SHEBANG, "invalidate_user.lua"),
+                remove_if: script!(SHEBANG_ALLOW_OOM, "remove_if.lua"),
+                ping: script!(SHEBANG_ALLOW_OOM, "ping.lua"),
             },
+            _watchers: stop.drop_guard(),
         })
     }
 
@@ -175,6 +262,48 @@ impl RedisStore {
                 .invoke_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e))
+        };
+        timeout_at(deadline, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
+    }
+
+    /// Runs a revocation's script and, with `--revocation-replicas`, waits on the same
+    /// connection until that many replicas have it (SPEC §8). The scripts are
+    /// idempotent, so a caller may retry one that was not acknowledged.
+    async fn revoke<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let deadline = self.deadline();
+        let Some(durable) = &self.durable else {
+            return self.run(deadline, invocation).await;
+        };
+        let call = async {
+            let pooled = durable.get().await.map_err(pool_error)?;
+            let mut handle = Handle::of(&pooled);
+            let value = invocation
+                .invoke_async(&mut handle.conn)
+                .await
+                .map_err(|e| handle.failed(e))?;
+            // WAIT 0 would wait for ever; the reply is due before the deadline anyway.
+            let wait_ms = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .max(1);
+            let replicas: u32 = redis::cmd("WAIT")
+                .arg(self.revocation_replicas)
+                .arg(u64::try_from(wait_ms).unwrap_or(u64::MAX))
+                .query_async(&mut handle.conn)
+                .await
+                .map_err(|e| handle.failed(e))?;
+            if replicas < self.revocation_replicas {
+                return Err(StoreError::NotReplicated {
+                    reached: replicas,
+                    wanted: self.revocation_replicas,
+                });
+            }
+            Ok(value)
         };
         timeout_at(deadline, call)
             .await
@@ -230,9 +359,33 @@ impl RedisStore {
     }
 }
 
+/// A pool's settings, shared by both pools.
+fn pool(size: u32, timeout: Duration) -> bb8::Builder<Manager> {
+    Pool::builder()
+        .max_size(size)
+        .min_idle(Some(size))
+        // The test is the `broken` flag and the epoch, not a PING.
+        .test_on_check_out(true)
+        // Connections live as long as Redis keeps them; a broken one is replaced.
+        .max_lifetime(None)
+        .idle_timeout(None)
+        // bb8's own default is 30 s; a checkout never waits longer than a call may.
+        .connection_timeout(timeout)
+        // A refused dial fails the checkout at once instead of retrying until the
+        // timeout: the caller gets UNAVAILABLE fast and the pinger tries again.
+        .retry_connection(false)
+}
+
+fn pool_error(e: RunError<RedisError>) -> StoreError {
+    match e {
+        RunError::User(e) => StoreError::Failed(e.to_string()),
+        RunError::TimedOut => StoreError::Timeout,
+    }
+}
+
 impl Store for RedisStore {
     fn kind(&self) -> &'static str {
-        "redis"
+        self.kind
     }
 
     async fn get(&self, token: &TokenHash) -> Result<Lookup, StoreError> {
@@ -240,7 +393,12 @@ impl Store for RedisStore {
         let key = token.entry_key();
         let (raw, marker, now) = self.lookup(deadline, &key).await?;
         let fence = Fence(Micros(now));
-        match judge(raw.as_deref(), marker.as_deref(), Micros(now)) {
+        match judge(
+            raw.as_deref(),
+            marker.as_deref(),
+            Micros(now),
+            self.limits.clock_skew,
+        ) {
             Verdict::Hit(session) => Ok(Lookup::Hit(session)),
             Verdict::Miss => Ok(Lookup::Miss(fence)),
             Verdict::Remove(outcome) => {
@@ -275,7 +433,8 @@ impl Store for RedisStore {
                     .arg(entry::encode_head(session))
                     .arg(expire.0)
                     .arg(fence.map(|f| f.to_string()).unwrap_or_default())
-                    .arg(self.limits.ttl_seconds),
+                    .arg(self.limits.ttl_seconds)
+                    .arg(self.limits.clock_skew.0),
             )
             .await?;
         match outcome.as_str() {
@@ -291,8 +450,7 @@ impl Store for RedisStore {
 
     async fn invalidate_token(&self, token: &TokenHash) -> Result<bool, StoreError> {
         let deleted: i64 = self
-            .run(
-                self.deadline(),
+            .revoke(
                 self.scripts
                     .invalidate_token
                     .key(token.entry_key())
@@ -305,8 +463,7 @@ impl Store for RedisStore {
 
     async fn invalidate_user(&self, user_id: &str) -> Result<Micros, StoreError> {
         let at: i64 = self
-            .run(
-                self.deadline(),
+            .revoke(
                 self.scripts
                     .invalidate_user
                     .key(marker_key(user_id))
@@ -318,16 +475,10 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
-        let call = async {
-            let mut handle = self.connection().await?;
-            redis::cmd("PING")
-                .query_async::<()>(&mut handle.conn)
-                .await
-                .map_err(|e| handle.failed(e))
-        };
-        timeout_at(started + self.timeout, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))?;
+        // Not PING, which a replica answers too: the ping script passes only where a
+        // lookup and a revocation would (see SHEBANG).
+        self.run::<String>(started + self.timeout, &self.scripts.ping.prepare_invoke())
+            .await?;
         Ok(started.elapsed())
     }
 
@@ -381,73 +532,6 @@ impl Drop for Counted<'_> {
 
 /// A handle on a pipelined connection; the pool slot is given back at once.
 async fn checkout(pool: &Pool<Manager>) -> Result<Handle, StoreError> {
-    let pooled = pool.get().await.map_err(|e| match e {
-        RunError::User(e) => StoreError::Failed(e.to_string()),
-        RunError::TimedOut => StoreError::Timeout,
-    })?;
-    Ok(Handle {
-        conn: pooled.conn.clone(),
-        broken: pooled.broken.clone(),
-    })
-}
-
-/// A clone of a pooled connection's handle, used outside the pool.
-struct Handle {
-    conn: MultiplexedConnection,
-    broken: Arc<AtomicBool>,
-}
-
-impl Handle {
-    /// Maps a Redis error, and marks the connection broken when Redis dropped it so
-    /// that the pool replaces it at its next checkout.
-    fn failed(&self, e: RedisError) -> StoreError {
-        let dropped = e.is_unrecoverable_error() || e.is_connection_dropped() || e.is_io_error();
-        if dropped && !self.broken.swap(true, Ordering::Relaxed) {
-            warn!(error = %e, "redis connection lost; it will be replaced");
-        }
-        if e.is_timeout() {
-            return StoreError::Timeout;
-        }
-        StoreError::Failed(e.to_string())
-    }
-}
-
-/// bb8's view of a connection: the pipelined handle and its `broken` flag.
-struct Pooled {
-    conn: MultiplexedConnection,
-    broken: Arc<AtomicBool>,
-}
-
-/// Dials pipelined connections and recognises the broken ones by their flag.
-struct Manager {
-    client: Client,
-    connection: AsyncConnectionConfig,
-}
-
-impl ManageConnection for Manager {
-    type Connection = Pooled;
-    type Error = RedisError;
-
-    async fn connect(&self) -> Result<Pooled, RedisError> {
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.connection)
-            .await?;
-        Ok(Pooled {
-            conn,
-            broken: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    async fn is_valid(&self, conn: &mut Pooled) -> Result<(), RedisError> {
-        if conn.broken.load(Ordering::Relaxed) {
-            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe).into())
-        } else {
-            Ok(())
-        }
-    }
-
-    fn has_broken(&self, conn: &mut Pooled) -> bool {
-        conn.broken.load(Ordering::Relaxed)
-    }
+    let pooled = pool.get().await.map_err(pool_error)?;
+    Ok(Handle::of(&pooled))
 }

@@ -6,6 +6,7 @@
 -- ARGV[2]  session_expire in micros
 -- ARGV[3]  the fence in micros, or '' for none
 -- ARGV[4]  the configured ttl in seconds
+-- ARGV[5]  the clock-skew margin in micros (SPEC §8)
 -- Returns  {'stored', ttl} | {'revoked', 0} | {'stale', 0} | {'expired', 0}
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'revoked', 0}
@@ -16,8 +17,9 @@ if fence then
   local marker = redis.call('GET', KEYS[3])
   if marker then
     local at = to_micros(marker)
-    -- An unreadable marker counts as a revocation: fail closed.
-    if (not at) or at >= fence then
+    -- An unreadable marker counts as a revocation: fail closed. The rule is
+    -- store::marker_revokes_fence.
+    if (not at) or at >= fence - tonumber(ARGV[5]) then
       return {'stale', 0}
     end
   end

@@ -1,0 +1,227 @@
+//! Connections to the Redis primary: where it is (one fixed address, or whatever the
+//! Sentinels name), bb8's view of a connection, and the rules by which a connection is
+//! declared dead or the primary declared moved.
+//!
+//! # Following the primary
+//! A `MultiplexedConnection` never reconnects, and redis-rs resolves a Sentinel primary
+//! only when asked. So every dial asks afresh: [`Manager::connect`] resolves the primary
+//! through the Sentinels (redis-rs checks the node's `ROLE` before handing it out) and
+//! records the address. Each connection is stamped with the [`Primary`]'s epoch at its
+//! dial; when the primary may have moved (a `+switch-master` from a Sentinel, a
+//! `READONLY` or `NOREPLICAS` reply) the epoch moves on, and bb8 replaces every older
+//! connection at its next checkout. A dropped connection is replaced alone, as before.
+//!
+//! None of this is what keeps reads and writes off a replica: every script carries a
+//! shebang line without `no-writes` (see `super::SHEBANG`), which Redis refuses on a
+//! replica and on a primary short of `min-replicas-to-write`, whatever the client
+//! believes. Following the primary is what makes the service work again afterwards.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use bb8::ManageConnection;
+use bb8_redis::redis::{
+    AsyncConnectionConfig, Client, RedisError, aio::MultiplexedConnection, sentinel::SentinelClient,
+};
+use tracing::{info, warn};
+
+use crate::store::StoreError;
+
+/// Where connections go.
+pub(crate) enum Target {
+    /// One Redis at a fixed address (`--redis-url`).
+    Direct(Client),
+    /// The primary that the Sentinels name, asked at every dial.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+/// What the pool knows of the primary: the epoch that connections must match, and the
+/// address of the last dial (for the Sentinel watchers' comparison and the logs).
+#[derive(Debug, Default)]
+pub(crate) struct Primary {
+    epoch: AtomicU64,
+    address: Mutex<Option<String>>,
+}
+
+impl Primary {
+    /// The primary may have moved since `seen` (the epoch of the connection that
+    /// noticed): every connection of that epoch or older is replaced. Noticed by many
+    /// calls at once, it moves the epoch once.
+    pub(crate) fn moved(&self, seen: u64, why: &str) {
+        if self
+            .epoch
+            .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            warn!(
+                why,
+                primary = self.address().as_deref(),
+                "the Redis primary may have moved: replacing connections"
+            );
+            crate::metrics::redis_primary_moved();
+        }
+    }
+
+    /// A Sentinel announced `address` as the primary: connections to anywhere else are
+    /// replaced.
+    pub(crate) fn announced(&self, address: &str) {
+        let current = self.address();
+        if current.as_deref() != Some(address) {
+            let seen = self.epoch();
+            self.moved(seen, "a Sentinel names another primary");
+        }
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The address of the last dial, `host:port`.
+    pub(crate) fn address(&self) -> Option<String> {
+        self.address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn dialled(&self, address: String) {
+        let mut current = self.address.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_deref() != Some(address.as_str()) {
+            info!(primary = %address, "connected to the Redis primary");
+            *current = Some(address);
+        }
+    }
+}
+
+/// bb8's view of a connection: the pipelined handle, its `broken` flag, and the epoch
+/// of its dial.
+pub(crate) struct Pooled {
+    pub(crate) conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    epoch: u64,
+    primary: Arc<Primary>,
+}
+
+/// Dials connections to the primary and recognises the stale ones.
+#[derive(Clone)]
+pub(crate) struct Manager {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    target: Target,
+    connection: AsyncConnectionConfig,
+    primary: Arc<Primary>,
+}
+
+impl Manager {
+    pub(crate) fn new(
+        target: Target,
+        connection: AsyncConnectionConfig,
+        primary: Arc<Primary>,
+    ) -> Self {
+        Manager {
+            shared: Arc::new(Shared {
+                target,
+                connection,
+                primary,
+            }),
+        }
+    }
+
+    fn is_stale(&self, conn: &Pooled) -> bool {
+        conn.broken.load(Ordering::Relaxed) || conn.epoch != self.shared.primary.epoch()
+    }
+}
+
+impl ManageConnection for Manager {
+    type Connection = Pooled;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Pooled, RedisError> {
+        // The epoch is read before resolving: a move announced meanwhile makes this
+        // connection stale at once rather than letting it pass for a current one.
+        let epoch = self.shared.primary.epoch();
+        let client = match &self.shared.target {
+            Target::Direct(client) => client.clone(),
+            Target::Sentinel(sentinels) => sentinels.lock().await.async_get_client().await?,
+        };
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&self.shared.connection)
+            .await?;
+        self.shared
+            .primary
+            .dialled(client.get_connection_info().addr().to_string());
+        Ok(Pooled {
+            conn,
+            broken: Arc::new(AtomicBool::new(false)),
+            epoch,
+            primary: self.shared.primary.clone(),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Pooled) -> Result<(), RedisError> {
+        if self.is_stale(conn) {
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe).into())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn has_broken(&self, conn: &mut Pooled) -> bool {
+        self.is_stale(conn)
+    }
+}
+
+/// A clone of a pooled connection's handle, used outside the pool.
+pub(crate) struct Handle {
+    pub(crate) conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    epoch: u64,
+    primary: Arc<Primary>,
+}
+
+impl Handle {
+    pub(crate) fn of(pooled: &Pooled) -> Self {
+        Handle {
+            conn: pooled.conn.clone(),
+            broken: pooled.broken.clone(),
+            epoch: pooled.epoch,
+            primary: pooled.primary.clone(),
+        }
+    }
+
+    /// Maps a Redis error. A connection that Redis dropped is marked broken so that the
+    /// pool replaces it; a reply that says the node is no (longer a fit) primary moves
+    /// the epoch so that every connection is dialled afresh.
+    pub(crate) fn failed(&self, e: RedisError) -> StoreError {
+        let dropped = e.is_unrecoverable_error() || e.is_connection_dropped() || e.is_io_error();
+        if dropped && !self.broken.swap(true, Ordering::Relaxed) {
+            warn!(error = %e, "redis connection lost; it will be replaced");
+        }
+        if let Some(code) = e.code() {
+            self.refused(code);
+        }
+        if e.is_timeout() {
+            return StoreError::Timeout;
+        }
+        StoreError::Failed(e.to_string())
+    }
+
+    /// Looks at an error code that Redis answered, also inside a pipeline.
+    pub(crate) fn refused(&self, code: &str) {
+        if is_not_primary(code) {
+            self.primary
+                .moved(self.epoch, "Redis refused a call: not a writable primary");
+        }
+    }
+}
+
+/// The error codes by which a node says it is not a primary that may serve: a replica
+/// (`READONLY`, also what a demoted primary answers), or a primary cut off from its
+/// replicas (`NOREPLICAS`, `min-replicas-to-write`), which a failover may have replaced.
+pub(crate) fn is_not_primary(code: &str) -> bool {
+    matches!(code, "READONLY" | "NOREPLICAS" | "MASTERDOWN")
+}
