@@ -7,6 +7,7 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use session_cache::{
+    clock::Micros,
     health::StoreStatus,
     pb::{self, GetOutcome, SetOutcome, session_cache_server::SessionCache},
     service::SessionCacheService,
@@ -53,6 +54,7 @@ async fn size_bound_drops_sessions_never_revocations() {
     let limits = Limits {
         ttl_seconds: 300,
         marker_ttl_seconds: 3600,
+        clock_skew: Micros(0),
     };
     let store = Arc::new(MemoryStore::new(limits, 100));
     let svc = service(store.clone());
@@ -98,6 +100,7 @@ async fn expired_entries_are_reclaimed_without_callers() {
     let limits = Limits {
         ttl_seconds: 1,
         marker_ttl_seconds: 1,
+        clock_skew: Micros(0),
     };
     let store = Arc::new(MemoryStore::new(limits, 1_000));
     let svc = service(store.clone());
