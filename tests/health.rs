@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use session_cache::pb::GetOutcome;
 use support::{Backend, Harness, PATIENCE, Redis, Server};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -66,6 +67,68 @@ async fn store_health_waits_for_the_first_ping() {
     assert_eq!(store.status(), ServingStatus::NotServing);
     redis.restart().await;
     server.wait_health(SERVICE, ServingStatus::Serving).await;
+}
+
+/// A Redis made a replica is not ready (SPEC §8): health turns NOT_SERVING, Get and Set
+/// answer UNAVAILABLE instead of reading from the replica, and a revocation fails with
+/// gRPC UNAVAILABLE; once it is a primary again, all is served again.
+#[tokio::test]
+async fn a_redis_made_replica_is_not_ready() {
+    let mut h = Harness::start(Backend::Redis, &[]).await;
+    h.set("tok", support::user("u1"), support::in_an_hour(), "")
+        .await;
+    let other = Redis::start().await;
+    let mut conn = h.redis().conn().await;
+    let port = other.url().rsplit(':').next().unwrap().to_owned();
+    let _: () = bb8_redis::redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(&port)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.server
+        .wait_health(SERVICE, ServingStatus::NotServing)
+        .await;
+    let got = h.get("tok").await;
+    assert_eq!(got.outcome(), GetOutcome::Unavailable, "{got:?}");
+    let status = h.invalidate_user("u1").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    let _: () = bb8_redis::redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.server.wait_health(SERVICE, ServingStatus::Serving).await;
+    h.invalidate_user("u1").await.unwrap();
+}
+
+/// A primary that refuses writes for want of replicas (`min-replicas-to-write`) is not
+/// ready either: its lookups could miss revocations written to a newer primary.
+#[tokio::test]
+async fn a_primary_short_of_replicas_is_not_ready() {
+    let mut h = Harness::start(Backend::Redis, &[]).await;
+    let mut conn = h.redis().conn().await;
+    let _: () = bb8_redis::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.server
+        .wait_health(SERVICE, ServingStatus::NotServing)
+        .await;
+    assert_eq!(h.get("tok").await.outcome(), GetOutcome::Unavailable);
+    let _: () = bb8_redis::redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("min-replicas-to-write")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.server.wait_health(SERVICE, ServingStatus::Serving).await;
 }
 
 /// Reflection v1 and v1alpha both list the cache and health services, and describe
