@@ -30,6 +30,50 @@ fn bad_configuration_exits_64() {
         (&["--listen", "0.0.0.0:50051"], "--allow-unauthenticated"),
         (&["--redis-url", "mysql://user:hunter2@db"], "--redis-url"),
         (&["--no-such-flag"], "--no-such-flag"),
+        // SPEC §8: one topology, and each Sentinel flag with the other.
+        (
+            &[
+                "--redis-url",
+                "redis://127.0.0.1:6379",
+                "--redis-sentinels",
+                "127.0.0.1:26379",
+                "--redis-sentinel-master",
+                "m",
+            ],
+            "--redis-sentinels",
+        ),
+        (
+            &["--redis-sentinels", "127.0.0.1:26379"],
+            "--redis-sentinel-master",
+        ),
+        (&["--redis-sentinel-master", "m"], "--redis-sentinels"),
+        (
+            &[
+                "--redis-sentinels",
+                "no-port",
+                "--redis-sentinel-master",
+                "m",
+            ],
+            "--redis-sentinels",
+        ),
+        (&["--revocation-replicas", "1"], "--revocation-replicas"),
+        (
+            &["--redis-url", "redis://127.0.0.1:6379", "--redis-tls"],
+            "--redis-tls",
+        ),
+        (
+            &[
+                "--redis-sentinels",
+                "127.0.0.1:26379",
+                "--redis-sentinel-master",
+                "m",
+                "--redis-password-file",
+                "/nonexistent/password",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "--redis-password-file",
+        ),
     ];
     for (args, flag) in cases {
         let out = run(args);
@@ -57,6 +101,10 @@ fn help_documents_every_flag() {
         "--enabled",
         "--store-timeout-ms",
         "--shutdown-grace-seconds",
+        "--redis-sentinels",
+        "--redis-sentinel-master",
+        "--revocation-replicas",
+        "--clock-skew-ms",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
