@@ -435,6 +435,55 @@ mod tests {
         assert!(config.redis_url.is_none());
     }
 
+    /// SPEC §8's defaults follow the topology; a flag overrides them.
+    #[test]
+    fn topology_defaults() {
+        let memory = parse(&[]).unwrap();
+        assert_eq!(memory.topology(), Topology::Memory);
+        assert_eq!(
+            (memory.revocation_replicas(), memory.clock_skew()),
+            (0, Duration::ZERO)
+        );
+        let url = parse(&["--redis-url", "redis://127.0.0.1:6379"]).unwrap();
+        assert_eq!(url.topology(), Topology::Redis);
+        assert_eq!(
+            (url.revocation_replicas(), url.clock_skew()),
+            (0, Duration::ZERO)
+        );
+        let sentinel = [
+            "--redis-sentinels",
+            "10.0.0.1:26379,[::1]:26380",
+            "--redis-sentinel-master",
+            "sessions",
+        ];
+        let config = parse(&sentinel).unwrap();
+        assert_eq!(config.topology(), Topology::Sentinel);
+        assert_eq!(
+            config.redis_sentinels,
+            [
+                HostPort {
+                    host: "10.0.0.1".into(),
+                    port: 26379
+                },
+                HostPort {
+                    host: "::1".into(),
+                    port: 26380
+                }
+            ]
+        );
+        assert_eq!(
+            (config.revocation_replicas(), config.clock_skew()),
+            (1, Duration::from_millis(500))
+        );
+        let mut explicit = sentinel.to_vec();
+        explicit.extend(["--revocation-replicas", "2", "--clock-skew-ms", "0"]);
+        let config = parse(&explicit).unwrap();
+        assert_eq!(
+            (config.revocation_replicas(), config.clock_skew()),
+            (2, Duration::ZERO)
+        );
+    }
+
     /// The Redis password never reaches a log line.
     #[test]
     fn redacts_redis_password() {
