@@ -338,6 +338,26 @@ need("--maxmemory-policy" in command and command[command.index("--maxmemory-poli
      "compose: redis runs with --maxmemory-policy noeviction")
 need(all(str(p).startswith("127.0.0.1:") for p in app.get("ports", [])), "compose: the gRPC port is published on loopback only")
 
+# docker compose over Sentinel: the service names the Sentinels and the master that they
+# monitor, and every data node refuses to evict.
+sentinel = load("docker-compose.sentinel.yml")[0]
+services = sentinel.get("services", {})
+env = services.get("session-cache", {}).get("environment", {})
+named = [s.split(":")[0] for s in str(env.get("SESSION_CACHE_REDIS_SENTINELS", "")).split(",") if s]
+need(len(named) == 3 and all(n in services for n in named), "sentinel compose: the service names three Sentinel services")
+master = env.get("SESSION_CACHE_REDIS_SENTINEL_MASTER")
+scripts = ["\n".join(map(str, services[n].get("entrypoint", []))) for n in named if n in services]
+need(bool(scripts) and all(f"sentinel monitor {master} redis-primary 6379 2" in s for s in scripts),
+     "sentinel compose: every Sentinel monitors the master the service asks for")
+for node in ("redis-primary", "redis-replica"):
+    command = [str(c) for c in services.get(node, {}).get("command", [])]
+    need("--maxmemory-policy" in command and command[command.index("--maxmemory-policy") + 1] == "noeviction",
+         f"sentinel compose: {node} runs with noeviction")
+need("--replicaof" in [str(c) for c in services.get("redis-replica", {}).get("command", [])],
+     "sentinel compose: redis-replica replicates the primary")
+need(all(str(p).startswith("127.0.0.1:") for p in services.get("session-cache", {}).get("ports", [])),
+     "sentinel compose: the gRPC port is published on loopback only")
+
 # kubernetes
 docs = {}
 for name in sorted(os.listdir(os.path.join(deploy, "kubernetes"))):
