@@ -7,6 +7,7 @@
 
 pub mod load;
 pub mod pki;
+pub mod sentinel;
 pub mod subject;
 
 use std::{

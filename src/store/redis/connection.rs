@@ -3,9 +3,8 @@
 //! declared dead or the primary declared moved.
 //!
 //! # Following the primary
-//! A `MultiplexedConnection` never reconnects, and redis-rs resolves a Sentinel primary
-//! only when asked. So every dial asks afresh: [`Manager::connect`] resolves the primary
-//! through the Sentinels (redis-rs checks the node's `ROLE` before handing it out) and
+//! A `MultiplexedConnection` never reconnects. So every dial asks afresh:
+//! [`Manager::connect`] resolves the primary through the Sentinels (see `sentinel`) and
 //! records the address. Each connection is stamped with the [`Primary`]'s epoch at its
 //! dial; when the primary may have moved (a `+switch-master` from a Sentinel, a
 //! `READONLY` or `NOREPLICAS` reply) the epoch moves on, and bb8 replaces every older
@@ -22,9 +21,7 @@ use std::sync::{
 };
 
 use bb8::ManageConnection;
-use bb8_redis::redis::{
-    AsyncConnectionConfig, Client, RedisError, aio::MultiplexedConnection, sentinel::SentinelClient,
-};
+use bb8_redis::redis::{AsyncConnectionConfig, Client, RedisError, aio::MultiplexedConnection};
 use tracing::{info, warn};
 
 use crate::store::StoreError;
@@ -34,7 +31,7 @@ pub(crate) enum Target {
     /// One Redis at a fixed address (`--redis-url`).
     Direct(Client),
     /// The primary that the Sentinels name, asked at every dial.
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Sentinel(super::sentinel::Resolver),
 }
 
 /// What the pool knows of the primary: the epoch that connections must match, and the
@@ -144,16 +141,16 @@ impl ManageConnection for Manager {
         // The epoch is read before resolving: a move announced meanwhile makes this
         // connection stale at once rather than letting it pass for a current one.
         let epoch = self.shared.primary.epoch();
-        let client = match &self.shared.target {
-            Target::Direct(client) => client.clone(),
-            Target::Sentinel(sentinels) => sentinels.lock().await.async_get_client().await?,
+        let (conn, address) = match &self.shared.target {
+            Target::Direct(client) => {
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&self.shared.connection)
+                    .await?;
+                (conn, client.get_connection_info().addr().to_string())
+            }
+            Target::Sentinel(resolver) => resolver.connect(&self.shared.connection).await?,
         };
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&self.shared.connection)
-            .await?;
-        self.shared
-            .primary
-            .dialled(client.get_connection_info().addr().to_string());
+        self.shared.primary.dialled(address);
         Ok(Pooled {
             conn,
             broken: Arc::new(AtomicBool::new(false)),

@@ -203,12 +203,10 @@ impl RedisStore {
                 let tls = config.tls.then(|| sentinel::Tls {
                     certificates: certificates.clone(),
                 });
-                let client = sentinel::client(sentinels, &config.credentials, tls.as_ref())?;
+                let resolver =
+                    sentinel::Resolver::new(sentinels, &config.credentials, tls.clone())?;
                 sentinel::watch(sentinels, tls.as_ref(), primary.clone(), stop.clone())?;
-                (
-                    "redis-sentinel",
-                    Target::Sentinel(tokio::sync::Mutex::new(client)),
-                )
+                ("redis-sentinel", Target::Sentinel(resolver))
             }
         };
         // redis-rs has its own response timeout (500 ms by default); it must agree with

@@ -1,22 +1,28 @@
-//! Redis Sentinel: the client that names the primary at every dial, and the watchers
-//! that hear of a failover the moment the Sentinels announce it.
+//! Redis Sentinel: finding the primary at every dial, and watchers that hear of a
+//! failover the moment the Sentinels announce it.
+//!
+//! # Which Sentinel to believe
+//! During a failover the Sentinels disagree for a second or two: the leader has promoted
+//! a replica and announced it, the others still name the old primary, which may itself
+//! still answer `ROLE` as a primary (it stays writable until the Sentinels reconfigure
+//! it, seconds later). redis-rs's `SentinelClient` believes the first Sentinel that
+//! answers, and so can lead straight back to the old primary. Here every Sentinel is
+//! asked at once and the answer with the newest `config-epoch` wins (each failover
+//! raises it), from a Sentinel that does not judge that node down; the node's own
+//! `ROLE`, asked on the connection that will be used, has the last word.
 //!
 //! A failover reaches the service three ways, whichever comes first: a watcher hears
 //! `+switch-master`, a call gets `READONLY` or `NOREPLICAS` from the old primary, or the
-//! old primary's connections drop. The watchers matter most in the window that lost
-//! revocations before: after a promotion the old primary may stay writable for seconds
-//! (until the Sentinels reconfigure it), and only the announcement says that it is no
-//! longer the primary.
+//! old primary's connections drop.
 
 use std::{sync::Arc, time::Duration};
 
 use bb8_redis::redis::{
-    self, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult,
-    TlsCertificates, TlsMode,
-    io::tcp::TcpSettings,
-    sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
+    self, AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError, RedisResult, Role, TlsCertificates,
+    aio::MultiplexedConnection, io::tcp::TcpSettings,
 };
-use futures_util::StreamExt;
+use futures_util::{StreamExt, future::join_all};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -37,74 +43,142 @@ pub struct SentinelConfig {
 }
 
 /// TLS to the Sentinels and the data nodes, with a private CA or the system's roots.
+#[derive(Clone)]
 pub(crate) struct Tls {
     pub(crate) certificates: Option<TlsCertificates>,
 }
 
-/// A client that resolves the primary through the Sentinels.
-pub(crate) fn client(
-    sentinel: &SentinelConfig,
-    data: &Credentials,
-    tls: Option<&Tls>,
-) -> RedisResult<SentinelClient> {
-    let addresses = sentinel.sentinels.iter().map(|s| address(s, tls.is_some()));
-    let mut builder =
-        SentinelClientBuilder::new(addresses, &sentinel.master, SentinelServerType::Master)?
-            .set_client_to_redis_tcp_settings(TcpSettings::default().set_nodelay(true));
-    if let Some(user) = &data.username {
-        builder = builder.set_client_to_redis_username(user);
-    }
-    if let Some(password) = &data.password {
-        builder = builder.set_client_to_redis_password(password);
-    }
-    if let Some(user) = &sentinel.credentials.username {
-        builder = builder.set_client_to_sentinel_username(user);
-    }
-    if let Some(password) = &sentinel.credentials.password {
-        builder = builder.set_client_to_sentinel_password(password);
-    }
-    if let Some(tls) = tls {
-        builder = builder
-            .set_client_to_redis_tls_mode(TlsMode::Secure)
-            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
-        if let Some(certificates) = &tls.certificates {
-            builder = builder
-                .set_client_to_redis_certificates(certificates.clone())
-                .set_client_to_sentinel_certificates(certificates.clone());
-        }
-    }
-    builder.build()
+/// Finds and dials the primary through the Sentinels.
+pub(crate) struct Resolver {
+    sentinels: Vec<Client>,
+    master: String,
+    /// Credentials for the data nodes.
+    data: RedisConnectionInfo,
+    tls: Option<Tls>,
 }
 
-fn address(sentinel: &HostPort, tls: bool) -> ConnectionAddr {
-    if tls {
-        ConnectionAddr::TcpTls {
-            host: sentinel.host.clone(),
-            port: sentinel.port,
-            insecure: false,
-            tls_params: None,
+/// One Sentinel's view of the primary.
+struct View {
+    address: (String, u16),
+    config_epoch: u64,
+}
+
+impl Resolver {
+    pub(crate) fn new(
+        config: &SentinelConfig,
+        data: &Credentials,
+        tls: Option<Tls>,
+    ) -> RedisResult<Self> {
+        let sentinels = config
+            .sentinels
+            .iter()
+            .map(|s| client(&s.host, s.port, settings(&config.credentials), tls.as_ref()))
+            .collect::<RedisResult<_>>()?;
+        Ok(Resolver {
+            sentinels,
+            master: config.master.clone(),
+            data: settings(data),
+            tls,
+        })
+    }
+
+    /// A connection to the primary, and its `host:port`: the node named by the newest
+    /// view among the Sentinels that answer, provided it says it is a primary.
+    pub(crate) async fn connect(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> RedisResult<(MultiplexedConnection, String)> {
+        let views = join_all(self.sentinels.iter().map(|s| self.view(s, config))).await;
+        let newest = views
+            .into_iter()
+            .flatten()
+            .max_by_key(|view| view.config_epoch)
+            .ok_or_else(|| {
+                RedisError::from((ErrorKind::Io, "no Sentinel names a primary that is up"))
+            })?;
+        let (host, port) = newest.address;
+        let node = client(&host, port, self.data.clone(), self.tls.as_ref())?;
+        let mut conn = node
+            .get_multiplexed_async_connection_with_config(config)
+            .await?;
+        let role: Role = redis::cmd("ROLE").query_async(&mut conn).await?;
+        if !matches!(role, Role::Primary { .. }) {
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "the node the Sentinels name is not a primary (yet)",
+            )));
         }
-    } else {
-        ConnectionAddr::Tcp(sentinel.host.clone(), sentinel.port)
+        Ok((conn, format!("{host}:{port}")))
+    }
+
+    /// What one Sentinel says of the primary; `None` when it does not answer, does not
+    /// know the name, or judges the primary down.
+    async fn view(&self, sentinel: &Client, config: &AsyncConnectionConfig) -> Option<View> {
+        let asked = async {
+            let mut conn = sentinel
+                .get_multiplexed_async_connection_with_config(config)
+                .await?;
+            redis::cmd("SENTINEL")
+                .arg("MASTER")
+                .arg(&self.master)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+        };
+        let fields = match asked.await {
+            Ok(fields) => fields,
+            Err(e) => {
+                debug!(error = %e, "a Sentinel did not answer");
+                return None;
+            }
+        };
+        let get = |name: &str| {
+            fields
+                .chunks(2)
+                .find(|pair| pair[0] == name)
+                .and_then(|pair| pair.get(1))
+        };
+        let flags = get("flags")?;
+        if flags.contains("s_down") || flags.contains("o_down") {
+            return None;
+        }
+        Some(View {
+            address: (get("ip")?.clone(), get("port")?.parse().ok()?),
+            config_epoch: get("config-epoch")?.parse().ok()?,
+        })
     }
 }
 
-/// A plain client for one Sentinel, for its announcements.
-fn sentinel_client(
-    sentinel: &HostPort,
-    config: &SentinelConfig,
-    tls: Option<&Tls>,
-) -> RedisResult<Client> {
+fn settings(credentials: &Credentials) -> RedisConnectionInfo {
     let mut redis = RedisConnectionInfo::default();
-    if let Some(user) = &config.credentials.username {
+    if let Some(user) = &credentials.username {
         redis = redis.set_username(user);
     }
-    if let Some(password) = &config.credentials.password {
+    if let Some(password) = &credentials.password {
         redis = redis.set_password(password);
     }
-    let info = address(sentinel, tls.is_some())
+    redis
+}
+
+/// A client for one node (a Sentinel or a data node), with TCP_NODELAY.
+fn client(
+    host: &str,
+    port: u16,
+    redis: RedisConnectionInfo,
+    tls: Option<&Tls>,
+) -> RedisResult<Client> {
+    let address = match tls {
+        Some(_) => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: false,
+            tls_params: None,
+        },
+        None => ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    let info = address
         .into_connection_info()?
-        .set_redis_settings(redis);
+        .set_redis_settings(redis)
+        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
     match tls.and_then(|tls| tls.certificates.as_ref()) {
         Some(certificates) => Client::build_with_tls(info, certificates.clone()),
         None => Client::open(info),
@@ -119,7 +193,12 @@ pub(crate) fn watch(
     stop: CancellationToken,
 ) -> RedisResult<()> {
     for sentinel in &config.sentinels {
-        let client = sentinel_client(sentinel, config, tls)?;
+        let client = client(
+            &sentinel.host,
+            sentinel.port,
+            settings(&config.credentials),
+            tls,
+        )?;
         tokio::spawn(watch_one(
             client,
             sentinel.to_string(),
