@@ -211,6 +211,27 @@ pub fn free_port() -> u16 {
 pub enum Backend {
     Redis,
     Memory,
+    /// A primary, a replica and three Sentinels (`sentinel::SentinelTopology`).
+    Sentinel,
+}
+
+impl Backend {
+    /// What `HealthResponse.store` says for this backend.
+    pub fn store_name(self) -> &'static str {
+        match self {
+            Backend::Redis => "redis",
+            Backend::Memory => "memory",
+            Backend::Sentinel => "redis-sentinel",
+        }
+    }
+
+    /// The default `--clock-skew-ms` margin of this backend's topology (SPEC §8).
+    pub fn clock_skew(self) -> Duration {
+        match self {
+            Backend::Sentinel => Duration::from_millis(500),
+            Backend::Redis | Backend::Memory => Duration::ZERO,
+        }
+    }
 }
 
 /// The real server on port 0, started through the library's `run`.
@@ -303,9 +324,11 @@ impl Drop for Server {
     }
 }
 
-/// A test's whole set-up: a store (Redis or memory) and the server over it, serving.
+/// A test's whole set-up: a store (Redis, Sentinels or memory) and the server over it,
+/// serving.
 pub struct Harness {
     pub redis: Option<Redis>,
+    pub sentinel: Option<sentinel::SentinelTopology>,
     pub server: Server,
     pub client: SessionCacheClient<Channel>,
 }
@@ -313,11 +336,25 @@ pub struct Harness {
 impl Harness {
     /// Starts the store and the server with these extra flags, and waits until serving.
     pub async fn start(backend: Backend, args: &[&str]) -> Harness {
-        let redis = match backend {
-            Backend::Redis => Some(Redis::start().await),
-            Backend::Memory => None,
-        };
-        Harness::over(redis, args).await
+        match backend {
+            Backend::Redis => Harness::over(Some(Redis::start().await), args).await,
+            Backend::Memory => Harness::over(None, args).await,
+            Backend::Sentinel => {
+                let topology =
+                    sentinel::SentinelTopology::start(sentinel::Topology::default()).await;
+                let sentinels = topology.sentinels();
+                let mut argv = vec![
+                    "--redis-sentinels",
+                    &sentinels,
+                    "--redis-sentinel-master",
+                    topology.master_name(),
+                ];
+                argv.extend(args);
+                let mut harness = Harness::over(None, &argv).await;
+                harness.sentinel = Some(topology);
+                harness
+            }
+        }
     }
 
     /// Starts the server over an already running Redis (or memory when `None`).
@@ -334,6 +371,7 @@ impl Harness {
         let client = server.client().await;
         Harness {
             redis,
+            sentinel: None,
             server,
             client,
         }

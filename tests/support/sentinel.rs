@@ -152,6 +152,30 @@ impl SentinelTopology {
             topology.start_sentinel(primary).await;
         }
         topology.wait_until_sentinels_ready(primary).await;
+        // For a few hundred milliseconds after the Sentinels' first contact the replicas
+        // are slow to acknowledge (a WAIT then times out): ready means that writes are
+        // acknowledged by every replica several times in a row.
+        let replicas = options.replicas;
+        let in_a_row = std::cell::Cell::new(0);
+        topology
+            .wait_for("every replica to acknowledge writes", PATIENCE, async |t| {
+                let mut write = redis::cmd("SET");
+                write.arg("session-cache-test:ready").arg(in_a_row.get());
+                t.ask::<()>(primary, &write).await.ok()?;
+                let mut wait = redis::cmd("WAIT");
+                wait.arg(replicas).arg(50);
+                let acked: usize = t.ask(primary, &wait).await.ok()?;
+                in_a_row.set(if acked >= replicas {
+                    in_a_row.get() + 1
+                } else {
+                    0
+                });
+                (in_a_row.get() >= 5).then_some(())
+            })
+            .await;
+        let _: Result<(), _> = topology
+            .ask(primary, redis::cmd("DEL").arg("session-cache-test:ready"))
+            .await;
         eprintln!(
             "sentinel topology: primary {primary}, replicas {:?}, sentinels {} ready in {:?}",
             &topology.data_ports()[1..],

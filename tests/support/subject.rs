@@ -162,6 +162,9 @@ impl Subject {
                 let service = SessionCacheService::new(Arc::new(store), config.enabled, status);
                 (Caller::Redis(Arc::new(service)), Some(redis))
             }
+            Backend::Sentinel => {
+                unreachable!("the Sentinel topology is tested through the network")
+            }
             Backend::Memory => {
                 let store = MemoryStore::new(config.limits(), config.memory_max_entries);
                 let service = SessionCacheService::new(Arc::new(store), config.enabled, status);

@@ -284,10 +284,14 @@ impl RedisStore {
                 .invoke_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e))?;
-            // WAIT 0 would wait for ever; the reply is due before the deadline anyway.
-            let wait_ms = deadline
+            // Nine tenths of what is left, so that WAIT's own answer (how many replicas
+            // have the write) arrives before the deadline and says what fell short.
+            // WAIT 0 would wait for ever.
+            let wait_ms = (deadline
                 .saturating_duration_since(Instant::now())
                 .as_millis()
+                * 9
+                / 10)
                 .max(1);
             let replicas: u32 = redis::cmd("WAIT")
                 .arg(self.revocation_replicas)
