@@ -271,3 +271,55 @@ async fn tokens_never_reach_redis_in_clear() {
         assert!(!value.unwrap_or_default().contains(token), "value of {key}");
     }
 }
+
+/// One Python service's password change with its host's clock 300 ms slow, during this
+/// service's validation: the marker reads 300 ms before the fence although it was
+/// written after it. Without a margin the late Set is stored and the revoked session
+/// served; with `--clock-skew-ms 500` (SPEC §8) the Set is STALE, and an entry cached
+/// just before such a marker is INVALIDATED.
+#[tokio::test]
+async fn python_markers_from_a_slow_clock_need_the_margin() {
+    async fn race(h: &mut Harness, user_id: &str) -> (SetOutcome, GetOutcome) {
+        let token = format!("slow-clock-{user_id}");
+        let miss = h.get(&token).await;
+        // The Python service: `redis.set(f"user_invalidated:{user_id}", str(time.time()))`
+        // on a host whose clock runs 300 ms behind.
+        let mut conn = h.redis().conn().await;
+        let at = Utc::now() - Duration::milliseconds(300);
+        let marker = format!("{}.{:06}", at.timestamp(), at.timestamp_subsec_micros());
+        let _: () = conn
+            .set_ex(format!("user_invalidated:{user_id}"), marker, 3600)
+            .await
+            .unwrap();
+        let set = h
+            .set(&token, user(user_id), in_an_hour(), &miss.fence)
+            .await;
+        (set.outcome(), h.get(&token).await.outcome())
+    }
+    let mut h = Harness::start(Backend::Redis, &[]).await;
+    assert_eq!(
+        race(&mut h, "u-no-margin").await,
+        (SetOutcome::Stored, GetOutcome::Hit),
+        "without a margin the slow clock revives the session"
+    );
+    let mut h = Harness::start(Backend::Redis, &["--clock-skew-ms", "500"]).await;
+    assert_eq!(
+        race(&mut h, "u-margin").await,
+        (SetOutcome::Stale, GetOutcome::Miss)
+    );
+
+    // An entry cached, then a slow-clock marker: INVALIDATED with the margin.
+    h.set("cached-then-revoked", user("u-cached"), in_an_hour(), "")
+        .await;
+    let mut conn = h.redis().conn().await;
+    let at = Utc::now() - Duration::milliseconds(300);
+    let marker = format!("{}.{:06}", at.timestamp(), at.timestamp_subsec_micros());
+    let _: () = conn
+        .set_ex("user_invalidated:u-cached", marker, 3600)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.get("cached-then-revoked").await.outcome(),
+        GetOutcome::Invalidated
+    );
+}
