@@ -480,7 +480,16 @@ impl Store for RedisStore {
         // Not PING, which a replica answers too: the ping script passes only where a
         // lookup and a revocation would (see SHEBANG).
         self.run::<String>(started + self.timeout, &self.scripts.ping.prepare_invoke())
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // Redis before 7.0 reads the shebang as Lua, and fails to compile it.
+                StoreError::Failed(text) if text.contains("near '#'") => StoreError::Failed(
+                    "this Redis cannot run scripts with flags (#!lua): Redis 7.0 or later is \
+                     needed"
+                        .into(),
+                ),
+                e => e,
+            })?;
         Ok(started.elapsed())
     }
 
