@@ -265,6 +265,15 @@ impl Config {
                 "--redis-url and --redis-sentinels name two topologies: give one".into(),
             ));
         }
+        if self
+            .redis_sentinel_master
+            .as_deref()
+            .is_some_and(|name| name.trim().is_empty())
+        {
+            return Err(ConfigError(
+                "--redis-sentinel-master must name the master the Sentinels monitor".into(),
+            ));
+        }
         if self.topology() == Topology::Memory {
             let redis_only = [
                 (self.redis_username.is_some(), "--redis-username"),

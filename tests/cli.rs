@@ -50,6 +50,15 @@ fn bad_configuration_exits_64() {
         (
             &[
                 "--redis-sentinels",
+                "127.0.0.1:26379",
+                "--redis-sentinel-master",
+                "",
+            ],
+            "--redis-sentinel-master",
+        ),
+        (
+            &[
+                "--redis-sentinels",
                 "no-port",
                 "--redis-sentinel-master",
                 "m",

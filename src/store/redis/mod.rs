@@ -82,12 +82,24 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// Where the Redis primary is (SPEC §8).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum RedisTopology {
     /// One Redis: a `redis://` or `rediss://` URL, with credentials and database if any.
     Url(String),
     /// The primary that these Sentinels name.
     Sentinel(SentinelConfig),
+}
+
+/// Never shows the URL, which may carry a password.
+impl std::fmt::Debug for RedisTopology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisTopology::Url(_) => f.write_str("Url(..)"),
+            RedisTopology::Sentinel(sentinels) => {
+                f.debug_tuple("Sentinel").field(sentinels).finish()
+            }
+        }
+    }
 }
 
 /// Settings of the Redis store.
