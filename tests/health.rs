@@ -69,6 +69,16 @@ async fn store_health_waits_for_the_first_ping() {
     server.wait_health(SERVICE, ServingStatus::Serving).await;
 }
 
+/// Sends one command to the test's Redis directly, as an operator would.
+async fn redis_command(redis: &Redis, args: &[&str]) {
+    let mut conn = redis.conn().await;
+    let _: () = bb8_redis::redis::cmd(args[0])
+        .arg(&args[1..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 /// A Redis made a replica is not ready (SPEC §8): health turns NOT_SERVING, Get and Set
 /// answer UNAVAILABLE instead of reading from the replica, and a revocation fails with
 /// gRPC UNAVAILABLE; once it is a primary again, all is served again.
@@ -78,14 +88,8 @@ async fn a_redis_made_replica_is_not_ready() {
     h.set("tok", support::user("u1"), support::in_an_hour(), "")
         .await;
     let other = Redis::start().await;
-    let mut conn = h.redis().conn().await;
     let port = other.url().rsplit(':').next().unwrap().to_owned();
-    let _: () = bb8_redis::redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(&port)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    redis_command(h.redis(), &["REPLICAOF", "127.0.0.1", &port]).await;
     h.server
         .wait_health(SERVICE, ServingStatus::NotServing)
         .await;
@@ -94,12 +98,7 @@ async fn a_redis_made_replica_is_not_ready() {
     let status = h.invalidate_user("u1").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
 
-    let _: () = bb8_redis::redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    redis_command(h.redis(), &["REPLICAOF", "NO", "ONE"]).await;
     h.server.wait_health(SERVICE, ServingStatus::Serving).await;
     h.invalidate_user("u1").await.unwrap();
 }
@@ -109,25 +108,12 @@ async fn a_redis_made_replica_is_not_ready() {
 #[tokio::test]
 async fn a_primary_short_of_replicas_is_not_ready() {
     let mut h = Harness::start(Backend::Redis, &[]).await;
-    let mut conn = h.redis().conn().await;
-    let _: () = bb8_redis::redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("min-replicas-to-write")
-        .arg("1")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    redis_command(h.redis(), &["CONFIG", "SET", "min-replicas-to-write", "1"]).await;
     h.server
         .wait_health(SERVICE, ServingStatus::NotServing)
         .await;
     assert_eq!(h.get("tok").await.outcome(), GetOutcome::Unavailable);
-    let _: () = bb8_redis::redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("min-replicas-to-write")
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    redis_command(h.redis(), &["CONFIG", "SET", "min-replicas-to-write", "0"]).await;
     h.server.wait_health(SERVICE, ServingStatus::Serving).await;
 }
 

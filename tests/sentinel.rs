@@ -187,19 +187,6 @@ fn call<T>(
     }
 }
 
-/// The service over the topology, serving.
-async fn serve(topology: &SentinelTopology, args: &[&str]) -> Harness {
-    let sentinels = topology.sentinels();
-    let mut argv = vec![
-        "--redis-sentinels",
-        &sentinels,
-        "--redis-sentinel-master",
-        topology.master_name(),
-    ];
-    argv.extend(args);
-    Harness::over(None, &argv).await
-}
-
 /// Waits (bounded) until a Set of the test's own probe token answers STORED and the
 /// entry is on the node the Sentinels name as primary; returns when it was.
 async fn first_stored(h: &mut Harness, topology: &SentinelTopology, probe: &str) -> Instant {
@@ -307,7 +294,7 @@ fn check_failover(name: &str, seen: &Seen, fault: Instant, promoted: Instant, st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_failover_under_load() {
     let topology = SentinelTopology::start(TWO_REPLICAS).await;
-    let mut h = serve(&topology, &["--revocation-replicas", "2"]).await;
+    let mut h = Harness::over_sentinels(&topology, &["--revocation-replicas", "2"]).await;
     let load = FailoverLoad::start(&h.client);
     first_stored(&mut h, &topology, "probe-before").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -326,7 +313,7 @@ async fn planned_failover_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_under_load() {
     let mut topology = SentinelTopology::start(TWO_REPLICAS).await;
-    let mut h = serve(&topology, &["--revocation-replicas", "2"]).await;
+    let mut h = Harness::over_sentinels(&topology, &["--revocation-replicas", "2"]).await;
     let load = FailoverLoad::start(&h.client);
     first_stored(&mut h, &topology, "probe-before").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -373,7 +360,7 @@ async fn missing_revocations(
 /// SIGKILLed at once and its replica promoted. Returns (acknowledged, missing).
 async fn revocations_then_kill(replicas: &str) -> (usize, usize) {
     let mut topology = SentinelTopology::start(Topology::default()).await;
-    let mut h = serve(&topology, &["--revocation-replicas", replicas]).await;
+    let mut h = Harness::over_sentinels(&topology, &["--revocation-replicas", replicas]).await;
     let mut acknowledged = Vec::new();
     for round in 0..50 {
         let user_id = format!("durable-{round}");
@@ -412,7 +399,7 @@ async fn acknowledged_revocations_survive_the_primary() {
 /// returns (acknowledged, missing) for the figure.
 async fn revocations_through_failover(replicas: &str) -> (usize, usize) {
     let topology = SentinelTopology::start(Topology::default()).await;
-    let h = serve(&topology, &["--revocation-replicas", replicas]).await;
+    let h = Harness::over_sentinels(&topology, &["--revocation-replicas", replicas]).await;
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..4)
@@ -479,7 +466,7 @@ async fn race_across_skewed_failover(args: &[&str]) -> Race {
         ..Topology::default()
     })
     .await;
-    let mut h = serve(&topology, args).await;
+    let mut h = Harness::over_sentinels(&topology, args).await;
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..8u64)
         .map(|task| {

@@ -342,19 +342,25 @@ impl Harness {
             Backend::Sentinel => {
                 let topology =
                     sentinel::SentinelTopology::start(sentinel::Topology::default()).await;
-                let sentinels = topology.sentinels();
-                let mut argv = vec![
-                    "--redis-sentinels",
-                    &sentinels,
-                    "--redis-sentinel-master",
-                    topology.master_name(),
-                ];
-                argv.extend(args);
-                let mut harness = Harness::over(None, &argv).await;
+                let mut harness = Harness::over_sentinels(&topology, args).await;
                 harness.sentinel = Some(topology);
                 harness
             }
         }
+    }
+
+    /// Starts the server over a Sentinel topology that the caller keeps, and waits until
+    /// serving.
+    pub async fn over_sentinels(topology: &sentinel::SentinelTopology, args: &[&str]) -> Harness {
+        let sentinels = topology.sentinels();
+        let mut argv = vec![
+            "--redis-sentinels",
+            &sentinels,
+            "--redis-sentinel-master",
+            topology.master_name(),
+        ];
+        argv.extend(args);
+        Harness::over(None, &argv).await
     }
 
     /// Starts the server over an already running Redis (or memory when `None`).
