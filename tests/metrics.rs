@@ -96,6 +96,8 @@ async fn exports_calls_latency_store_and_pool() {
         &["state=\"open\""],
     );
     assert!(text.contains("# TYPE session_cache_calls_total counter"));
+    // Exported before the first failover, so that an alert on its rate has a series.
+    assert!(line(&text, "session_cache_redis_primary_moves_total", &[]).ends_with(" 0"));
 
     h.redis().kill();
     h.server
