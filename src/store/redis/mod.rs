@@ -12,8 +12,13 @@
 //!
 //! A multiplexed connection never reconnects, and bb8-redis cannot tell a dead one from
 //! a live one without a PING per checkout. Here each connection carries a `broken` flag
-//! that a call raises when Redis drops it; checkout tests only the flag, so bb8 drops
-//! the dead connection and dials a new one, with no PING on the hot path.
+//! that a call raises when Redis drops it, and the epoch of its dial, which moves when
+//! the primary may have moved (see `connection`); checkout tests only these, so bb8
+//! drops the dead or stale connection and dials a new one, with no PING on the hot path.
+//!
+//! Revocations that must reach replicas (`--revocation-replicas`) are the exception:
+//! `WAIT` blocks the connection it is sent on, so each holds a connection of a second,
+//! small pool to itself while it waits.
 //!
 //! Concurrent Gets do not go to Redis one by one: `batch` sends the lookups that are
 //! ready at the same moment as one pipeline. A lone Get, and the rarer Sets and
