@@ -36,6 +36,8 @@ const TWO_REPLICAS: Topology = Topology {
     primary_clock_offset_ms: None,
     replica_clock_offset_ms: None,
     data_args: &[],
+    data_password: None,
+    sentinel_password: None,
 };
 /// How long a failover may take, from the fault to the first STORED after it.
 const FAILOVER_PATIENCE: Duration = Duration::from_secs(30);

@@ -13,6 +13,11 @@
 //! with `cc` that shifts `CLOCK_REALTIME`, `gettimeofday` and `time` and leaves the
 //! monotonic clock alone.
 //!
+//! With [`Topology::data_password`] the data nodes require a password (and use it to
+//! replicate), and the Sentinels are given it; with [`Topology::sentinel_password`] the
+//! Sentinels require one of their own (and use it between themselves). Every connection
+//! this module opens authenticates as the node it reaches requires.
+//!
 //! Waits are bounded polls of a real condition, never fixed sleeps.
 
 use std::{
@@ -56,7 +61,8 @@ const ANSWER: Duration = Duration::from_secs(1);
 /// The environment variable the clock shim reads.
 const SKEW_VAR: &str = "SESSION_CACHE_TEST_CLOCK_SKEW_MS";
 
-/// What to start; `Topology::default()` is a primary and one replica, no clock offset.
+/// What to start; `Topology::default()` is a primary and one replica, no clock offset,
+/// no passwords.
 #[derive(Clone, Debug)]
 pub struct Topology {
     /// Replicas of the initial primary: 1 or 2.
@@ -69,6 +75,12 @@ pub struct Topology {
     /// Extra `redis-server` arguments for every data node, such as
     /// `&["--min-replicas-to-write", "1"]`.
     pub data_args: &'static [&'static str],
+    /// The data nodes' password: `--requirepass` and `--masterauth` of every data node,
+    /// and `sentinel auth-pass` of every Sentinel. No whitespace or quotes.
+    pub data_password: Option<&'static str>,
+    /// The Sentinels' own password: `requirepass` and `sentinel sentinel-pass` of every
+    /// Sentinel. No whitespace or quotes.
+    pub sentinel_password: Option<&'static str>,
 }
 
 impl Default for Topology {
@@ -78,6 +90,8 @@ impl Default for Topology {
             primary_clock_offset_ms: None,
             replica_clock_offset_ms: None,
             data_args: &[],
+            data_password: None,
+            sentinel_password: None,
         }
     }
 }
@@ -105,6 +119,8 @@ pub struct SentinelTopology {
     data: Vec<Node>,
     sentinels: Vec<Node>,
     data_args: &'static [&'static str],
+    data_password: Option<&'static str>,
+    sentinel_password: Option<&'static str>,
     dir: Dir,
     /// Connections the polls reuse (they poll every 20 ms), dropped on any error.
     links: Mutex<HashMap<u16, MultiplexedConnection>>,
@@ -119,11 +135,25 @@ impl SentinelTopology {
             (1..=2).contains(&options.replicas),
             "a topology has 1 or 2 replicas"
         );
+        for password in [options.data_password, options.sentinel_password]
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                !password.is_empty()
+                    && !password
+                        .chars()
+                        .any(|c| c.is_whitespace() || c == '"' || c == '\''),
+                "a topology's password is one word without quotes"
+            );
+        }
         let started = Instant::now();
         let mut topology = SentinelTopology {
             data: Vec::new(),
             sentinels: Vec::new(),
             data_args: options.data_args,
+            data_password: options.data_password,
+            sentinel_password: options.sentinel_password,
             dir: Dir::new(),
             links: Mutex::default(),
         };
@@ -221,9 +251,10 @@ impl SentinelTopology {
         .await
     }
 
-    /// A direct connection to the data node on `port`, to look at or plant keys.
+    /// A direct connection to the data node on `port`, to look at or plant keys
+    /// (authenticated when the data nodes require a password).
     pub async fn conn(&self, port: u16) -> MultiplexedConnection {
-        redis::Client::open(url(port))
+        redis::Client::open(self.url(port))
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -290,7 +321,7 @@ impl SentinelTopology {
         let views: Vec<Option<u16>> = self
             .sentinel_ports()
             .into_iter()
-            .map(sentinel_view_blocking)
+            .map(|port| sentinel_view_blocking(&self.url(port)))
             .collect();
         let primary = majority(&views)
             .unwrap_or_else(|| panic!("no majority of Sentinels names a primary: {views:?}"));
@@ -387,6 +418,11 @@ impl SentinelTopology {
         if let Some(primary) = replica_of {
             command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
+        if let Some(password) = self.data_password {
+            command
+                .args(["--requirepass", password])
+                .args(["--masterauth", password]);
+        }
         command.args(self.data_args);
         if let Some(ms) = offset {
             command
@@ -406,6 +442,15 @@ impl SentinelTopology {
         fs::create_dir_all(&dir).unwrap();
         // The Sentinel rewrites this file as it learns the topology.
         let config = dir.join("sentinel.conf");
+        let mut auth = String::new();
+        if let Some(password) = self.data_password {
+            auth += &format!("sentinel auth-pass {MASTER_NAME} {password}\n");
+        }
+        if let Some(password) = self.sentinel_password {
+            // The other Sentinels require it too: without sentinel-pass they cannot ask
+            // each other whether the primary is down, and no failover starts.
+            auth += &format!("requirepass {password}\nsentinel sentinel-pass {password}\n");
+        }
         fs::write(
             &config,
             format!(
@@ -417,7 +462,8 @@ impl SentinelTopology {
                  sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} {QUORUM}\n\
                  sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
                  sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n\
-                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                 sentinel parallel-syncs {MASTER_NAME} 1\n\
+                 {auth}",
                 dir = dir.display(),
                 log = self.log_path(port).display(),
             ),
@@ -589,7 +635,7 @@ impl SentinelTopology {
             let mut conn = match kept {
                 Some(conn) => conn,
                 None => {
-                    let conn = redis::Client::open(url(port))?
+                    let conn = redis::Client::open(self.url(port))?
                         .get_multiplexed_async_connection()
                         .await?;
                     self.links.lock().unwrap().insert(port, conn.clone());
@@ -607,6 +653,20 @@ impl SentinelTopology {
             self.links.lock().unwrap().remove(&port);
         }
         answer
+    }
+
+    /// The URL of the node on `port`, with the password it requires (a Sentinel's own,
+    /// or the data nodes').
+    fn url(&self, port: u16) -> String {
+        let password = if self.sentinels.iter().any(|s| s.port == port) {
+            self.sentinel_password
+        } else {
+            self.data_password
+        };
+        match password {
+            Some(password) => format!("redis://:{}@127.0.0.1:{port}", percent_encoded(password)),
+            None => format!("redis://127.0.0.1:{port}"),
+        }
     }
 
     fn log_path(&self, port: u16) -> PathBuf {
@@ -645,13 +705,24 @@ pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     })
 }
 
-fn url(port: u16) -> String {
-    format!("redis://127.0.0.1:{port}")
+/// `text` as a URL's userinfo may carry it: everything but unreserved characters
+/// percent-encoded.
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
-/// A Sentinel's primary, asked without async (for the synchronous kill).
-fn sentinel_view_blocking(port: u16) -> Option<u16> {
-    let mut conn = redis::Client::open(url(port))
+/// A Sentinel's primary, asked without async (for the synchronous kill) at `url` (see
+/// [`SentinelTopology::url`]).
+fn sentinel_view_blocking(url: &str) -> Option<u16> {
+    let mut conn = redis::Client::open(url)
         .ok()?
         .get_connection_with_timeout(ANSWER)
         .ok()?;

@@ -20,7 +20,7 @@ use std::sync::{
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-use bb8::ManageConnection;
+use bb8::{ErrorSink, ManageConnection};
 use bb8_redis::redis::{AsyncConnectionConfig, Client, RedisError, aio::MultiplexedConnection};
 use tracing::{info, warn};
 
@@ -169,6 +169,36 @@ impl ManageConnection for Manager {
 
     fn has_broken(&self, conn: &mut Pooled) -> bool {
         self.is_stale(conn)
+    }
+}
+
+/// How often the same dial error is logged again while it lasts.
+const REPEAT_DIAL_ERROR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Logs why dials fail. bb8 hands a failed dial's error here, not to the call that was
+/// waiting for a connection (that call sees its timeout), so without this a wrong
+/// password or an unknown master name would read as "did not answer in time". The same
+/// error is logged once per [`REPEAT_DIAL_ERROR`], whatever the rate of dials.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DialErrors {
+    last: Arc<Mutex<Option<(String, std::time::Instant)>>>,
+}
+
+impl ErrorSink<RedisError> for DialErrors {
+    fn sink(&self, error: RedisError) {
+        let text = error.to_string();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let repeated = last
+            .as_ref()
+            .is_some_and(|(seen, at)| *seen == text && at.elapsed() < REPEAT_DIAL_ERROR);
+        if !repeated {
+            warn!(error = %text, "dialling the Redis primary failed");
+            *last = Some((text, std::time::Instant::now()));
+        }
+    }
+
+    fn boxed_clone(&self) -> Box<dyn ErrorSink<RedisError>> {
+        Box::new(self.clone())
     }
 }
 

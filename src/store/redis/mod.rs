@@ -49,7 +49,7 @@ mod batch;
 mod connection;
 mod sentinel;
 
-use connection::{Handle, Manager, Primary, Target};
+use connection::{DialErrors, Handle, Manager, Primary, Target};
 pub use sentinel::SentinelConfig;
 
 use crate::{
@@ -232,9 +232,11 @@ impl RedisStore {
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(config.timeout));
         let manager = Manager::new(target, connection, primary);
-        let shared = pool(config.connections, config.timeout).build_unchecked(manager.clone());
+        let dial_errors = DialErrors::default();
+        let shared =
+            pool(config.connections, config.timeout, &dial_errors).build_unchecked(manager.clone());
         let durable = (config.revocation_replicas > 0).then(|| {
-            pool(DURABLE_CONNECTIONS, config.timeout)
+            pool(DURABLE_CONNECTIONS, config.timeout, &dial_errors)
                 .min_idle(Some(1))
                 .build_unchecked(manager)
         });
@@ -379,8 +381,9 @@ impl RedisStore {
 }
 
 /// A pool's settings, shared by both pools.
-fn pool(size: u32, timeout: Duration) -> bb8::Builder<Manager> {
+fn pool(size: u32, timeout: Duration, dial_errors: &DialErrors) -> bb8::Builder<Manager> {
     Pool::builder()
+        .error_sink(Box::new(dial_errors.clone()))
         .max_size(size)
         .min_idle(Some(size))
         // The test is the `broken` flag and the epoch, not a PING.

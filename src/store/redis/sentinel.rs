@@ -89,13 +89,28 @@ impl Resolver {
         config: &AsyncConnectionConfig,
     ) -> RedisResult<(MultiplexedConnection, String)> {
         let views = join_all(self.sentinels.iter().map(|s| self.view(s, config))).await;
-        let newest = views
-            .into_iter()
-            .flatten()
-            .max_by_key(|view| view.config_epoch)
-            .ok_or_else(|| {
-                RedisError::from((ErrorKind::Io, "no Sentinel names a primary that is up"))
-            })?;
+        let mut first_error = None;
+        let mut newest: Option<View> = None;
+        for view in views {
+            match view {
+                Ok(Some(view))
+                    if newest
+                        .as_ref()
+                        .is_none_or(|n| view.config_epoch > n.config_epoch) =>
+                {
+                    newest = Some(view);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let newest = newest.ok_or_else(|| match first_error {
+            // Nobody answered: say why the first did not (a wrong password, a refusal).
+            Some(e) => RedisError::from((ErrorKind::Io, "no Sentinel answered", e.to_string())),
+            None => RedisError::from((ErrorKind::Io, "no Sentinel names a primary that is up")),
+        })?;
         let (host, port) = newest.address;
         let node = client(&host, port, self.data.clone(), self.tls.as_ref())?;
         let mut conn = node
@@ -111,40 +126,39 @@ impl Resolver {
         Ok((conn, format!("{host}:{port}")))
     }
 
-    /// What one Sentinel says of the primary; `None` when it does not answer, does not
-    /// know the name, or judges the primary down.
-    async fn view(&self, sentinel: &Client, config: &AsyncConnectionConfig) -> Option<View> {
-        let asked = async {
-            let mut conn = sentinel
-                .get_multiplexed_async_connection_with_config(config)
-                .await?;
-            redis::cmd("SENTINEL")
-                .arg("MASTER")
-                .arg(&self.master)
-                .query_async::<Vec<String>>(&mut conn)
-                .await
-        };
-        let fields = match asked.await {
-            Ok(fields) => fields,
-            Err(e) => {
-                debug!(error = %e, "a Sentinel did not answer");
-                return None;
-            }
-        };
+    /// What one Sentinel says of the primary: `None` when it does not know the name or
+    /// judges the primary down; an error when it does not answer.
+    async fn view(
+        &self,
+        sentinel: &Client,
+        config: &AsyncConnectionConfig,
+    ) -> RedisResult<Option<View>> {
+        let mut conn = sentinel
+            .get_multiplexed_async_connection_with_config(config)
+            .await?;
+        let fields: Vec<String> = redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg(&self.master)
+            .query_async(&mut conn)
+            .await?;
         let get = |name: &str| {
             fields
                 .chunks(2)
                 .find(|pair| pair[0] == name)
                 .and_then(|pair| pair.get(1))
         };
-        let flags = get("flags")?;
+        let Some(flags) = get("flags") else {
+            return Ok(None);
+        };
         if flags.contains("s_down") || flags.contains("o_down") {
-            return None;
+            return Ok(None);
         }
-        Some(View {
-            address: (get("ip")?.clone(), get("port")?.parse().ok()?),
-            config_epoch: get("config-epoch")?.parse().ok()?,
-        })
+        Ok((|| {
+            Some(View {
+                address: (get("ip")?.clone(), get("port")?.parse().ok()?),
+                config_epoch: get("config-epoch")?.parse().ok()?,
+            })
+        })())
     }
 }
 
