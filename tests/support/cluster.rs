@@ -23,7 +23,7 @@ use std::{
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use tokio::{task::JoinHandle, time::Instant};
 
-use super::{PATIENCE, pki::Dir};
+use super::{PATIENCE, links::Links, pki::Dir};
 
 /// The longest a failover may take, from the kill to a settled cluster without the
 /// killed primary.
@@ -36,8 +36,6 @@ const NODE_TIMEOUT_MS: u64 = 1000;
 const BUS_OFFSET: u16 = 10000;
 /// The pause between two looks at a condition.
 const POLL: Duration = Duration::from_millis(20);
-/// How long one command may take before a poll counts it as no answer.
-const ANSWER: Duration = Duration::from_secs(1);
 
 /// What to start; `Cluster::default()` is three primaries without replicas.
 #[derive(Clone, Debug)]
@@ -86,7 +84,7 @@ pub struct ClusterTopology {
     nodes: Vec<Node>,
     dir: Dir,
     /// Connections the polls reuse, dropped on any error.
-    links: Mutex<HashMap<u16, MultiplexedConnection>>,
+    links: Links,
     /// The slot map and each replica's primary (ports) when the cluster last settled.
     settled: Mutex<(Vec<SlotRange>, HashMap<u16, u16>)>,
 }
@@ -138,7 +136,7 @@ impl ClusterTopology {
         let mut topology = ClusterTopology {
             nodes: Vec::new(),
             dir: Dir::new(),
-            links: Mutex::default(),
+            links: Links::default(),
             settled: Mutex::default(),
         };
         for port in cluster_ports(count) {
@@ -255,7 +253,7 @@ impl ClusterTopology {
             .find(|n| n.port == port)
             .unwrap_or_else(|| panic!("{port} is not a node of this cluster"))
             .kill();
-        self.links.lock().unwrap().remove(&port);
+        self.links.forget(port);
     }
 
     /// Waits (at most [`FAILOVER_PATIENCE`]) until a replica of the killed primary `old`
@@ -508,34 +506,13 @@ impl ClusterTopology {
         }
     }
 
-    /// One command to `port`, bounded by [`ANSWER`], on the connection kept for it.
+    /// One command to `port`, on the connection kept for it (see [`Links::ask`]).
     async fn ask<T: redis::FromRedisValue>(
         &self,
         port: u16,
         cmd: &redis::Cmd,
     ) -> Result<T, String> {
-        let kept = self.links.lock().unwrap().get(&port).cloned();
-        let exchange = async {
-            let mut conn = match kept {
-                Some(conn) => conn,
-                None => {
-                    let conn = redis::Client::open(url(port))?
-                        .get_multiplexed_async_connection()
-                        .await?;
-                    self.links.lock().unwrap().insert(port, conn.clone());
-                    conn
-                }
-            };
-            cmd.query_async::<T>(&mut conn).await
-        };
-        let answer = match tokio::time::timeout(ANSWER, exchange).await {
-            Ok(answer) => answer.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer from {port} within {ANSWER:?}")),
-        };
-        if answer.is_err() {
-            self.links.lock().unwrap().remove(&port);
-        }
-        answer
+        self.links.ask(port, &url(port), cmd).await
     }
 }
 

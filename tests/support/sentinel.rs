@@ -26,14 +26,18 @@ use std::{
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Mutex, OnceLock},
+    sync::OnceLock,
     time::Duration,
 };
 
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use tokio::time::Instant;
 
-use super::{PATIENCE, free_port, pki::Dir};
+use super::{
+    PATIENCE, free_port,
+    links::{ANSWER, Links},
+    pki::Dir,
+};
 
 /// The name the Sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "mymaster";
@@ -56,8 +60,6 @@ const SENTINEL_DEBUG: &[(&str, &str)] = &[
 ];
 /// The pause between two looks at a condition.
 const POLL: Duration = Duration::from_millis(20);
-/// How long one command may take before a poll counts it as no answer.
-const ANSWER: Duration = Duration::from_secs(1);
 /// The environment variable the clock shim reads.
 const SKEW_VAR: &str = "SESSION_CACHE_TEST_CLOCK_SKEW_MS";
 
@@ -123,7 +125,7 @@ pub struct SentinelTopology {
     sentinel_password: Option<&'static str>,
     dir: Dir,
     /// Connections the polls reuse (they poll every 20 ms), dropped on any error.
-    links: Mutex<HashMap<u16, MultiplexedConnection>>,
+    links: Links,
 }
 
 impl SentinelTopology {
@@ -155,7 +157,7 @@ impl SentinelTopology {
             data_password: options.data_password,
             sentinel_password: options.sentinel_password,
             dir: Dir::new(),
-            links: Mutex::default(),
+            links: Links::default(),
         };
         let primary = free_port();
         topology
@@ -624,35 +626,13 @@ impl SentinelTopology {
         }
     }
 
-    /// One command to `port`, bounded by [`ANSWER`], on the connection kept for it.
+    /// One command to `port`, on the connection kept for it (see [`Links::ask`]).
     async fn ask<T: redis::FromRedisValue>(
         &self,
         port: u16,
         cmd: &redis::Cmd,
     ) -> Result<T, String> {
-        let kept = self.links.lock().unwrap().get(&port).cloned();
-        let exchange = async {
-            let mut conn = match kept {
-                Some(conn) => conn,
-                None => {
-                    let conn = redis::Client::open(self.url(port))?
-                        .get_multiplexed_async_connection()
-                        .await?;
-                    self.links.lock().unwrap().insert(port, conn.clone());
-                    conn
-                }
-            };
-            cmd.query_async::<T>(&mut conn).await
-        };
-        let answer = match tokio::time::timeout(ANSWER, exchange).await {
-            Ok(answer) => answer.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer from {port} within {ANSWER:?}")),
-        };
-        if answer.is_err() {
-            // The node may have died or been replaced: the next command connects anew.
-            self.links.lock().unwrap().remove(&port);
-        }
-        answer
+        self.links.ask(port, &self.url(port), cmd).await
     }
 
     /// The URL of the node on `port`, with the password it requires (a Sentinel's own,
