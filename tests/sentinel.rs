@@ -189,38 +189,6 @@ fn call<T>(
     }
 }
 
-/// Waits (bounded) until a Set of the test's own probe token answers STORED and the
-/// entry is on the node the Sentinels name as primary; returns when it was.
-async fn first_stored(h: &mut Harness, topology: &SentinelTopology, probe: &str) -> Instant {
-    let deadline = Instant::now() + FAILOVER_PATIENCE;
-    let key = format!("session_cache:{}", TokenHash::of(probe).as_str());
-    loop {
-        let got = h.get(probe).await;
-        if !got.fence.is_empty() {
-            let set = h
-                .set(probe, user("probe-user"), in_an_hour(), &got.fence)
-                .await;
-            if set.outcome() == SetOutcome::Stored {
-                let stored = Instant::now();
-                let mut primary = topology.conn(topology.primary_port().await).await;
-                let there: bool = redis::cmd("EXISTS")
-                    .arg(&key)
-                    .query_async(&mut primary)
-                    .await
-                    .unwrap_or(false);
-                if there {
-                    return stored;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no STORED within {FAILOVER_PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The calls counted by RPC and outcome (or gRPC status), sorted.
 fn tally<'a>(calls: impl Iterator<Item = &'a Call>) -> Vec<(String, usize)> {
     let mut by_outcome: HashMap<String, usize> = HashMap::new();
@@ -298,13 +266,13 @@ async fn planned_failover_under_load() {
     let topology = SentinelTopology::start(TWO_REPLICAS).await;
     let mut h = Harness::over_sentinels(&topology, &["--revocation-replicas", "2"]).await;
     let load = FailoverLoad::start(&h.client);
-    first_stored(&mut h, &topology, "probe-before").await;
+    topology.first_stored(&mut h, "probe-before").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let fault = Instant::now();
     topology.failover().await;
     let promoted = Instant::now();
-    let stored = first_stored(&mut h, &topology, "probe-after").await;
+    let stored = topology.first_stored(&mut h, "probe-after").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let seen = load.stop().await;
     check_failover("SENTINEL FAILOVER", &seen, fault, promoted, stored);
@@ -317,7 +285,7 @@ async fn primary_killed_under_load() {
     let mut topology = SentinelTopology::start(TWO_REPLICAS).await;
     let mut h = Harness::over_sentinels(&topology, &["--revocation-replicas", "2"]).await;
     let load = FailoverLoad::start(&h.client);
-    first_stored(&mut h, &topology, "probe-before").await;
+    topology.first_stored(&mut h, "probe-before").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let fault = Instant::now();
@@ -327,7 +295,7 @@ async fn primary_killed_under_load() {
         .await;
     topology.wait_for_new_primary(old).await;
     let promoted = Instant::now();
-    let stored = first_stored(&mut h, &topology, "probe-after").await;
+    let stored = topology.first_stored(&mut h, "probe-after").await;
     h.server.wait_health(SERVICE, ServingStatus::Serving).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let seen = load.stop().await;
@@ -525,7 +493,7 @@ async fn race_across_skewed_failover(args: &[&str]) -> Race {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     topology.failover().await;
-    first_stored(&mut h, &topology, "probe").await;
+    topology.first_stored(&mut h, "probe").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut totals = Race::default();

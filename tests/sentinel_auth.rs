@@ -16,10 +16,7 @@ use std::{
 };
 
 use bb8_redis::redis;
-use session_cache::{
-    keys::TokenHash,
-    pb::{self, GetOutcome, SetOutcome},
-};
+use session_cache::pb::{self, GetOutcome, SetOutcome};
 use support::{
     Harness, Server, in_an_hour,
     pki::Dir,
@@ -137,37 +134,6 @@ fn argv(topology: &SentinelTopology, dir: &Dir, data: &str, sentinel: &str) -> V
     ]
 }
 
-/// Waits (bounded) until a Set of `probe` answers STORED and its entry is on the data
-/// node `primary` (read over the topology's authenticated connection).
-async fn stored_on(h: &mut Harness, topology: &SentinelTopology, primary: u16, probe: &str) {
-    let deadline = Instant::now() + FAILOVER_PATIENCE;
-    let key = format!("session_cache:{}", TokenHash::of(probe).as_str());
-    let mut conn = topology.conn(primary).await;
-    loop {
-        let got = h.get(probe).await;
-        if !got.fence.is_empty() {
-            let set = h
-                .set(probe, user("probe-user"), in_an_hour(), &got.fence)
-                .await;
-            if set.outcome() == SetOutcome::Stored {
-                let there: bool = redis::cmd("EXISTS")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or(false);
-                if there {
-                    return;
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no STORED on the new primary {primary} within {FAILOVER_PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Data nodes and Sentinels both password-protected, the service given both files: it
 /// turns SERVING, Set then Get hits, InvalidateUser is acknowledged (by the replica too)
 /// and hides the session, and after `SENTINEL FAILOVER` Sets land on the new primary,
@@ -201,7 +167,8 @@ async fn passwords_for_data_nodes_and_sentinels_serve_through_a_failover() {
 
     let switch = Instant::now();
     let new = topology.failover().await;
-    stored_on(&mut h, &topology, new, "auth-after-failover").await;
+    assert_eq!(topology.primary_port().await, new);
+    topology.first_stored(&mut h, "auth-after-failover").await;
     let stored = switch.elapsed();
     let hit = h.get("auth-after-failover").await;
     assert_eq!(hit.outcome(), GetOutcome::Hit, "a hit on the new primary");

@@ -33,10 +33,13 @@ use std::{
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use tokio::time::Instant;
 
+use session_cache::{keys::TokenHash, pb::SetOutcome};
+
 use super::{
-    PATIENCE, free_port,
+    Harness, PATIENCE, free_port, in_an_hour,
     links::{ANSWER, Links},
     pki::Dir,
+    user,
 };
 
 /// The name the Sentinels monitor the primary under.
@@ -129,6 +132,39 @@ pub struct SentinelTopology {
 }
 
 impl SentinelTopology {
+    /// Waits (bounded) until a Set of the test's own `probe` token through `h` answers
+    /// STORED and the entry is on the node the Sentinels name as primary; returns when
+    /// the Set answered.
+    pub async fn first_stored(&self, h: &mut Harness, probe: &str) -> Instant {
+        let deadline = Instant::now() + FAILOVER_PATIENCE;
+        let key = TokenHash::of(probe).entry_key();
+        loop {
+            let got = h.get(probe).await;
+            if !got.fence.is_empty() {
+                let set = h
+                    .set(probe, user("probe-user"), in_an_hour(), &got.fence)
+                    .await;
+                if set.outcome() == SetOutcome::Stored {
+                    let stored = Instant::now();
+                    let mut primary = self.conn(self.primary_port().await).await;
+                    let there: bool = redis::cmd("EXISTS")
+                        .arg(&key)
+                        .query_async(&mut primary)
+                        .await
+                        .unwrap_or(false);
+                    if there {
+                        return stored;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no STORED on the primary within {FAILOVER_PATIENCE:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Starts the primary and the replicas, waits until every replica's link is up, then
     /// starts the Sentinels and waits until each knows every replica and both other
     /// Sentinels, so that a failover can proceed at once.

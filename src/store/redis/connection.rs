@@ -21,7 +21,9 @@ use std::sync::{
 };
 
 use bb8::{ErrorSink, ManageConnection};
-use bb8_redis::redis::{AsyncConnectionConfig, Client, RedisError, aio::MultiplexedConnection};
+use bb8_redis::redis::{
+    AsyncConnectionConfig, Client, ErrorKind, RedisError, aio::MultiplexedConnection,
+};
 use tracing::{info, warn};
 
 use crate::store::StoreError;
@@ -34,12 +36,14 @@ pub(crate) enum Target {
     Sentinel(super::sentinel::Resolver),
 }
 
-/// What the pool knows of the primary: the epoch that connections must match, and the
-/// address of the last dial (for the Sentinel watchers' comparison and the logs).
+/// What the pool knows of the primary: the epoch that connections must match, the
+/// address of the last dial (for the Sentinel watchers' comparison and the logs), and
+/// the address the Sentinels last announced in a `+switch-master`.
 #[derive(Debug, Default)]
 pub(crate) struct Primary {
     epoch: AtomicU64,
     address: Mutex<Option<String>>,
+    announced: Mutex<Option<String>>,
 }
 
 impl Primary {
@@ -61,14 +65,38 @@ impl Primary {
         }
     }
 
-    /// A Sentinel announced `address` as the primary: connections to anywhere else are
+    /// A Sentinel names `address` as the primary: connections to anywhere else are
     /// replaced.
-    pub(crate) fn announced(&self, address: &str) {
+    pub(crate) fn named(&self, address: &str) {
         let current = self.address();
         if current.as_deref() != Some(address) {
             let seen = self.epoch();
             self.moved(seen, "a Sentinel names another primary");
         }
+    }
+
+    /// A Sentinel announced a failover to `address` (`+switch-master`): the next dials
+    /// try it first. Right after a failover the Sentinels disagree, and one that has
+    /// not switched yet may even report the new epoch with the old address; the
+    /// announcement is the one thing that names the new primary for sure.
+    pub(crate) fn switched(&self, address: &str) {
+        // Every Sentinel announces the same failover: the first one moves the epoch.
+        let previous = self
+            .announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(address.to_owned());
+        if previous.as_deref() != Some(address) {
+            self.named(address);
+        }
+    }
+
+    /// The address of the last `+switch-master`, if any.
+    pub(crate) fn announced(&self) -> Option<String> {
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn epoch(&self) -> u64 {
@@ -148,7 +176,12 @@ impl ManageConnection for Manager {
                     .await?;
                 (conn, client.get_connection_info().addr().to_string())
             }
-            Target::Sentinel(resolver) => resolver.connect(&self.shared.connection).await?,
+            Target::Sentinel(resolver) => {
+                let announced = self.shared.primary.announced();
+                resolver
+                    .connect(&self.shared.connection, announced.as_deref())
+                    .await?
+            }
         };
         self.shared.primary.dialled(address);
         Ok(Pooled {
@@ -161,7 +194,7 @@ impl ManageConnection for Manager {
 
     async fn is_valid(&self, conn: &mut Pooled) -> Result<(), RedisError> {
         if self.is_stale(conn) {
-            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe).into())
+            Err(RedisError::from((ErrorKind::Io, STALE)))
         } else {
             Ok(())
         }
@@ -171,6 +204,9 @@ impl ManageConnection for Manager {
         self.is_stale(conn)
     }
 }
+
+/// What `is_valid` says of a connection that must be replaced.
+const STALE: &str = "the connection was dropped or the primary moved";
 
 /// How often the same dial error is logged again while it lasts.
 const REPEAT_DIAL_ERROR: std::time::Duration = std::time::Duration::from_secs(10);
@@ -187,6 +223,11 @@ pub(crate) struct DialErrors {
 impl ErrorSink<RedisError> for DialErrors {
     fn sink(&self, error: RedisError) {
         let text = error.to_string();
+        // bb8 sends here what `is_valid` says of a connection at checkout too; a stale
+        // connection is routine (its replacement is dialled next) and not a dial error.
+        if text.contains(STALE) {
+            return;
+        }
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let repeated = last
             .as_ref()

@@ -82,12 +82,23 @@ impl Resolver {
         })
     }
 
-    /// A connection to the primary, and its `host:port`: the node named by the newest
-    /// view among the Sentinels that answer, provided it says it is a primary.
+    /// A connection to the primary, and its `host:port`: the node the Sentinels last
+    /// announced in a `+switch-master` (`announced`), else the node named by the newest
+    /// view among the Sentinels that answer; either way, provided it says it is a
+    /// primary.
     pub(crate) async fn connect(
         &self,
         config: &AsyncConnectionConfig,
+        announced: Option<&str>,
     ) -> RedisResult<(MultiplexedConnection, String)> {
+        if let Some((host, port)) = announced.and_then(|a| a.rsplit_once(':')) {
+            if let Ok(port) = port.parse() {
+                match self.dial(host, port, config).await {
+                    Ok(conn) => return Ok((conn, format!("{host}:{port}"))),
+                    Err(e) => debug!(error = %e, "the announced primary is not one (any more)"),
+                }
+            }
+        }
         let views = join_all(self.sentinels.iter().map(|s| self.view(s, config))).await;
         let mut first_error = None;
         let mut newest: Option<View> = None;
@@ -112,7 +123,23 @@ impl Resolver {
             None => RedisError::from((ErrorKind::Io, "no Sentinel names a primary that is up")),
         })?;
         let (host, port) = newest.address;
-        let node = client(&host, port, self.data.clone(), self.tls.as_ref())?;
+        debug!(
+            primary = %format!("{host}:{port}"),
+            config_epoch = newest.config_epoch,
+            "the Sentinels' newest view of the primary"
+        );
+        let conn = self.dial(&host, port, config).await?;
+        Ok((conn, format!("{host}:{port}")))
+    }
+
+    /// A connection to the data node at `host:port`, if it says it is a primary.
+    async fn dial(
+        &self,
+        host: &str,
+        port: u16,
+        config: &AsyncConnectionConfig,
+    ) -> RedisResult<MultiplexedConnection> {
+        let node = client(host, port, self.data.clone(), self.tls.as_ref())?;
         let mut conn = node
             .get_multiplexed_async_connection_with_config(config)
             .await?;
@@ -123,7 +150,7 @@ impl Resolver {
                 "the node the Sentinels name is not a primary (yet)",
             )));
         }
-        Ok((conn, format!("{host}:{port}")))
+        Ok(conn)
     }
 
     /// What one Sentinel says of the primary: `None` when it does not know the name or
@@ -150,7 +177,12 @@ impl Resolver {
         let Some(flags) = get("flags") else {
             return Ok(None);
         };
-        if flags.contains("s_down") || flags.contains("o_down") {
+        // A Sentinel in the middle of a failover may report the new epoch with the old
+        // address: its view is not yet one to follow.
+        if ["s_down", "o_down", "failover_in_progress"]
+            .iter()
+            .any(|flag| flags.contains(flag))
+        {
             return Ok(None);
         }
         Ok((|| {
@@ -246,7 +278,7 @@ async fn watch_one(
                 .map_err(|e| e.to_string())?;
             if let Ok(Some(address)) = master_address(&client, &master).await {
                 if primary.address().is_some() {
-                    primary.announced(&address);
+                    primary.named(&address);
                 }
             }
             let mut messages = pubsub.on_message();
@@ -258,7 +290,7 @@ async fn watch_one(
                 let fields: Vec<&str> = text.split_whitespace().collect();
                 if let [name, _, _, ip, port] = fields[..] {
                     if name == master {
-                        primary.announced(&format!("{ip}:{port}"));
+                        primary.switched(&format!("{ip}:{port}"));
                     }
                 }
             }
