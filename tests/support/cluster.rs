@@ -23,7 +23,11 @@ use std::{
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use tokio::{task::JoinHandle, time::Instant};
 
-use super::{PATIENCE, links::Links, pki::Dir};
+use super::{
+    PATIENCE,
+    links::{Links, kill_and_reap},
+    pki::Dir,
+};
 
 /// The longest a failover may take, from the kill to a settled cluster without the
 /// killed primary.
@@ -72,10 +76,7 @@ struct Node {
 impl Node {
     /// SIGKILL and reap, so that nothing is left behind.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 

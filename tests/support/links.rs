@@ -1,8 +1,9 @@
-//! The connections a test topology keeps to its nodes for its own polls and checks: one
-//! per node, every command bounded, and dropped after any error so that the next command
-//! dials anew (the node may have died or been replaced meanwhile).
+//! What the test topologies share about their nodes: the connections they keep for
+//! their own polls and checks (one per node, every command bounded, dropped after any
+//! error so that the next command dials anew: the node may have died or been replaced
+//! meanwhile), and how a node's process is ended.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{collections::HashMap, process::Child, sync::Mutex, time::Duration};
 
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 
@@ -49,5 +50,13 @@ impl Links {
     /// Drops the connection to `port`, if any (its node was killed or restarted).
     pub fn forget(&self, port: u16) {
         self.0.lock().unwrap().remove(&port);
+    }
+}
+
+/// SIGKILL and reap a node's process, if it still runs, so that nothing is left behind.
+pub fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -159,10 +159,7 @@ impl Redis {
 
     /// SIGKILL: Redis vanishes without a word, as in a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        links::kill_and_reap(&mut self.child);
     }
 
     /// Starts Redis again on the same port, empty.

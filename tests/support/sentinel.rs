@@ -37,7 +37,7 @@ use session_cache::{keys::TokenHash, pb::SetOutcome};
 
 use super::{
     Harness, PATIENCE, free_port, in_an_hour,
-    links::{ANSWER, Links},
+    links::{ANSWER, Links, kill_and_reap},
     pki::Dir,
     user,
 };
@@ -112,10 +112,7 @@ struct Node {
 impl Node {
     /// SIGKILL and reap, so that nothing is left behind.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 
