@@ -37,6 +37,13 @@ pub struct Config {
     )]
     pub redis_sentinel_master: Option<String>,
 
+    /// Redis Cluster nodes to learn the slot map from (host:port[,host:port...]), instead
+    /// of --redis-url; a few are enough, the rest are discovered. The service follows
+    /// MOVED/ASK redirections and failovers.
+    #[arg(long, env = "SESSION_CACHE_REDIS_CLUSTER_NODES", value_delimiter = ',',
+          value_parser = parse_host_port)]
+    pub redis_cluster_nodes: Vec<HostPort>,
+
     /// Redis ACL user for the data nodes. With --redis-url the URL may carry it instead.
     #[arg(long, env = "SESSION_CACHE_REDIS_USERNAME")]
     pub redis_username: Option<String>,
@@ -54,8 +61,8 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_REDIS_SENTINEL_PASSWORD_FILE")]
     pub redis_sentinel_password_file: Option<PathBuf>,
 
-    /// Speak TLS to the Sentinels and the data nodes they name (with --redis-url, use
-    /// a rediss:// URL instead). --redis-ca-file adds a private CA.
+    /// Speak TLS to the Sentinels and the data nodes they name, or to the Cluster's
+    /// nodes (with --redis-url, use a rediss:// URL instead). --redis-ca-file adds a private CA.
     #[arg(long, env = "SESSION_CACHE_REDIS_TLS", action = ArgAction::SetTrue)]
     pub redis_tls: bool,
 
@@ -63,7 +70,7 @@ pub struct Config {
     /// many replicas (Redis WAIT, within --store-timeout-ms); otherwise gRPC
     /// UNAVAILABLE, and a retry is safe. Set it to the replica count so that an
     /// acknowledged revocation survives the loss of the primary. Default: 0 with
-    /// --redis-url, 1 with Sentinels.
+    /// --redis-url, 1 with Sentinels or Cluster.
     #[arg(long, env = "SESSION_CACHE_REVOCATION_REPLICAS",
           value_parser = clap::value_parser!(u32).range(0..=16))]
     pub revocation_replicas: Option<u32>,
@@ -73,7 +80,8 @@ pub struct Config {
     /// clock), in milliseconds: a Set is STALE when the user's marker is at or after
     /// fence - margin, a Get INVALIDATED when the marker is after cached_at - margin.
     /// Costs one more validation for sessions validated within the margin after a
-    /// revocation. Default: 0 with --redis-url and in memory, 500 with Sentinels.
+    /// revocation. Default: 0 with --redis-url and in memory, 500 with Sentinels or
+    /// Cluster.
     #[arg(long, env = "SESSION_CACHE_CLOCK_SKEW_MS",
           value_parser = clap::value_parser!(u32).range(0..=60_000))]
     pub clock_skew_ms: Option<u32>,
@@ -218,6 +226,8 @@ pub enum Topology {
     Redis,
     /// The primary the Sentinels name.
     Sentinel,
+    /// The primaries of a Redis Cluster, by slot.
+    Cluster,
 }
 
 /// How log lines are written.
@@ -260,10 +270,16 @@ impl Config {
                 self.marker_ttl_seconds, self.ttl_seconds
             )));
         }
-        if self.redis_url.is_some() && !self.redis_sentinels.is_empty() {
-            return Err(ConfigError(
-                "--redis-url and --redis-sentinels name two topologies: give one".into(),
-            ));
+        let named = [
+            (self.redis_url.is_some(), "--redis-url"),
+            (!self.redis_sentinels.is_empty(), "--redis-sentinels"),
+            (!self.redis_cluster_nodes.is_empty(), "--redis-cluster-nodes"),
+        ];
+        let mut given = named.iter().filter(|(given, _)| *given).map(|(_, flag)| *flag);
+        if let (Some(first), Some(second)) = (given.next(), given.next()) {
+            return Err(ConfigError(format!(
+                "{first} and {second} name two topologies: give one"
+            )));
         }
         if self
             .redis_sentinel_master
@@ -286,7 +302,8 @@ impl Config {
             ];
             if let Some((_, flag)) = redis_only.iter().find(|(given, _)| *given) {
                 return Err(ConfigError(format!(
-                    "{flag} needs a Redis: give --redis-url or --redis-sentinels"
+                    "{flag} needs a Redis: give --redis-url, --redis-sentinels or \
+                     --redis-cluster-nodes"
                 )));
             }
         }
@@ -303,7 +320,8 @@ impl Config {
         if let Some(url) = &self.redis_url {
             if self.redis_tls {
                 return Err(ConfigError(
-                    "--redis-tls is for --redis-sentinels; with --redis-url use a rediss:// URL"
+                    "--redis-tls is for --redis-sentinels and --redis-cluster-nodes; with \
+                     --redis-url use a rediss:// URL"
                         .into(),
                 ));
             }
@@ -348,7 +366,7 @@ impl Config {
         if self.redis_ca_file.is_some() && !tls {
             return Err(ConfigError(
                 "--redis-ca-file needs TLS to Redis: a rediss:// --redis-url, or --redis-tls \
-                 with --redis-sentinels"
+                 with --redis-sentinels or --redis-cluster-nodes"
                     .into(),
             ));
         }
@@ -372,6 +390,8 @@ impl Config {
     pub fn topology(&self) -> Topology {
         if !self.redis_sentinels.is_empty() {
             Topology::Sentinel
+        } else if !self.redis_cluster_nodes.is_empty() {
+            Topology::Cluster
         } else if self.redis_url.is_some() {
             Topology::Redis
         } else {
@@ -382,16 +402,16 @@ impl Config {
     /// `--revocation-replicas`, or its default for the topology (SPEC §8).
     pub fn revocation_replicas(&self) -> u32 {
         self.revocation_replicas.unwrap_or(match self.topology() {
-            Topology::Sentinel => 1,
+            Topology::Sentinel | Topology::Cluster => 1,
             Topology::Redis | Topology::Memory => 0,
         })
     }
 
     /// `--clock-skew-ms`, or its default for the topology (SPEC §8): one Redis has one
-    /// clock; a failover brings another.
+    /// clock; a failover brings another, and a Cluster has one per primary.
     pub fn clock_skew(&self) -> Duration {
         let millis = self.clock_skew_ms.unwrap_or(match self.topology() {
-            Topology::Sentinel => 500,
+            Topology::Sentinel | Topology::Cluster => 500,
             Topology::Redis | Topology::Memory => 0,
         });
         Duration::from_millis(millis.into())
@@ -491,6 +511,39 @@ mod tests {
             (config.revocation_replicas(), config.clock_skew()),
             (2, Duration::ZERO)
         );
+        let config = parse(&["--redis-cluster-nodes", "10.0.0.1:7000,10.0.0.2:7000"]).unwrap();
+        assert_eq!(config.topology(), Topology::Cluster);
+        assert_eq!(config.redis_cluster_nodes.len(), 2);
+        assert_eq!(
+            (config.revocation_replicas(), config.clock_skew()),
+            (1, Duration::from_millis(500))
+        );
+    }
+
+    /// Two topologies at once are refused, naming both flags.
+    #[test]
+    fn one_topology() {
+        let both = parse(&[
+            "--redis-sentinels",
+            "10.0.0.1:26379",
+            "--redis-sentinel-master",
+            "sessions",
+            "--redis-cluster-nodes",
+            "10.0.0.1:7000",
+        ])
+        .unwrap_err();
+        assert!(
+            both.contains("--redis-sentinels and --redis-cluster-nodes"),
+            "{both}"
+        );
+        let both = parse(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-cluster-nodes",
+            "10.0.0.1:7000",
+        ])
+        .unwrap_err();
+        assert!(both.contains("--redis-url and --redis-cluster-nodes"), "{both}");
     }
 
     /// The Redis password never reaches a log line.

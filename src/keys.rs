@@ -14,7 +14,9 @@ pub const ENTRY_PREFIX: &str = "session_cache:";
 /// Prefix of a user's invalidation marker: `user_invalidated:<user_id>` (the Python
 /// service's layout).
 pub const MARKER_PREFIX: &str = "user_invalidated:";
-/// Prefix of a logout tombstone: `session_revoked:<hash>` (new in this service).
+/// Prefix of a logout tombstone (new in this service): `session_revoked:{session_cache:<hash>}`.
+/// The braces make Redis Cluster hash the tombstone by its entry's key, so both live in
+/// one slot and one script may touch both (SPEC §8).
 pub const TOMBSTONE_PREFIX: &str = "session_revoked:";
 
 /// How many hex characters of the hash a log line may show.
@@ -52,8 +54,17 @@ impl TokenHash {
         format!("{ENTRY_PREFIX}{}", self.as_str())
     }
 
-    /// The key of the token's logout tombstone.
+    /// The key of the token's logout tombstone, in its entry's Cluster slot:
+    /// `session_revoked:{session_cache:<hash>}`.
     pub fn tombstone_key(&self) -> String {
+        format!("{TOMBSTONE_PREFIX}{{{ENTRY_PREFIX}{}}}", self.as_str())
+    }
+
+    /// The tombstone's name before it moved into its entry's slot,
+    /// `session_revoked:<hash>`. Outside Cluster (the only place a release before the
+    /// rename ran) it is still written and honoured, so that a rolling upgrade loses no
+    /// logout; it can go once no such release runs and `--ttl-seconds` has passed.
+    pub fn legacy_tombstone_key(&self) -> String {
         format!("{TOMBSTONE_PREFIX}{}", self.as_str())
     }
 
@@ -131,6 +142,10 @@ mod tests {
             "session_cache:ba7816bf8f01cfea414140de5dae2223"
         );
         assert_eq!(marker_key("u1"), "user_invalidated:u1");
+        assert_eq!(
+            TokenHash::of("abc").tombstone_key(),
+            "session_revoked:{session_cache:ba7816bf8f01cfea414140de5dae2223}"
+        );
     }
 
     /// Keyed hashing differs from plain hashing and depends on the secret
@@ -144,6 +159,20 @@ mod tests {
             TokenHash::of("abc")
         );
         assert_eq!(TokenHasher::Sha256.hash("abc"), TokenHash::of("abc"));
+    }
+
+    /// A token's entry and tombstone share a Cluster slot, whatever the token (SPEC §8).
+    #[test]
+    fn tombstone_shares_the_entry_slot() {
+        use bb8_redis::redis::cluster_routing::Slot;
+        for token in ["abc", "tok", "another token"] {
+            let hash = TokenHash::of(token);
+            assert_eq!(
+                Slot::for_key(hash.tombstone_key()),
+                Slot::for_key(hash.entry_key()),
+                "{token}"
+            );
+        }
     }
 
     /// Debug output never carries the whole hash.

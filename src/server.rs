@@ -126,7 +126,7 @@ pub async fn run(
         }
         None => {
             warn!(
-                "no --redis-url or --redis-sentinels: sessions are cached in this process \
+                "no --redis-url, --redis-sentinels or --redis-cluster-nodes: sessions are cached in this process \
                  only; other replicas do not see them, and a restart forgets them and every \
                  invalidation"
             );
@@ -141,6 +141,7 @@ pub fn redis_config(config: &Config) -> Result<Option<RedisConfig>, Error> {
     let topology = match config.topology() {
         Topology::Memory => return Ok(None),
         Topology::Redis => RedisTopology::Url(config.redis_url.clone().unwrap_or_default()),
+        Topology::Cluster => RedisTopology::Cluster(config.redis_cluster_nodes.clone()),
         Topology::Sentinel => RedisTopology::Sentinel(SentinelConfig {
             sentinels: config.redis_sentinels.clone(),
             master: config.redis_sentinel_master.clone().unwrap_or_default(),
@@ -301,6 +302,7 @@ async fn serve<S: Store>(
         redis_url = config.redis_url_redacted(),
         redis_sentinels = ?config.redis_sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(),
         redis_sentinel_master = config.redis_sentinel_master,
+        redis_cluster_nodes = ?config.redis_cluster_nodes.iter().map(ToString::to_string).collect::<Vec<_>>(),
         revocation_replicas = config.revocation_replicas(),
         clock_skew_ms = config.clock_skew().as_millis() as u64,
         enabled = config.enabled,

@@ -3,8 +3,9 @@
 //!
 //! Every case is a function of the store and the path; the macro at the bottom runs
 //! each against Redis and the embedded memory store, by each path (the transport's own
-//! limits only through the network), and against a Redis Sentinel topology (a primary,
-//! a replica, three Sentinels) through the network.
+//! limits only through the network), and through the network against a Redis Sentinel
+//! topology (a primary, a replica, three Sentinels) and a Redis Cluster (three primaries,
+//! each with a replica).
 
 mod support;
 
@@ -500,6 +501,11 @@ macro_rules! conformance {
             use super::*;
             $(#[tokio::test] async fn $case() { super::$case(Backend::Sentinel, Path::Network).await; })*
             $(#[tokio::test] async fn $network_case() { super::$network_case(Backend::Sentinel, Path::Network).await; })*
+        }
+        mod cluster_network {
+            use super::*;
+            $(#[tokio::test] async fn $case() { super::$case(Backend::Cluster, Path::Network).await; })*
+            $(#[tokio::test] async fn $network_case() { super::$network_case(Backend::Cluster, Path::Network).await; })*
         }
         mod redis_direct {
             use super::*;

@@ -240,6 +240,19 @@ async fn invalidation_is_never_undone_on_redis() {
     check(Backend::Redis).await;
 }
 
+/// Behind Sentinels (a primary, a replica, three Sentinels): the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_is_never_undone_behind_sentinels() {
+    check(Backend::Sentinel).await;
+}
+
+/// On a Redis Cluster of three primaries, where the marker and the entry live on
+/// different nodes and a Get reads them in two steps: the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_is_never_undone_on_a_cluster() {
+    check(Backend::Cluster).await;
+}
+
 /// On the memory store: the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_never_undone_in_memory() {

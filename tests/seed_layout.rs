@@ -209,7 +209,8 @@ async fn writes_python_markers() {
     assert!(pttl > 8_000_000_000, "PTTL {pttl}");
 }
 
-/// InvalidateToken leaves a tombstone that lives as long as an entry could.
+/// InvalidateToken leaves a tombstone that lives as long as an entry could, in its
+/// entry's Cluster slot, and under its old name too for a release from before the rename.
 #[tokio::test]
 async fn logout_leaves_a_tombstone() {
     let mut h = Harness::start(
@@ -220,15 +221,40 @@ async fn logout_leaves_a_tombstone() {
     h.set("tok", user("u1"), in_an_hour(), "").await;
     assert!(h.invalidate_token("tok").await.unwrap().deleted);
     let mut conn = h.redis().conn().await;
-    let key = TokenHash::of("tok").tombstone_key();
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(&key)
+    let hash = TokenHash::of("tok");
+    for key in [
+        format!("session_revoked:{{session_cache:{}}}", hash.as_str()),
+        format!("session_revoked:{}", hash.as_str()),
+    ] {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(pttl > 110_000 && pttl <= 120_000, "{key}: PTTL {pttl}");
+    }
+    let exists: bool = conn.exists(entry_key("tok")).await.unwrap();
+    assert!(!exists);
+}
+
+/// A tombstone under its old name, left by a release from before the rename, still
+/// refuses a late Set for as long as it lives.
+#[tokio::test]
+async fn old_tombstones_still_refuse() {
+    let mut h = Harness::start(Backend::Redis, &[]).await;
+    let mut conn = h.redis().conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(TokenHash::of("tok").legacy_tombstone_key())
+        .arg("1732780000.5")
+        .arg("EX")
+        .arg(300)
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(pttl > 110_000 && pttl <= 120_000, "PTTL {pttl}");
-    let exists: bool = conn.exists(entry_key("tok")).await.unwrap();
-    assert!(!exists);
+    let set = h.set("tok", user("u1"), in_an_hour(), "").await;
+    assert_eq!(set.outcome(), SetOutcome::Revoked);
+    let set = h.set("other", user("u1"), in_an_hour(), "").await;
+    assert_eq!(set.outcome(), SetOutcome::Stored);
 }
 
 /// A value that is not a session answers CORRUPT with a fence and is removed.

@@ -317,7 +317,7 @@ async fn missing_revocations(
             .await
             .unwrap();
         let tombstone: bool = redis::cmd("EXISTS")
-            .arg(format!("session_revoked:{}", TokenHash::of(token).as_str()))
+            .arg(TokenHash::of(token).tombstone_key())
             .query_async(&mut conn)
             .await
             .unwrap();

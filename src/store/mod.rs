@@ -202,7 +202,8 @@ pub(crate) fn judge_cached(
     Verdict::Hit(cached.session)
 }
 
-fn read_marker(raw: &[u8]) -> Option<Micros> {
+/// A marker's instant; `None` when it does not read as seconds.
+pub(crate) fn read_marker(raw: &[u8]) -> Option<Micros> {
     std::str::from_utf8(raw)
         .ok()
         .and_then(Micros::parse_seconds)

@@ -212,6 +212,8 @@ pub enum Backend {
     Memory,
     /// A primary, a replica and three Sentinels (`sentinel::SentinelTopology`).
     Sentinel,
+    /// A Redis Cluster of three primaries, each with a replica (`cluster::ClusterTopology`).
+    Cluster,
 }
 
 impl Backend {
@@ -221,13 +223,14 @@ impl Backend {
             Backend::Redis => "redis",
             Backend::Memory => "memory",
             Backend::Sentinel => "redis-sentinel",
+            Backend::Cluster => "redis-cluster",
         }
     }
 
     /// The default `--clock-skew-ms` margin of this backend's topology (SPEC §8).
     pub fn clock_skew(self) -> Duration {
         match self {
-            Backend::Sentinel => Duration::from_millis(500),
+            Backend::Sentinel | Backend::Cluster => Duration::from_millis(500),
             Backend::Redis | Backend::Memory => Duration::ZERO,
         }
     }
@@ -328,6 +331,7 @@ impl Drop for Server {
 pub struct Harness {
     pub redis: Option<Redis>,
     pub sentinel: Option<sentinel::SentinelTopology>,
+    pub cluster: Option<cluster::ClusterTopology>,
     pub server: Server,
     pub client: SessionCacheClient<Channel>,
 }
@@ -345,7 +349,25 @@ impl Harness {
                 harness.sentinel = Some(topology);
                 harness
             }
+            Backend::Cluster => {
+                let topology = cluster::ClusterTopology::start(cluster::Cluster {
+                    primaries: 3,
+                    replicas_per_primary: 1,
+                })
+                .await;
+                let mut harness = Harness::over_cluster(&topology, args).await;
+                harness.cluster = Some(topology);
+                harness
+            }
         }
+    }
+
+    /// Starts the server over a Cluster that the caller keeps, and waits until serving.
+    pub async fn over_cluster(topology: &cluster::ClusterTopology, args: &[&str]) -> Harness {
+        let seeds = topology.seeds();
+        let mut argv = vec!["--redis-cluster-nodes", &seeds];
+        argv.extend(args);
+        Harness::over(None, &argv).await
     }
 
     /// Starts the server over a Sentinel topology that the caller keeps, and waits until
@@ -377,6 +399,7 @@ impl Harness {
         Harness {
             redis,
             sentinel: None,
+            cluster: None,
             server,
             client,
         }

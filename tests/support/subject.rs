@@ -162,8 +162,8 @@ impl Subject {
                 let service = SessionCacheService::new(Arc::new(store), config.enabled, status);
                 (Caller::Redis(Arc::new(service)), Some(redis))
             }
-            Backend::Sentinel => {
-                unreachable!("the Sentinel topology is tested through the network")
+            Backend::Sentinel | Backend::Cluster => {
+                unreachable!("the Sentinel and Cluster topologies are tested through the network")
             }
             Backend::Memory => {
                 let store = MemoryStore::new(config.limits(), config.memory_max_entries);

@@ -79,7 +79,8 @@ async fn send(mut handle: super::connection::Handle, script: Arc<Script>, batch:
         pipe.cmd("EVALSHA")
             .arg(script.get_hash())
             .arg(1)
-            .arg(&job.key);
+            .arg(&job.key)
+            .arg(super::READ_MARKER);
     }
     let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
         Ok(values) => values,
@@ -97,6 +98,7 @@ async fn send(mut handle: super::connection::Handle, script: Arc<Script>, batch:
             // through the plain path, which retries with the script itself.
             Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => script
                 .key(&job.key)
+                .arg(super::READ_MARKER)
                 .invoke_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e)),

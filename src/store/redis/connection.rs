@@ -1,6 +1,6 @@
-//! Connections to the Redis primary: where it is (one fixed address, or whatever the
-//! Sentinels name), bb8's view of a connection, and the rules by which a connection is
-//! declared dead or the primary declared moved.
+//! Connections to the Redis primary: where it is (one fixed address, whatever the
+//! Sentinels name, or the primaries of a Cluster by slot), bb8's view of a connection,
+//! and the rules by which a connection is declared dead or the primary declared moved.
 //!
 //! # Following the primary
 //! A `MultiplexedConnection` never reconnects. So every dial asks afresh:
@@ -9,6 +9,11 @@
 //! dial; when the primary may have moved (a `+switch-master` from a Sentinel, a
 //! `READONLY` or `NOREPLICAS` reply) the epoch moves on, and bb8 replaces every older
 //! connection at its next checkout. A dropped connection is replaced alone, as before.
+//!
+//! A Cluster connection follows its primaries itself: redis-rs's cluster client learns
+//! the slot map, follows MOVED and ASK, and reconnects to a node that went away. bb8
+//! replaces one only when its driver has stopped, and bounds its dial, which redis-rs
+//! does not (redis-rs issue 1953).
 //!
 //! None of this is what keeps reads and writes off a replica: every script carries a
 //! shebang line without `no-writes` (see `super::SHEBANG`), which Redis refuses on a
@@ -22,7 +27,10 @@ use std::sync::{
 
 use bb8::{ErrorSink, ManageConnection};
 use bb8_redis::redis::{
-    AsyncConnectionConfig, Client, ErrorKind, RedisError, aio::MultiplexedConnection,
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value,
+    aio::{ConnectionLike, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
 };
 use tracing::{info, warn};
 
@@ -34,6 +42,43 @@ pub(crate) enum Target {
     Direct(Client),
     /// The primary that the Sentinels name, asked at every dial.
     Sentinel(super::sentinel::Resolver),
+    /// The primaries of a Redis Cluster, found from seed nodes.
+    Cluster(ClusterClient),
+}
+
+/// A pipelined connection: to one node, or to every primary of a Cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Node(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
 }
 
 /// What the pool knows of the primary: the epoch that connections must match, the
@@ -123,7 +168,7 @@ impl Primary {
 /// bb8's view of a connection: the pipelined handle, its `broken` flag, and the epoch
 /// of its dial.
 pub(crate) struct Pooled {
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) conn: Conn,
     broken: Arc<AtomicBool>,
     epoch: u64,
     primary: Arc<Primary>,
@@ -138,19 +183,27 @@ pub(crate) struct Manager {
 struct Shared {
     target: Target,
     connection: AsyncConnectionConfig,
+    /// How long one node's dial may take (the Cluster dial is a few of them).
+    connection_timeout: std::time::Duration,
     primary: Arc<Primary>,
 }
+
+/// A Cluster dial asks a seed node for the slot map, then dials every primary: a few
+/// node dials' worth of time.
+const CLUSTER_DIAL_ATTEMPTS: u32 = 3;
 
 impl Manager {
     pub(crate) fn new(
         target: Target,
         connection: AsyncConnectionConfig,
+        connection_timeout: std::time::Duration,
         primary: Arc<Primary>,
     ) -> Self {
         Manager {
             shared: Arc::new(Shared {
                 target,
                 connection,
+                connection_timeout,
                 primary,
             }),
         }
@@ -169,21 +222,42 @@ impl ManageConnection for Manager {
         // The epoch is read before resolving: a move announced meanwhile makes this
         // connection stale at once rather than letting it pass for a current one.
         let epoch = self.shared.primary.epoch();
-        let (conn, address) = match &self.shared.target {
+        let conn = match &self.shared.target {
             Target::Direct(client) => {
                 let conn = client
                     .get_multiplexed_async_connection_with_config(&self.shared.connection)
                     .await?;
-                (conn, client.get_connection_info().addr().to_string())
+                self.shared
+                    .primary
+                    .dialled(client.get_connection_info().addr().to_string());
+                Conn::Node(conn)
             }
             Target::Sentinel(resolver) => {
                 let announced = self.shared.primary.announced();
-                resolver
+                let (conn, address) = resolver
                     .connect(&self.shared.connection, announced.as_deref())
-                    .await?
+                    .await?;
+                self.shared.primary.dialled(address);
+                Conn::Node(conn)
+            }
+            Target::Cluster(client) => {
+                // Bounded here: redis-rs waits for its first slot map without a bound of
+                // its own, and a dial that never ends would hold a pool slot for ever.
+                let dial = self
+                    .shared
+                    .connection_timeout
+                    .saturating_mul(CLUSTER_DIAL_ATTEMPTS);
+                let conn = tokio::time::timeout(dial, client.get_async_connection())
+                    .await
+                    .map_err(|_| {
+                        RedisError::from((
+                            ErrorKind::Io,
+                            "no Redis Cluster node answered in time",
+                        ))
+                    })??;
+                Conn::Cluster(conn)
             }
         };
-        self.shared.primary.dialled(address);
         Ok(Pooled {
             conn,
             broken: Arc::new(AtomicBool::new(false)),
@@ -245,7 +319,7 @@ impl ErrorSink<RedisError> for DialErrors {
 
 /// A clone of a pooled connection's handle, used outside the pool.
 pub(crate) struct Handle {
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) conn: Conn,
     broken: Arc<AtomicBool>,
     epoch: u64,
     primary: Arc<Primary>,
@@ -265,7 +339,17 @@ impl Handle {
     /// pool replaces it; a reply that says the node is no (longer a fit) primary moves
     /// the epoch so that every connection is dialled afresh.
     pub(crate) fn failed(&self, e: RedisError) -> StoreError {
-        let dropped = e.is_unrecoverable_error() || e.is_connection_dropped() || e.is_io_error();
+        let dropped = match self.conn {
+            Conn::Node(_) => {
+                e.is_unrecoverable_error() || e.is_connection_dropped() || e.is_io_error()
+            }
+            // A node's connection inside it fails and heals on its own; only a stopped
+            // driver, or one that has lost every node, is beyond repair.
+            Conn::Cluster(_) => {
+                e.kind() == ErrorKind::ClusterConnectionNotFound
+                    || e.to_string().contains(CLUSTER_DRIVER_GONE)
+            }
+        };
         if dropped && !self.broken.swap(true, Ordering::Relaxed) {
             warn!(error = %e, "redis connection lost; it will be replaced");
         }
@@ -286,6 +370,9 @@ impl Handle {
         }
     }
 }
+
+/// What redis-rs's cluster client answers once its driver task has stopped.
+const CLUSTER_DRIVER_GONE: &str = "redis_cluster: Unable to";
 
 /// The error codes by which a node says it is not a primary that may serve: a replica
 /// (`READONLY`, also what a demoted primary answers), or a primary cut off from its

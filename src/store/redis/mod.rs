@@ -1,5 +1,6 @@
 //! The Redis store: the Python service's layout, one Lua script per operation, and a
-//! pool of pipelined connections that heals after a Redis restart.
+//! pool of pipelined connections that heals after a Redis restart, follows a Sentinel
+//! failover, or spans the primaries of a Redis Cluster.
 //!
 //! # Why the pool looks like this
 //! A `MultiplexedConnection` pipelines: any number of calls can be in flight on it at
@@ -23,6 +24,15 @@
 //! Concurrent Gets do not go to Redis one by one: `batch` sends the lookups that are
 //! ready at the same moment as one pipeline. A lone Get, and the rarer Sets and
 //! invalidations, go straight.
+//!
+//! # Cluster
+//! Every script touches the keys of one slot: the entry and its tombstone, whose hash
+//! tag puts it in the entry's slot, or a user's marker. The marker is in its user's slot,
+//! so in Cluster two things take two steps (SPEC §8): a lookup that finds an entry reads
+//! the marker after it, and a Set with a fence reads the marker before its script
+//! writes. Outside Cluster both stay one script and one round trip. Lookups are not
+//! batched in Cluster: a pipeline goes to one node, and consecutive lookups rarely
+//! share one.
 
 use std::{
     sync::{
@@ -34,8 +44,10 @@ use std::{
 
 use bb8::{Pool, RunError};
 use bb8_redis::redis::{
-    self, AsyncConnectionConfig, Client, FromRedisValue, IntoConnectionInfo, RedisError, Script,
-    ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
+    self, AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError,
+    Script, ScriptInvocation, TlsCertificates,
+    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
+    io::tcp::TcpSettings,
 };
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -43,17 +55,22 @@ use tracing::{debug, warn};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge};
+use super::{
+    Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge, judge_cached,
+    marker_revokes_fence, read_marker,
+};
 
 mod batch;
+mod cluster;
 mod connection;
 mod sentinel;
 
-use connection::{DialErrors, Handle, Manager, Primary, Target};
+use connection::{Conn, DialErrors, Handle, Manager, Primary, Target};
 pub use sentinel::SentinelConfig;
 
 use crate::{
     clock::Micros,
+    config::HostPort,
     entry::{self, Session},
     keys::{TokenHash, marker_key},
 };
@@ -93,6 +110,8 @@ pub enum RedisTopology {
     Url(String),
     /// The primary that these Sentinels name.
     Sentinel(SentinelConfig),
+    /// A Redis Cluster, found from these seed nodes.
+    Cluster(Vec<HostPort>),
 }
 
 /// Never shows the URL, which may carry a password.
@@ -103,6 +122,7 @@ impl std::fmt::Debug for RedisTopology {
             RedisTopology::Sentinel(sentinels) => {
                 f.debug_tuple("Sentinel").field(sentinels).finish()
             }
+            RedisTopology::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
         }
     }
 }
@@ -113,7 +133,8 @@ pub struct RedisConfig {
     pub topology: RedisTopology,
     /// Credentials for the data nodes, besides (never as well as) those in a URL.
     pub credentials: Credentials,
-    /// TLS to the Sentinels and the data nodes they name (a URL says so itself).
+    /// TLS to the Sentinels and the data nodes they name, or to the Cluster's nodes (a
+    /// URL says so itself).
     pub tls: bool,
     /// The bound on every call: checkout, command and reply together.
     pub timeout: Duration,
@@ -132,6 +153,8 @@ pub struct RedisConfig {
 /// Sessions in Redis, in the layout the Python service shares.
 pub struct RedisStore {
     kind: &'static str,
+    /// Keys of one script live in one slot, and the marker elsewhere (see above).
+    cluster: bool,
     pool: Pool<Manager>,
     /// Connections that revocations hold alone while they `WAIT` for replicas; `None`
     /// when no replica is waited for.
@@ -153,10 +176,47 @@ pub struct RedisStore {
 struct Scripts {
     get: Script,
     set: Script,
-    invalidate_token: Script,
-    invalidate_user: Script,
+    invalidate_token: Lua,
+    invalidate_user: Lua,
     remove_if: Script,
-    ping: Script,
+    ping: Lua,
+}
+
+/// A script with its text, for where it goes as `EVAL`: inside the pipeline of a
+/// revocation that waits for replicas, where a primary that lost its script cache (a
+/// failover) could not be answered `NOSCRIPT` and retried, and to every Cluster primary
+/// at once for a ping.
+struct Lua {
+    script: Script,
+    code: String,
+}
+
+impl Lua {
+    fn new(code: String) -> Self {
+        Lua {
+            script: Script::new(&code),
+            code,
+        }
+    }
+
+    /// `EVAL` of this script with these keys and arguments.
+    fn eval(&self, keys: &[String], args: &[String]) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(&self.code).arg(keys.len()).arg(keys).arg(args);
+        cmd
+    }
+
+    /// `EVALSHA` of this script, loading it where it is missing.
+    fn invocation(&self, keys: &[String], args: &[String]) -> ScriptInvocation<'_> {
+        let mut invocation = self.script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        invocation
+    }
 }
 
 /// The first line of every script. A script with a shebang and without the `no-writes`
@@ -169,18 +229,26 @@ struct Scripts {
 const SHEBANG: &str = "#!lua\n";
 const SHEBANG_ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 
-macro_rules! script {
+macro_rules! lua {
     ($shebang:expr, $file:literal) => {
-        Script::new(
-            &[
-                $shebang,
-                include_str!("scripts/lib.lua"),
-                include_str!(concat!("scripts/", $file)),
-            ]
-            .concat(),
-        )
+        [
+            $shebang,
+            include_str!("scripts/lib.lua"),
+            include_str!(concat!("scripts/", $file)),
+        ]
+        .concat()
     };
 }
+
+macro_rules! script {
+    ($shebang:expr, $file:literal) => {
+        Script::new(&lua!($shebang, $file))
+    };
+}
+
+/// The Get script's argument that has it read the marker in the same round trip
+/// (outside Cluster only; see `scripts/get.lua`).
+const READ_MARKER: &str = "marker";
 
 impl RedisStore {
     /// Sets up the pools without dialling: the service starts, and reports NOT_SERVING,
@@ -225,13 +293,18 @@ impl RedisStore {
                 sentinel::watch(sentinels, tls.as_ref(), primary.clone(), stop.clone())?;
                 ("redis-sentinel", Target::Sentinel(resolver))
             }
+            RedisTopology::Cluster(nodes) => {
+                let client = cluster::client(nodes, config, certificates.clone())?;
+                ("redis-cluster", Target::Cluster(client))
+            }
         };
+        let cluster = matches!(config.topology, RedisTopology::Cluster(_));
         // redis-rs has its own response timeout (500 ms by default); it must agree with
         // ours, or a late reply would be waited for after the caller was answered.
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(config.timeout));
-        let manager = Manager::new(target, connection, primary);
+        let manager = Manager::new(target, connection, CONNECT_TIMEOUT, primary);
         let dial_errors = DialErrors::default();
         let shared =
             pool(config.connections, config.timeout, &dial_errors).build_unchecked(manager.clone());
@@ -243,6 +316,7 @@ impl RedisStore {
         let get = script!(SHEBANG_ALLOW_OOM, "get.lua");
         Ok(RedisStore {
             kind,
+            cluster,
             gets: batch::spawn(shared.clone(), get.clone()),
             lookups: AtomicUsize::new(0),
             pool: shared,
@@ -254,10 +328,10 @@ impl RedisStore {
             scripts: Scripts {
                 get,
                 set: script!(SHEBANG, "set.lua"),
-                invalidate_token: script!(SHEBANG, "invalidate_token.lua"),
-                invalidate_user: script!(SHEBANG, "invalidate_user.lua"),
+                invalidate_token: Lua::new(lua!(SHEBANG, "invalidate_token.lua")),
+                invalidate_user: Lua::new(lua!(SHEBANG, "invalidate_user.lua")),
                 remove_if: script!(SHEBANG_ALLOW_OOM, "remove_if.lua"),
-                ping: script!(SHEBANG_ALLOW_OOM, "ping.lua"),
+                ping: Lua::new(lua!(SHEBANG_ALLOW_OOM, "ping.lua")),
             },
             _watchers: stop.drop_guard(),
         })
@@ -285,24 +359,38 @@ impl RedisStore {
             .unwrap_or(Err(StoreError::Timeout))
     }
 
-    /// Runs a revocation's script and, with `--revocation-replicas`, waits on the same
-    /// connection until that many replicas have it (SPEC §8). The scripts are
-    /// idempotent, so a caller may retry one that was not acknowledged.
+    /// Runs one command within `deadline`.
+    async fn query<T: FromRedisValue>(&self, deadline: Instant, cmd: &Cmd) -> Result<T, StoreError> {
+        let call = async {
+            let mut handle = self.connection().await?;
+            cmd.query_async(&mut handle.conn)
+                .await
+                .map_err(|e| handle.failed(e))
+        };
+        timeout_at(deadline, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
+    }
+
+    /// Runs a revocation's script and, with `--revocation-replicas`, waits until that
+    /// many replicas have it (SPEC §8). The scripts are idempotent, so a caller may
+    /// retry one that was not acknowledged.
     async fn revoke<T: FromRedisValue>(
         &self,
-        invocation: &ScriptInvocation<'_>,
+        lua: &Lua,
+        keys: &[String],
+        args: &[String],
     ) -> Result<T, StoreError> {
         let deadline = self.deadline();
         let Some(durable) = &self.durable else {
-            return self.run(deadline, invocation).await;
+            return self.run(deadline, &lua.invocation(keys, args)).await;
         };
         let call = async {
             let pooled = durable.get().await.map_err(pool_error)?;
             let mut handle = Handle::of(&pooled);
-            let value = invocation
-                .invoke_async(&mut handle.conn)
-                .await
-                .map_err(|e| handle.failed(e))?;
+            // WAIT answers for the writes of the connection it is sent on, so it goes
+            // right behind the script, in one pipeline: to one node, over one
+            // connection, even when a Cluster redirects it (see `cluster::durable`).
             // Nine tenths of what is left, so that WAIT's own answer (how many replicas
             // have the write) arrives before the deadline and says what fell short.
             // WAIT 0 would wait for ever.
@@ -312,19 +400,57 @@ impl RedisStore {
                 * 9
                 / 10)
                 .max(1);
-            let replicas: u32 = redis::cmd("WAIT")
-                .arg(self.revocation_replicas)
-                .arg(u64::try_from(wait_ms).unwrap_or(u64::MAX))
-                .query_async(&mut handle.conn)
-                .await
-                .map_err(|e| handle.failed(e))?;
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(self.revocation_replicas)
+                .arg(u64::try_from(wait_ms).unwrap_or(u64::MAX));
+            let (value, replicas) =
+                cluster::durable(&mut handle, lua.eval(keys, args), wait, deadline).await?;
             if replicas < self.revocation_replicas {
                 return Err(StoreError::NotReplicated {
                     reached: replicas,
                     wanted: self.revocation_replicas,
                 });
             }
-            Ok(value)
+            T::from_redis_value(value).map_err(|e| {
+                StoreError::Failed(format!("a revocation script answered {e}"))
+            })
+        };
+        timeout_at(deadline, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
+    }
+
+    /// Judges an entry that a Cluster lookup found, reading its user's marker after it
+    /// (SPEC §8: a marker only moves forward, so the later read is the safe one). A
+    /// marker that cannot be read fails the lookup: never a hit without the check.
+    async fn judge_in_cluster(
+        &self,
+        deadline: Instant,
+        raw: &[u8],
+        now: Micros,
+    ) -> Result<Verdict, StoreError> {
+        let Ok(cached) = entry::decode(raw) else {
+            return Ok(Verdict::Remove(Lookup::Corrupt));
+        };
+        if Micros::from_datetime(cached.session.session_expire) < now {
+            return Ok(judge_cached(cached, None, now, self.limits.clock_skew));
+        }
+        let marker: Option<Vec<u8>> = self
+            .query(deadline, redis::cmd("GET").arg(marker_key(&cached.session.user.id)))
+            .await?;
+        Ok(judge_cached(
+            cached,
+            marker.as_deref().map(read_marker),
+            now,
+            self.limits.clock_skew,
+        ))
+    }
+
+    /// Runs `cmd` on every Cluster primary within `deadline`.
+    async fn on_every_primary(&self, deadline: Instant, cmd: Cmd) -> Result<(), StoreError> {
+        let call = async {
+            let mut handle = self.connection().await?;
+            cluster::on_every_primary(&mut handle, cmd).await
         };
         timeout_at(deadline, call)
             .await
@@ -335,12 +461,17 @@ impl RedisStore {
         Instant::now() + self.timeout
     }
 
-    /// Runs the Get script for `key`: directly when no other lookup is in progress,
-    /// else through the batcher.
+    /// Runs the Get script for `key`: directly when no other lookup is in progress or
+    /// in Cluster, else through the batcher.
     async fn lookup(&self, deadline: Instant, key: &str) -> Result<batch::Reply, StoreError> {
+        if self.cluster {
+            return self.run(deadline, &self.scripts.get.key(key)).await;
+        }
         let counted = Counted::enter(&self.lookups);
         if counted.alone {
-            return self.run(deadline, &self.scripts.get.key(key)).await;
+            return self
+                .run(deadline, self.scripts.get.key(key).arg(READ_MARKER))
+                .await;
         }
         let (reply, replied) = oneshot::channel();
         let job = batch::Job {
@@ -357,26 +488,49 @@ impl RedisStore {
     }
 
     /// Redis's `maxmemory-policy`, from CONFIG GET or, where an ACL forbids that, from
-    /// INFO; `None` when neither is allowed.
+    /// INFO; `None` when neither is allowed. In Cluster, the first `allkeys-*` policy of
+    /// any primary, else the first primary's.
     pub async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
         let mut handle = self.connection().await?;
-        let config: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async(&mut handle.conn)
-            .await;
-        if let Ok(pair) = config {
-            return Ok(pair.into_iter().nth(1));
-        }
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut handle.conn)
-            .await;
-        Ok(info.ok().and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+        let mut config = redis::cmd("CONFIG");
+        config.arg("GET").arg("maxmemory-policy");
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        let (config, info) = match &mut handle.conn {
+            Conn::Node(conn) => (
+                config.query_async::<Vec<String>>(conn).await,
+                info.query_async::<String>(conn).await,
+            ),
+            Conn::Cluster(conn) => {
+                let everywhere = |policy| {
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(policy)))
+                };
+                (
+                    conn.route_command(config, everywhere(ResponsePolicy::CombineArrays))
+                        .await
+                        .and_then(|value| Ok(Vec::<String>::from_redis_value(value)?)),
+                    conn.route_command(info, everywhere(ResponsePolicy::Special))
+                        .await
+                        .and_then(|value| {
+                            // One INFO text per node, by address.
+                            let texts: std::collections::HashMap<String, String> =
+                                FromRedisValue::from_redis_value(value)?;
+                            Ok(texts.into_values().collect::<Vec<_>>().join("\n"))
+                        }),
+                )
+            }
+        };
+        let policies: Vec<String> = match (config, info) {
+            (Ok(pairs), _) => pairs.into_iter().skip(1).step_by(2).collect(),
+            (Err(_), Ok(text)) => text
+                .lines()
+                .filter_map(|line| line.strip_prefix("maxmemory_policy:"))
                 .map(|policy| policy.trim().to_owned())
-        }))
+                .collect(),
+            (Err(_), Err(_)) => Vec::new(),
+        };
+        let evicting = policies.iter().find(|p| p.starts_with("allkeys")).cloned();
+        Ok(evicting.or_else(|| policies.into_iter().next()))
     }
 }
 
@@ -415,12 +569,16 @@ impl Store for RedisStore {
         let key = token.entry_key();
         let (raw, marker, now) = self.lookup(deadline, &key).await?;
         let fence = Fence(Micros(now));
-        match judge(
-            raw.as_deref(),
-            marker.as_deref(),
-            Micros(now),
-            self.limits.clock_skew,
-        ) {
+        let verdict = match (&raw, self.cluster) {
+            (Some(value), true) => self.judge_in_cluster(deadline, value, Micros(now)).await?,
+            _ => judge(
+                raw.as_deref(),
+                marker.as_deref(),
+                Micros(now),
+                self.limits.clock_skew,
+            ),
+        };
+        match verdict {
             Verdict::Hit(session) => Ok(Lookup::Hit(session)),
             Verdict::Miss => Ok(Lookup::Miss(fence)),
             Verdict::Remove(outcome) => {
@@ -444,14 +602,33 @@ impl Store for RedisStore {
     ) -> Result<Stored, StoreError> {
         let deadline = self.deadline();
         let expire = Micros::from_datetime(session.session_expire);
+        let mut invocation = self.scripts.set.key(token.entry_key());
+        invocation.key(token.tombstone_key());
+        if self.cluster {
+            // The marker is in another slot: checked first, here. A marker written
+            // between this read and the script's write postdates the fence, so the Get
+            // that finds the entry finds the marker too and refuses it (SPEC §8).
+            if let Some(fence) = fence {
+                let marker: Option<Vec<u8>> = self
+                    .query(deadline, redis::cmd("GET").arg(marker_key(&session.user.id)))
+                    .await?;
+                let stale = marker.is_some_and(|raw| {
+                    read_marker(&raw)
+                        .is_none_or(|at| marker_revokes_fence(at, fence, self.limits.clock_skew))
+                });
+                if stale {
+                    return Ok(Stored::Stale);
+                }
+            }
+        } else {
+            invocation
+                .key(marker_key(&session.user.id))
+                .key(token.legacy_tombstone_key());
+        }
         let (outcome, ttl): (String, u32) = self
             .run(
                 deadline,
-                self.scripts
-                    .set
-                    .key(token.entry_key())
-                    .key(token.tombstone_key())
-                    .key(marker_key(&session.user.id))
+                invocation
                     .arg(entry::encode_head(session))
                     .arg(expire.0)
                     .arg(fence.map(|f| f.to_string()).unwrap_or_default())
@@ -471,13 +648,15 @@ impl Store for RedisStore {
     }
 
     async fn invalidate_token(&self, token: &TokenHash) -> Result<bool, StoreError> {
+        let mut keys = vec![token.entry_key(), token.tombstone_key()];
+        if !self.cluster {
+            keys.push(token.legacy_tombstone_key());
+        }
         let deleted: i64 = self
             .revoke(
-                self.scripts
-                    .invalidate_token
-                    .key(token.entry_key())
-                    .key(token.tombstone_key())
-                    .arg(self.limits.ttl_seconds),
+                &self.scripts.invalidate_token,
+                &keys,
+                &[self.limits.ttl_seconds.to_string()],
             )
             .await?;
         Ok(deleted > 0)
@@ -486,10 +665,9 @@ impl Store for RedisStore {
     async fn invalidate_user(&self, user_id: &str) -> Result<Micros, StoreError> {
         let at: i64 = self
             .revoke(
-                self.scripts
-                    .invalidate_user
-                    .key(marker_key(user_id))
-                    .arg(self.limits.marker_ttl_seconds),
+                &self.scripts.invalidate_user,
+                &[marker_key(user_id)],
+                &[self.limits.marker_ttl_seconds.to_string()],
             )
             .await?;
         Ok(Micros(at))
@@ -498,9 +676,19 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
         // Not PING, which a replica answers too: the ping script passes only where a
-        // lookup and a revocation would (see SHEBANG).
-        self.run::<String>(started + self.timeout, &self.scripts.ping.prepare_invoke())
-            .await
+        // lookup and a revocation would (see SHEBANG). In Cluster, on every primary:
+        // with one slot unserved, a Cluster refuses every call by default
+        // (cluster-require-full-coverage).
+        let deadline = started + self.timeout;
+        let ping = if self.cluster {
+            self.on_every_primary(deadline, self.scripts.ping.eval(&[], &[]))
+                .await
+        } else {
+            self.run::<String>(deadline, &self.scripts.ping.invocation(&[], &[]))
+                .await
+                .map(drop)
+        };
+        ping
             .map_err(|e| match e {
                 // Redis before 7.0 reads the shebang as Lua, and fails to compile it.
                 StoreError::Failed(text) if text.contains("near '#'") => StoreError::Failed(

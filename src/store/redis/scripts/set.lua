@@ -1,19 +1,23 @@
 -- Set: check and write in one atomic step.
 -- KEYS[1]  the entry, session_cache:<hash>
--- KEYS[2]  the token's logout tombstone, session_revoked:<hash>
--- KEYS[3]  the user's marker, user_invalidated:<user_id>
+-- KEYS[2]  the token's logout tombstone, session_revoked:{session_cache:<hash>}
+-- KEYS[3]  outside Cluster only: the user's marker, user_invalidated:<user_id>. In Cluster
+--          it lives in another slot; the service checks the fence against it before this
+--          script runs, and a Get's marker read covers a marker written in between
+--          (SPEC §8).
+-- KEYS[4]  outside Cluster only: the tombstone's old name, session_revoked:<hash>
 -- ARGV[1]  the entry's JSON up to and including "cached_at":
 -- ARGV[2]  session_expire in micros
 -- ARGV[3]  the fence in micros, or '' for none
 -- ARGV[4]  the configured ttl in seconds
 -- ARGV[5]  the clock-skew margin in micros (SPEC §8)
 -- Returns  {'stored', ttl} | {'revoked', 0} | {'stale', 0} | {'expired', 0}
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[2]) == 1 or (KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1) then
   return {'revoked', 0}
 end
 local now = now_micros()
 local fence = tonumber(ARGV[3])
-if fence then
+if fence and KEYS[3] then
   local marker = redis.call('GET', KEYS[3])
   if marker then
     local at = to_micros(marker)

@@ -1,0 +1,180 @@
+//! Redis Cluster: the client, and what it cannot do for the store by itself.
+//!
+//! redis-rs's cluster client routes each command by its first key, follows MOVED and
+//! ASK, and reconnects to nodes that went away. Two things are left here:
+//! - A revocation that waits for replicas sends its script and `WAIT` in one pipeline,
+//!   because `WAIT` answers for the writes of the connection it arrives on. The client
+//!   routes the pipeline by the script's key but does not follow a redirection that
+//!   one of its commands answers, so [`durable`] does: it never trusts a `WAIT` whose
+//!   script did not run on that connection, before it.
+//! - A ping must reach every primary (see `RedisStore::ping`).
+
+use std::time::Duration;
+
+use bb8_redis::redis::{
+    self, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult,
+    ServerErrorKind, TlsCertificates, TlsMode, Value,
+    cluster::{ClusterClient, ClusterClientBuilder},
+    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo},
+    io::tcp::TcpSettings,
+};
+use tokio::time::{Instant, sleep};
+
+use super::{CONNECT_TIMEOUT, RedisConfig, connection::Conn, connection::Handle};
+use crate::{config::HostPort, store::StoreError};
+
+/// How long a revocation waits before it tries again on a slot that a Cluster is moving
+/// (`TRYAGAIN`) or cannot serve yet (`CLUSTERDOWN`), within its deadline.
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// The cluster client: the store timeout bounds each call, retries included; TLS and
+/// credentials apply to every node.
+pub(super) fn client(
+    nodes: &[HostPort],
+    config: &RedisConfig,
+    certificates: Option<TlsCertificates>,
+) -> RedisResult<ClusterClient> {
+    let seeds = nodes
+        .iter()
+        .map(|node| {
+            let address = if config.tls {
+                ConnectionAddr::TcpTls {
+                    host: node.host.clone(),
+                    port: node.port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(node.host.clone(), node.port)
+            };
+            address.into_connection_info()
+        })
+        .collect::<RedisResult<Vec<_>>>()?;
+    let mut builder = ClusterClientBuilder::new(seeds)
+        .connection_timeout(CONNECT_TIMEOUT)
+        // Per attempt and overall, retries and redirections included.
+        .response_timeout(config.timeout)
+        // Small requests and replies: send each at once (see RedisStore::new).
+        .tcp_settings(TcpSettings::default().set_nodelay(true));
+    if let Some(user) = &config.credentials.username {
+        builder = builder.username(user);
+    }
+    if let Some(password) = &config.credentials.password {
+        builder = builder.password(password);
+    }
+    if config.tls {
+        builder = builder.tls(TlsMode::Secure);
+        if let Some(certificates) = certificates {
+            builder = builder.certs(certificates);
+        }
+    }
+    builder.build()
+}
+
+/// Runs `script` on `handle` and `wait` right behind it on the same node connection;
+/// answers the script's reply and the replica count `WAIT` reported. In a Cluster,
+/// follows the redirections that the script answers until `deadline`.
+pub(super) async fn durable(
+    handle: &mut Handle,
+    script: Cmd,
+    wait: Cmd,
+    deadline: Instant,
+) -> Result<(Value, u32), StoreError> {
+    // None: by the script's first key, as the cluster client routes.
+    let mut ask: Option<(String, u16)> = None;
+    loop {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if ask.is_some() {
+            pipe.cmd("ASKING");
+        }
+        pipe.add_command(script.clone()).add_command(wait.clone());
+        let sent = match (&mut handle.conn, ask.take()) {
+            (Conn::Cluster(conn), Some((host, port))) => {
+                let count = pipe.len();
+                conn.route_pipeline(
+                    pipe,
+                    0,
+                    count,
+                    SingleNodeRoutingInfo::ByAddress { host, port },
+                )
+                .await
+            }
+            (conn, _) => pipe.query_async::<Vec<Value>>(conn).await,
+        };
+        let mut values = sent.map_err(|e| handle.failed(e))?;
+        let replicas = values.pop();
+        let reply = values.pop();
+        let error = match (reply, replicas) {
+            (Some(Value::ServerError(e)), _) => e,
+            (Some(reply), Some(Value::Int(replicas))) => {
+                return Ok((reply, u32::try_from(replicas).unwrap_or(0)));
+            }
+            (_, Some(Value::ServerError(e))) => {
+                return Err(StoreError::Failed(format!("WAIT failed: {e}")));
+            }
+            (reply, replicas) => {
+                return Err(StoreError::Failed(format!(
+                    "a revocation answered {reply:?} and WAIT {replicas:?}"
+                )));
+            }
+        };
+        handle.refused(error.code());
+        let kind = error.kind();
+        let redirect = RedisError::from(error.clone())
+            .redirect_node()
+            .map(|(host, port)| (host.to_owned(), port));
+        match (kind, redirect) {
+            // The slot is moving: this key is on the importing node already.
+            (Some(ServerErrorKind::Ask), Some(node)) => ask = Some(node),
+            // The slot has moved: a plain command through the cluster client follows
+            // the redirection and has it learn the new slot map; then the pipeline
+            // goes by key again.
+            (Some(ServerErrorKind::Moved), Some(_)) => {
+                relearn(handle, &script).await;
+            }
+            (Some(ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown), _) => {
+                sleep(SETTLE).await;
+            }
+            _ => return Err(StoreError::Failed(format!("a revocation failed: {error}"))),
+        }
+        if Instant::now() >= deadline {
+            return Err(StoreError::Timeout);
+        }
+    }
+}
+
+/// Has the cluster client learn where the script's first key lives now, by asking for
+/// it (`EXISTS`, which changes nothing) and following the redirection that answers.
+async fn relearn(handle: &mut Handle, script: &Cmd) {
+    // EVAL, script, key count, first key.
+    let Some(key) = script.args_iter().nth(3) else {
+        return;
+    };
+    let redis::Arg::Simple(key) = key else {
+        return;
+    };
+    let _: RedisResult<Value> = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut handle.conn)
+        .await;
+    sleep(SETTLE).await;
+}
+
+/// Runs `cmd` on every primary of the Cluster; all must succeed.
+pub(super) async fn on_every_primary(handle: &mut Handle, cmd: Cmd) -> Result<(), StoreError> {
+    let Conn::Cluster(conn) = &mut handle.conn else {
+        return Err(StoreError::Failed("not a Cluster connection".into()));
+    };
+    let everywhere = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::AllSucceeded),
+    ));
+    let answer = conn.route_command(cmd, everywhere).await;
+    match answer {
+        Ok(value) => String::from_redis_value(value)
+            .map(drop)
+            .map_err(|e| StoreError::Failed(e.to_string())),
+        Err(e) => Err(handle.failed(e)),
+    }
+}
