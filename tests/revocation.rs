@@ -218,12 +218,12 @@ async fn run_model(model: Arc<PythonModel>) -> (usize, usize) {
     sum(tasks).await
 }
 
-async fn check(backend: Backend) {
-    let h = Harness::start(backend, &[]).await;
+async fn check(backend: Backend, args: &[&str]) {
+    let h = Harness::start(backend, args).await;
     let (hits, violations) = run_service(h.client.clone()).await;
     let (model_hits, model_violations) = run_model(Arc::new(PythonModel::default())).await;
     eprintln!(
-        "{backend:?}: {} steps; service {hits} hits, {violations} revived; Python model {model_hits} hits, {model_violations} revived",
+        "{backend:?} {args:?}: {} steps; service {hits} hits, {violations} revived; Python model {model_hits} hits, {model_violations} revived",
         TASKS * STEPS
     );
     assert_eq!(violations, 0, "a revoked session was served");
@@ -237,24 +237,30 @@ async fn check(backend: Backend) {
 /// On Redis: no revoked session is served; the Python algorithm would serve some.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_never_undone_on_redis() {
-    check(Backend::Redis).await;
+    check(Backend::Redis, &[]).await;
 }
 
-/// Behind Sentinels (a primary, a replica, three Sentinels): the same.
+/// Behind Sentinels (a primary, a replica, three Sentinels): the same, with the default
+/// clock-skew margin and without one (the nodes share this machine's clock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_never_undone_behind_sentinels() {
-    check(Backend::Sentinel).await;
+    check(Backend::Sentinel, &[]).await;
+    check(Backend::Sentinel, &["--clock-skew-ms", "0"]).await;
 }
 
 /// On a Redis Cluster of three primaries, where the marker and the entry live on
-/// different nodes and a Get reads them in two steps: the same.
+/// different nodes, a Get reads them in two steps and a Set checks its fence before it
+/// writes: the same, with the default clock-skew margin and without one. The nodes
+/// share this machine's clock, so no margin is needed; without it the schedule serves
+/// far more hits, and the two-step order alone must keep revocations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_never_undone_on_a_cluster() {
-    check(Backend::Cluster).await;
+    check(Backend::Cluster, &[]).await;
+    check(Backend::Cluster, &["--clock-skew-ms", "0"]).await;
 }
 
 /// On the memory store: the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_never_undone_in_memory() {
-    check(Backend::Memory).await;
+    check(Backend::Memory, &[]).await;
 }
