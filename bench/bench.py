@@ -2,9 +2,9 @@
 """Measures session-cache beside its floors, in one run, with one load generator.
 
 Floors: a constant-reply server for the same proto (examples/constant_server.rs), and
-redis-benchmark GET/SET. Subjects: the service on Redis and on the memory store (Get hit,
-Get miss, Set, InvalidateUser), at 500 calls in flight (50 connections x 10 streams) and
-at 1. Beside them, a seed-equivalent: what the Python service does per lookup (two GETs
+redis-benchmark GET/SET. Subjects: the service on one Redis, on a Redis Cluster of three
+primaries, and on the memory store (Get hit, Get miss, Set, InvalidateUser), at 500 calls
+in flight (50 connections x 10 streams) and at 1. Beside them, a seed-equivalent: what the Python service does per lookup (two GETs
 and a JSON parse with redis-py), for the same number of lookups.
 
 h2load counts any HTTP 200 as a success, gRPC errors included, so each subject is checked
@@ -101,6 +101,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_cluster_port():
+    """A free port below 55536 whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port >= 55536:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise SystemExit("no free port pair for a cluster node")
+
+
 def wait_port(port, deadline=10.0):
     end = time.time() + deadline
     while time.time() < end:
@@ -150,10 +165,35 @@ def redis_cli(port, *args):
                           text=True, check=True).stdout
 
 
-def redis_cpu_seconds(port):
-    info = redis_cli(port, "info", "cpu")
-    values = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    return float(values["used_cpu_sys"]) + float(values["used_cpu_user"])
+def redis_cpu_seconds(ports):
+    total = 0.0
+    for port in ports:
+        info = redis_cli(port, "info", "cpu")
+        values = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        total += float(values["used_cpu_sys"]) + float(values["used_cpu_user"])
+    return total
+
+
+def start_cluster(procs, workdir, primaries=3):
+    """Three cluster-enabled redis-servers joined by redis-cli; returns their ports once
+    every node says cluster_state:ok."""
+    ports = [free_cluster_port() for _ in range(primaries)]
+    for port in ports:
+        procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no", "--dir", workdir,
+                     "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                     "--cluster-node-timeout", "5000"])
+    for port in ports:
+        wait_port(port)
+    subprocess.run(["redis-cli", "--cluster", "create",
+                    *[f"127.0.0.1:{port}" for port in ports], "--cluster-yes"],
+                   capture_output=True, text=True, check=True, timeout=60)
+    end = time.time() + 30
+    while time.time() < end:
+        if all("cluster_state:ok" in redis_cli(port, "cluster", "info") for port in ports):
+            return ports
+        time.sleep(0.05)
+    raise SystemExit("the benchmark cluster did not settle")
 
 
 # --- load --------------------------------------------------------------------------
@@ -218,14 +258,14 @@ def h2load(port, method, body, requests, connections, streams, workdir):
     }
 
 
-def measure(port, pid, redis_port, method, body, requests, in_flight, workdir):
+def measure(port, pid, redis_ports, method, body, requests, in_flight, workdir):
     connections, streams = (50, 10) if in_flight == 500 else (1, 1)
     cpu0 = cpu_seconds(pid)
-    rcpu0 = redis_cpu_seconds(redis_port) if redis_port else 0.0
+    rcpu0 = redis_cpu_seconds(redis_ports)
     result = h2load(port, method, body, requests, connections, streams, workdir)
     result["cpu_us"] = (cpu_seconds(pid) - cpu0) / requests * 1e6
-    result["redis_us"] = ((redis_cpu_seconds(redis_port) - rcpu0) / requests * 1e6
-                          if redis_port else None)
+    result["redis_us"] = ((redis_cpu_seconds(redis_ports) - rcpu0) / requests * 1e6
+                          if redis_ports else None)
     result["rss"] = peak_rss_mib(pid)
     return result
 
@@ -291,17 +331,25 @@ def main():
                      "--save", "", "--appendonly", "no", "--dir", workdir])
         wait_port(redis_port)
 
+        cluster_ports = start_cluster(procs, workdir)
+
         floor_port = free_port()
         floor = procs.start([os.path.join(bin_dir, "examples", "constant_server"),
                              f"127.0.0.1:{floor_port}"])
         wait_port(floor_port)
 
         subjects = {}
-        for store in ("redis", "memory"):
+        redis_ports = {"redis": [redis_port], "cluster": cluster_ports, "memory": []}
+        for store in ("redis", "cluster", "memory"):
             port = free_port()
             cmd = [os.path.join(bin_dir, "session-cache"), "--listen", f"127.0.0.1:{port}"]
             if store == "redis":
                 cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}"]
+            if store == "cluster":
+                # No replicas here: revocations are not waited for, as on one Redis.
+                cmd += ["--redis-cluster-nodes",
+                        ",".join(f"127.0.0.1:{p}" for p in cluster_ports),
+                        "--revocation-replicas", "0"]
             if args.quick:
                 # Debug binaries on a busy CI machine: give Redis time, so that every
                 # reply is the hit the smoke checks for.
@@ -325,14 +373,14 @@ def main():
             return len(reply)
 
         for in_flight, requests in ((500, many), (1, few)):
-            r = measure(floor_port, floor.pid, None, "Get", hit_body, requests, in_flight, workdir)
+            r = measure(floor_port, floor.pid, [], "Get", hit_body, requests, in_flight, workdir)
             rows.append(("floor: constant server, Get", in_flight, r))
             for test in ("get", "set"):
                 rows.append((f"floor: redis-benchmark {test.upper()}", in_flight,
                              redis_benchmark(redis_port, test, requests, in_flight)))
 
         for store, (port, proc) in subjects.items():
-            rport = redis_port if store == "redis" else None
+            rport = redis_ports[store]
             for in_flight, requests in ((500, many), (1, few)):
                 check(port, "Set", set_request("bench-token", "bench-user"), 1)
                 size = check(port, "Get", hit_body, 1)

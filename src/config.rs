@@ -273,9 +273,15 @@ impl Config {
         let named = [
             (self.redis_url.is_some(), "--redis-url"),
             (!self.redis_sentinels.is_empty(), "--redis-sentinels"),
-            (!self.redis_cluster_nodes.is_empty(), "--redis-cluster-nodes"),
+            (
+                !self.redis_cluster_nodes.is_empty(),
+                "--redis-cluster-nodes",
+            ),
         ];
-        let mut given = named.iter().filter(|(given, _)| *given).map(|(_, flag)| *flag);
+        let mut given = named
+            .iter()
+            .filter(|(given, _)| *given)
+            .map(|(_, flag)| *flag);
         if let (Some(first), Some(second)) = (given.next(), given.next()) {
             return Err(ConfigError(format!(
                 "{first} and {second} name two topologies: give one"
@@ -543,7 +549,10 @@ mod tests {
             "10.0.0.1:7000",
         ])
         .unwrap_err();
-        assert!(both.contains("--redis-url and --redis-cluster-nodes"), "{both}");
+        assert!(
+            both.contains("--redis-url and --redis-cluster-nodes"),
+            "{both}"
+        );
     }
 
     /// The Redis password never reaches a log line.

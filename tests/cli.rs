@@ -65,6 +65,39 @@ fn bad_configuration_exits_64() {
             ],
             "--redis-sentinels",
         ),
+        (
+            &[
+                "--redis-url",
+                "redis://127.0.0.1:6379",
+                "--redis-cluster-nodes",
+                "127.0.0.1:7000",
+            ],
+            "--redis-url and --redis-cluster-nodes",
+        ),
+        (
+            &[
+                "--redis-sentinels",
+                "127.0.0.1:26379",
+                "--redis-sentinel-master",
+                "m",
+                "--redis-cluster-nodes",
+                "127.0.0.1:7000",
+            ],
+            "--redis-sentinels and --redis-cluster-nodes",
+        ),
+        (
+            &["--redis-cluster-nodes", "127.0.0.1:7000,nowhere"],
+            "--redis-cluster-nodes",
+        ),
+        (
+            &[
+                "--redis-cluster-nodes",
+                "127.0.0.1:7000",
+                "--redis-sentinel-username",
+                "u",
+            ],
+            "--redis-sentinel-username",
+        ),
         (&["--revocation-replicas", "1"], "--revocation-replicas"),
         (
             &["--redis-url", "redis://127.0.0.1:6379", "--redis-tls"],
@@ -112,6 +145,7 @@ fn help_documents_every_flag() {
         "--shutdown-grace-seconds",
         "--redis-sentinels",
         "--redis-sentinel-master",
+        "--redis-cluster-nodes",
         "--revocation-replicas",
         "--clock-skew-ms",
     ] {

@@ -446,3 +446,33 @@ async fn evicting_redis_is_refused() {
     let h = Harness::over(Some(redis), &["--allow-evicting-redis"]).await;
     drop(h);
 }
+
+/// A Cluster node given as --redis-url would refuse every key of a slot it does not
+/// serve: the service refuses to start on it (exit 64) and names the flag to use.
+#[tokio::test]
+async fn cluster_node_behind_a_url_is_refused() {
+    let bus = support::free_port().to_string();
+    let nodes = std::env::temp_dir().join(format!("session-cache-nodes-{bus}.conf"));
+    let redis = Redis::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-port",
+        &bus,
+        "--cluster-config-file",
+        &nodes.to_string_lossy(),
+    ])
+    .await;
+    let config =
+        session_cache::Config::load_from(["session-cache", "--redis-url", &redis.url()]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = session_cache::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert_eq!(error.exit_code(), 64);
+    assert!(
+        error.to_string().contains("--redis-cluster-nodes"),
+        "{error}"
+    );
+    drop(redis);
+    let _ = std::fs::remove_file(nodes);
+}

@@ -15,7 +15,9 @@ use bb8_redis::redis::{
     self, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult,
     ServerErrorKind, TlsCertificates, TlsMode, Value,
     cluster::{ClusterClient, ClusterClientBuilder},
-    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo},
+    cluster_routing::{
+        MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
+    },
     io::tcp::TcpSettings,
 };
 use tokio::time::{Instant, sleep};

@@ -250,10 +250,7 @@ impl ManageConnection for Manager {
                 let conn = tokio::time::timeout(dial, client.get_async_connection())
                     .await
                     .map_err(|_| {
-                        RedisError::from((
-                            ErrorKind::Io,
-                            "no Redis Cluster node answered in time",
-                        ))
+                        RedisError::from((ErrorKind::Io, "no Redis Cluster node answered in time"))
                     })??;
                 Conn::Cluster(conn)
             }

@@ -360,7 +360,11 @@ impl RedisStore {
     }
 
     /// Runs one command within `deadline`.
-    async fn query<T: FromRedisValue>(&self, deadline: Instant, cmd: &Cmd) -> Result<T, StoreError> {
+    async fn query<T: FromRedisValue>(
+        &self,
+        deadline: Instant,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
         let call = async {
             let mut handle = self.connection().await?;
             cmd.query_async(&mut handle.conn)
@@ -411,9 +415,8 @@ impl RedisStore {
                     wanted: self.revocation_replicas,
                 });
             }
-            T::from_redis_value(value).map_err(|e| {
-                StoreError::Failed(format!("a revocation script answered {e}"))
-            })
+            T::from_redis_value(value)
+                .map_err(|e| StoreError::Failed(format!("a revocation script answered {e}")))
         };
         timeout_at(deadline, call)
             .await
@@ -436,7 +439,10 @@ impl RedisStore {
             return Ok(judge_cached(cached, None, now, self.limits.clock_skew));
         }
         let marker: Option<Vec<u8>> = self
-            .query(deadline, redis::cmd("GET").arg(marker_key(&cached.session.user.id)))
+            .query(
+                deadline,
+                redis::cmd("GET").arg(marker_key(&cached.session.user.id)),
+            )
             .await?;
         Ok(judge_cached(
             cached,
@@ -534,6 +540,21 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Whether the node behind a one-node topology has cluster mode on (`INFO cluster`);
+    /// `false` when it cannot tell.
+    async fn is_cluster_node(&self) -> bool {
+        let Ok(mut handle) = self.connection().await else {
+            return false;
+        };
+        let info: Result<String, _> = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut handle.conn)
+            .await;
+        info.is_ok_and(|text| text.lines().any(|line| line.trim() == "cluster_enabled:1"))
+    }
+}
+
 /// A pool's settings, shared by both pools.
 fn pool(size: u32, timeout: Duration, dial_errors: &DialErrors) -> bb8::Builder<Manager> {
     Pool::builder()
@@ -610,7 +631,10 @@ impl Store for RedisStore {
             // that finds the entry finds the marker too and refuses it (SPEC §8).
             if let Some(fence) = fence {
                 let marker: Option<Vec<u8>> = self
-                    .query(deadline, redis::cmd("GET").arg(marker_key(&session.user.id)))
+                    .query(
+                        deadline,
+                        redis::cmd("GET").arg(marker_key(&session.user.id)),
+                    )
                     .await?;
                 let stale = marker.is_some_and(|raw| {
                     read_marker(&raw)
@@ -688,16 +712,15 @@ impl Store for RedisStore {
                 .await
                 .map(drop)
         };
-        ping
-            .map_err(|e| match e {
-                // Redis before 7.0 reads the shebang as Lua, and fails to compile it.
-                StoreError::Failed(text) if text.contains("near '#'") => StoreError::Failed(
-                    "this Redis cannot run scripts with flags (#!lua): Redis 7.0 or later is \
+        ping.map_err(|e| match e {
+            // Redis before 7.0 reads the shebang as Lua, and fails to compile it.
+            StoreError::Failed(text) if text.contains("near '#'") => StoreError::Failed(
+                "this Redis cannot run scripts with flags (#!lua): Redis 7.0 or later is \
                      needed"
-                        .into(),
-                ),
-                e => e,
-            })?;
+                    .into(),
+            ),
+            e => e,
+        })?;
         Ok(started.elapsed())
     }
 
@@ -707,6 +730,13 @@ impl Store for RedisStore {
     }
 
     async fn readiness_problem(&self) -> Option<String> {
+        if !self.cluster && timeout_at(self.deadline(), self.is_cluster_node()).await == Ok(true) {
+            return Some(
+                "this Redis is a node of a Redis Cluster, which refuses keys of slots it does \
+                 not serve: give the Cluster's nodes with --redis-cluster-nodes"
+                    .into(),
+            );
+        }
         if self.allow_evicting {
             return None;
         }
