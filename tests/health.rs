@@ -262,3 +262,46 @@ async fn shutdown_lets_calls_in_flight_finish() {
     assert!(started.elapsed() < Duration::from_secs(5));
     redis.unwrap().thaw();
 }
+
+/// A Cluster with a slot that no primary serves refuses every key (CLUSTERDOWN), though
+/// each node still answers a keyless script: the store is NOT_SERVING until the slot is
+/// served again, and lookups answer UNAVAILABLE meanwhile.
+#[tokio::test]
+async fn cluster_with_a_slot_unserved_is_not_serving() {
+    let topology =
+        support::cluster::ClusterTopology::start(support::cluster::Cluster::default()).await;
+    let h = Harness::over_cluster(
+        &topology,
+        &["--revocation-replicas", "0", "--health-interval-ms", "100"],
+    )
+    .await;
+    let slot = topology.slot_map().await[0].first;
+    let owner = topology.primary_for_slot(slot).await;
+    let mut conn = topology.conn(owner).await;
+    let _: () = bb8_redis::redis::cmd("CLUSTER")
+        .arg("DELSLOTS")
+        .arg(slot)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.server
+        .wait_health(SERVICE, ServingStatus::NotServing)
+        .await;
+
+    let _: () = bb8_redis::redis::cmd("CLUSTER")
+        .arg("ADDSLOTS")
+        .arg(slot)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    h.server.wait_health(SERVICE, ServingStatus::Serving).await;
+    let mut client = h.client.clone();
+    let got = client
+        .get(session_cache::pb::GetRequest {
+            token: "tok".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.outcome(), GetOutcome::Miss);
+}

@@ -163,20 +163,48 @@ async fn relearn(handle: &mut Handle, script: &Cmd) {
     sleep(SETTLE).await;
 }
 
-/// Runs `cmd` on every primary of the Cluster; all must succeed.
-pub(super) async fn on_every_primary(handle: &mut Handle, cmd: Cmd) -> Result<(), StoreError> {
+/// The Cluster's health: `ping` (the ping script) succeeds on every primary, and every
+/// primary says `cluster_state:ok`. The ping script alone is not enough: it touches no
+/// key, and a node answers a keyless script even while its Cluster refuses every key
+/// (`CLUSTERDOWN`: a slot unserved, or no majority).
+pub(super) async fn ping(handle: &mut Handle, ping: Cmd) -> Result<(), StoreError> {
     let Conn::Cluster(conn) = &mut handle.conn else {
         return Err(StoreError::Failed("not a Cluster connection".into()));
     };
-    let everywhere = RoutingInfo::MultiNode((
-        MultipleNodeRoutingInfo::AllMasters,
-        Some(ResponsePolicy::AllSucceeded),
-    ));
-    let answer = conn.route_command(cmd, everywhere).await;
-    match answer {
-        Ok(value) => String::from_redis_value(value)
-            .map(drop)
-            .map_err(|e| StoreError::Failed(e.to_string())),
-        Err(e) => Err(handle.failed(e)),
+    let every_primary =
+        |policy| RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(policy)));
+    let pinged = conn
+        .route_command(ping, every_primary(ResponsePolicy::AllSucceeded))
+        .await;
+    let states = match pinged {
+        Ok(_) => {
+            conn.route_command(
+                redis::cmd("CLUSTER").arg("INFO").clone(),
+                every_primary(ResponsePolicy::Special),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    // One CLUSTER INFO text (or error) per primary, by address.
+    let states: Vec<(String, Value)> =
+        match states.and_then(|v| Ok(FromRedisValue::from_redis_value(v)?)) {
+            Ok(states) => states,
+            Err(e) => return Err(handle.failed(e)),
+        };
+    if states.is_empty() {
+        return Err(StoreError::Failed(
+            "no Cluster primary serves a slot".into(),
+        ));
     }
+    for (node, state) in states {
+        let ok = String::from_redis_value(state)
+            .is_ok_and(|text| text.lines().any(|line| line.trim() == "cluster_state:ok"));
+        if !ok {
+            return Err(StoreError::Failed(format!(
+                "Cluster node {node} does not say cluster_state:ok"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -452,11 +452,11 @@ impl RedisStore {
         ))
     }
 
-    /// Runs `cmd` on every Cluster primary within `deadline`.
-    async fn on_every_primary(&self, deadline: Instant, cmd: Cmd) -> Result<(), StoreError> {
+    /// The Cluster's health within `deadline` (see `cluster::ping`).
+    async fn ping_cluster(&self, deadline: Instant) -> Result<(), StoreError> {
         let call = async {
             let mut handle = self.connection().await?;
-            cluster::on_every_primary(&mut handle, cmd).await
+            cluster::ping(&mut handle, self.scripts.ping.eval(&[], &[])).await
         };
         timeout_at(deadline, call)
             .await
@@ -700,13 +700,12 @@ impl Store for RedisStore {
     async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
         // Not PING, which a replica answers too: the ping script passes only where a
-        // lookup and a revocation would (see SHEBANG). In Cluster, on every primary:
-        // with one slot unserved, a Cluster refuses every call by default
-        // (cluster-require-full-coverage).
+        // lookup and a revocation would (see SHEBANG). In Cluster, on every primary,
+        // and each must say its Cluster is ok: with one slot unserved, a Cluster refuses
+        // every call by default (cluster-require-full-coverage).
         let deadline = started + self.timeout;
         let ping = if self.cluster {
-            self.on_every_primary(deadline, self.scripts.ping.eval(&[], &[]))
-                .await
+            self.ping_cluster(deadline).await
         } else {
             self.run::<String>(deadline, &self.scripts.ping.invocation(&[], &[]))
                 .await
