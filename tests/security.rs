@@ -476,3 +476,64 @@ async fn cluster_node_behind_a_url_is_refused() {
     drop(redis);
     let _ = std::fs::remove_file(nodes);
 }
+
+/// On a Cluster (three primaries, each with a replica), an ACL user with the README's
+/// rights on every node serves everything: the slot map (CLUSTER SLOTS), the health
+/// check (CLUSTER INFO), and revocations that wait for a replica (WAIT).
+#[tokio::test]
+async fn redis_acl_user_on_a_cluster() {
+    let dir = Dir::new();
+    let topology = support::cluster::ClusterTopology::start(support::cluster::Cluster {
+        primaries: 3,
+        replicas_per_primary: 1,
+    })
+    .await;
+    for port in topology.ports() {
+        let mut conn = topology.conn(port).await;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("cache")
+            .arg("on")
+            .arg(">s3cret-pass")
+            .arg("~session_cache:*")
+            .arg("~user_invalidated:*")
+            .arg("~session_revoked:*")
+            .arg("-@all")
+            .arg(
+                "+evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info \
+                 +wait +asking +cluster|slots +cluster|info"
+                    .split(' ')
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let password = dir.write("password", "s3cret-pass\n");
+    let mut h = Harness::over_cluster(
+        &topology,
+        &[
+            "--redis-username",
+            "cache",
+            "--redis-password-file",
+            &password,
+        ],
+    )
+    .await;
+    for token in ["tok-1", "tok-2", "tok-3", "tok-4"] {
+        let miss = h.get(token).await;
+        assert_eq!(miss.outcome(), GetOutcome::Miss);
+        let set = h.set(token, user("u1"), in_an_hour(), &miss.fence).await;
+        assert_eq!(set.outcome(), SetOutcome::Stored, "{token}");
+        assert_eq!(h.get(token).await.outcome(), GetOutcome::Hit, "{token}");
+    }
+    h.invalidate_token("tok-1")
+        .await
+        .expect("a logout is acknowledged once a replica has it");
+    h.invalidate_user("u1")
+        .await
+        .expect("a password change is acknowledged once a replica has it");
+    for token in ["tok-1", "tok-2", "tok-3", "tok-4"] {
+        assert_ne!(h.get(token).await.outcome(), GetOutcome::Hit, "{token}");
+    }
+}
