@@ -6,7 +6,6 @@
 mod support;
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -17,15 +16,16 @@ use std::{
 use bb8_redis::redis;
 use session_cache::{
     keys::TokenHash,
-    pb::{self, GetOutcome, SetOutcome, session_cache_client::SessionCacheClient},
+    pb::{GetOutcome, SetOutcome},
 };
 use support::{
-    Harness, in_an_hour,
+    Harness,
+    failover::{FailoverLoad, MAX_LOAD, check_failover},
+    in_an_hour,
     sentinel::{SentinelTopology, Topology},
     user,
 };
-use tokio::{task::JoinHandle, time::Instant};
-use tonic::{Code, transport::Channel};
+use tokio::time::Instant;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const SERVICE: &str = "sessioncache.v1.SessionCache";
@@ -41,222 +41,6 @@ const TWO_REPLICAS: Topology = Topology {
 };
 /// How long a failover may take, from the fault to the first STORED after it.
 const FAILOVER_PATIENCE: Duration = Duration::from_secs(30);
-/// Hard bounds of a load, whatever the test does.
-const MAX_CALLS_PER_TASK: usize = 20_000;
-const MAX_LOAD: Duration = Duration::from_secs(60);
-
-/// One call of the failover load.
-#[derive(Clone, Debug)]
-struct Call {
-    started: Instant,
-    ended: Instant,
-    rpc: &'static str,
-    code: Code,
-    /// The outcome's enum number; 0 when the call failed or has none.
-    outcome: i32,
-}
-
-/// What the load saw: every call, and the hits that served a session revoked before.
-struct Seen {
-    calls: Vec<Call>,
-    revived: usize,
-}
-
-/// 16 tasks, each with a token and a user of its own, calling Get, fenced Set (the user's
-/// name carries the number of the Get whose fence it used) and, about once a second,
-/// InvalidateUser (not retried: a caller would, but the check below needs only the ones
-/// acknowledged). A hit is revived when its session's fence was handed out before an
-/// InvalidateUser of the task's user that had been acknowledged.
-struct FailoverLoad {
-    stop: Arc<AtomicBool>,
-    tasks: Vec<JoinHandle<Seen>>,
-}
-
-impl FailoverLoad {
-    fn start(client: &SessionCacheClient<Channel>) -> FailoverLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..16)
-            .map(|task| {
-                let mut client = client.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let token = format!("fo-{task}");
-                    let user_id = format!("fo-user-{task}");
-                    let deadline = Instant::now() + MAX_LOAD;
-                    let mut seen = Seen {
-                        calls: Vec::new(),
-                        revived: 0,
-                    };
-                    // Numbers of this task's calls: the last acknowledged revocation.
-                    let mut revoked_at_call = 0usize;
-                    let mut last_revocation = Instant::now();
-                    while !stop.load(Ordering::Relaxed)
-                        && seen.calls.len() < MAX_CALLS_PER_TASK
-                        && Instant::now() < deadline
-                    {
-                        let number = seen.calls.len();
-                        let started = Instant::now();
-                        let got = client
-                            .get(pb::GetRequest {
-                                token: token.clone(),
-                            })
-                            .await
-                            .map(tonic::Response::into_inner);
-                        seen.calls.push(call("Get", started, &got, |r| r.outcome));
-                        if let Ok(got) = &got {
-                            if got.outcome() == GetOutcome::Hit {
-                                let stored = got.user.as_ref().unwrap();
-                                assert_eq!(stored.id, user_id, "a hit for another token");
-                                let fenced_at: usize = stored.name.parse().unwrap();
-                                if fenced_at < revoked_at_call {
-                                    seen.revived += 1;
-                                }
-                            }
-                            if !got.fence.is_empty() {
-                                let started = Instant::now();
-                                let set = client
-                                    .set(pb::SetRequest {
-                                        token: token.clone(),
-                                        user: Some(pb::User {
-                                            name: number.to_string(),
-                                            ..user(&user_id)
-                                        }),
-                                        session_expire: Some(in_an_hour()),
-                                        fence: got.fence.clone(),
-                                    })
-                                    .await
-                                    .map(tonic::Response::into_inner);
-                                seen.calls.push(call("Set", started, &set, |r| r.outcome));
-                            }
-                        }
-                        if last_revocation.elapsed() > Duration::from_secs(1) {
-                            let number = seen.calls.len();
-                            let started = Instant::now();
-                            let revoked = client
-                                .invalidate_user(pb::InvalidateUserRequest {
-                                    user_id: user_id.clone(),
-                                })
-                                .await
-                                .map(tonic::Response::into_inner);
-                            seen.calls
-                                .push(call("InvalidateUser", started, &revoked, |_| 0));
-                            last_revocation = Instant::now();
-                            if revoked.is_ok() {
-                                revoked_at_call = number;
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    seen
-                })
-            })
-            .collect();
-        FailoverLoad { stop, tasks }
-    }
-
-    async fn stop(self) -> Seen {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Seen {
-            calls: Vec::new(),
-            revived: 0,
-        };
-        for task in self.tasks {
-            let seen = task.await.expect("a load task panicked");
-            all.calls.extend(seen.calls);
-            all.revived += seen.revived;
-        }
-        all.calls.sort_by_key(|c| c.started);
-        all
-    }
-}
-
-fn call<T>(
-    rpc: &'static str,
-    started: Instant,
-    result: &Result<T, tonic::Status>,
-    outcome: impl Fn(&T) -> i32,
-) -> Call {
-    let (code, outcome) = match result {
-        Ok(reply) => (Code::Ok, outcome(reply)),
-        Err(status) => (status.code(), 0),
-    };
-    Call {
-        started,
-        ended: Instant::now(),
-        rpc,
-        code,
-        outcome,
-    }
-}
-
-/// The calls counted by RPC and outcome (or gRPC status), sorted.
-fn tally<'a>(calls: impl Iterator<Item = &'a Call>) -> Vec<(String, usize)> {
-    let mut by_outcome: HashMap<String, usize> = HashMap::new();
-    for c in calls {
-        let outcome = match (c.rpc, c.code) {
-            (_, Code::Unavailable) => "UNAVAILABLE status".to_string(),
-            ("Get", _) => format!("{:?}", GetOutcome::try_from(c.outcome).unwrap()),
-            ("Set", _) => format!("{:?}", SetOutcome::try_from(c.outcome).unwrap()),
-            _ => "OK".to_string(),
-        };
-        *by_outcome
-            .entry(format!("{} {outcome}", c.rpc))
-            .or_default() += 1;
-    }
-    let mut by_outcome: Vec<_> = by_outcome.into_iter().collect();
-    by_outcome.sort();
-    by_outcome
-}
-
-/// What every failover promises of the load, and its figures printed.
-fn check_failover(name: &str, seen: &Seen, fault: Instant, promoted: Instant, stored: Instant) {
-    let during = || {
-        seen.calls
-            .iter()
-            .filter(move |c| c.ended >= fault && c.started <= stored)
-    };
-    let after = || seen.calls.iter().filter(move |c| c.started > stored);
-    let slowest = during()
-        .map(|c| c.ended - c.started)
-        .max()
-        .unwrap_or_default();
-    eprintln!(
-        "{name}: {} calls, {} revived; promotion {:?} after the fault, first STORED on the new \
-         primary {:?} after the promotion; during the switch ({} calls, slowest {slowest:?}): \
-         {:?}; after it: {:?}",
-        seen.calls.len(),
-        seen.revived,
-        promoted - fault,
-        stored.saturating_duration_since(promoted),
-        during().count(),
-        tally(during()),
-        tally(after()),
-    );
-    let odd: Vec<_> = seen
-        .calls
-        .iter()
-        .filter(|c| !matches!(c.code, Code::Ok | Code::Unavailable))
-        .collect();
-    assert!(
-        odd.is_empty(),
-        "{name}: calls answered neither OK nor UNAVAILABLE: {:?}",
-        &odd[..odd.len().min(5)]
-    );
-    assert_eq!(seen.revived, 0, "{name}: a revoked session was served");
-    let count = |rpc: &str, outcome: i32| {
-        after()
-            .filter(|c| c.rpc == rpc && c.outcome == outcome)
-            .count()
-    };
-    assert!(
-        count("Get", GetOutcome::Hit as i32) > 0,
-        "{name}: hits resumed"
-    );
-    assert!(
-        count("Set", SetOutcome::Stored as i32) > 0,
-        "{name}: Sets resumed"
-    );
-}
 
 /// A planned failover (`SENTINEL FAILOVER`) under load from 16 tasks: every call answers
 /// OK or UNAVAILABLE, no revoked session is served, and hits and STORED resume by

@@ -1,6 +1,7 @@
 //! A Redis Cluster of real processes on loopback ports: three primaries (or as many as
 //! asked), each with zero or one replica, joined by `redis-cli --cluster create`, that a
-//! test can kill a node of, wait for the failover of, and reshard while it runs load.
+//! test can kill a node of, wait for the failover of, and reshard while it runs load, and
+//! whose slot map tells which primary serves a key.
 //!
 //! Every node also listens on its cluster bus port, its own port plus 10000, so the ports
 //! are chosen below 55536 with both free. Fast by design: `cluster-node-timeout` 1000, so
@@ -23,10 +24,13 @@ use std::{
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use tokio::{task::JoinHandle, time::Instant};
 
+use session_cache::{keys::TokenHash, pb::SetOutcome};
+
 use super::{
-    PATIENCE,
+    Harness, PATIENCE, in_an_hour,
     links::{Links, kill_and_reap},
     pki::Dir,
+    user,
 };
 
 /// The longest a failover may take, from the kill to a settled cluster without the
@@ -220,14 +224,61 @@ impl ClusterTopology {
         self.primary_for_slot(slot).await
     }
 
+    /// `CLUSTER KEYSLOT` of each key, in one pipeline to a running node.
+    pub async fn key_slots(&self, keys: &[String]) -> Vec<u16> {
+        let port = self.any_running();
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("CLUSTER").arg("KEYSLOT").arg(key);
+        }
+        pipe.query_async(&mut self.conn(port).await)
+            .await
+            .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT on {port}: {e}"))
+    }
+
+    /// The port of the primary that serves each key now, in order.
+    pub async fn primaries_for_keys(&self, keys: &[String]) -> Vec<u16> {
+        let map = self.slot_map().await;
+        self.key_slots(keys)
+            .await
+            .into_iter()
+            .map(|slot| serving(&map, slot))
+            .collect()
+    }
+
+    /// Waits (at most [`FAILOVER_PATIENCE`]) until a Set of the test's own `probe` token
+    /// through `h` answers STORED and the entry is on the primary that serves its slot
+    /// now; returns when the Set answered.
+    pub async fn first_stored(&self, h: &mut Harness, probe: &str) -> Instant {
+        let deadline = Instant::now() + FAILOVER_PATIENCE;
+        let key = TokenHash::of(probe).entry_key();
+        loop {
+            let got = h.get(probe).await;
+            if !got.fence.is_empty() {
+                let set = h
+                    .set(probe, user("probe-user"), in_an_hour(), &got.fence)
+                    .await;
+                if set.outcome() == SetOutcome::Stored {
+                    let stored = Instant::now();
+                    let port = self.primary_for_key(&key).await;
+                    let there: Result<bool, String> =
+                        self.ask(port, redis::cmd("EXISTS").arg(&key)).await;
+                    if there == Ok(true) {
+                        return stored;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no STORED of {probe} on its primary within {FAILOVER_PATIENCE:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// The port of the primary that serves `slot`, as a running node tells.
     pub async fn primary_for_slot(&self, slot: u16) -> u16 {
-        self.slot_map()
-            .await
-            .iter()
-            .find(|r| (r.first..=r.last).contains(&slot))
-            .unwrap_or_else(|| panic!("no primary serves slot {slot}"))
-            .primary
+        serving(&self.slot_map().await, slot)
     }
 
     /// A direct connection to the node on `port`, to look at or plant keys (it follows
@@ -537,6 +588,14 @@ fn redis_cli(args: String) -> JoinHandle<(Output, Duration)> {
             .expect("redis-cli must be installed (Debian package redis-tools)");
         (output, started.elapsed())
     })
+}
+
+/// The port of the primary that serves `slot` in `map`.
+pub fn serving(map: &[SlotRange], slot: u16) -> u16 {
+    map.iter()
+        .find(|r| (r.first..=r.last).contains(&slot))
+        .unwrap_or_else(|| panic!("no primary serves slot {slot}"))
+        .primary
 }
 
 fn url(port: u16) -> String {

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of it
 
 pub mod cluster;
+pub mod failover;
 pub mod links;
 pub mod load;
 pub mod pki;

@@ -7,17 +7,17 @@
 //!   routes the pipeline by the script's key but does not follow a redirection that
 //!   one of its commands answers, so [`durable`] does: it never trusts a `WAIT` whose
 //!   script did not run on that connection, before it.
-//! - A ping must reach every primary (see `RedisStore::ping`).
+//! - A ping must reach every primary (see `RedisStore::ping`), and so must the start-up
+//!   check of the eviction policy: [`on_each_primary`].
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use bb8_redis::redis::{
     self, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult,
     ServerErrorKind, TlsCertificates, TlsMode, Value,
     cluster::{ClusterClient, ClusterClientBuilder},
-    cluster_routing::{
-        MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
-    },
+    cluster_async::ClusterConnection,
+    cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr},
     io::tcp::TcpSettings,
 };
 use tokio::time::{Instant, sleep};
@@ -163,6 +163,62 @@ async fn relearn(handle: &mut Handle, script: &Cmd) {
     sleep(SETTLE).await;
 }
 
+/// Runs `cmd` on each primary that serves slots now, one call per primary, all at once;
+/// answers each primary's reply by address. The primaries come from `CLUSTER SLOTS` of
+/// a primary, and each call is routed by a slot that primary serves, so that it goes
+/// through the cluster client's redirections, retries and reconnections like any keyed
+/// call. (The client's own all-primaries routing skips a node it has no connection to,
+/// and after a failover it kept timing out on alternate calls for over a minute while
+/// keyed calls worked.)
+pub(super) async fn on_each_primary(
+    conn: &mut ClusterConnection,
+    cmd: &Cmd,
+) -> RedisResult<Vec<(String, RedisResult<Value>)>> {
+    let slots = conn
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+        )
+        .await?;
+    let primaries = primaries(slots)?;
+    let calls = primaries.into_iter().map(|(address, slot)| {
+        let mut conn = conn.clone();
+        let cmd = cmd.clone();
+        async move {
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                slot,
+                SlotAddr::Master,
+            )));
+            (address, conn.route_command(cmd, route).await)
+        }
+    });
+    Ok(futures_util::future::join_all(calls).await)
+}
+
+/// One slot of each primary in a `CLUSTER SLOTS` reply, by the primary's `host:port`.
+fn primaries(slots: Value) -> RedisResult<BTreeMap<String, u16>> {
+    let ranges: Vec<Vec<Value>> = FromRedisValue::from_redis_value(slots)?;
+    let mut primaries = BTreeMap::new();
+    for range in ranges {
+        let mut fields = range.into_iter();
+        let (Some(first), Some(_last), Some(primary)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let slot: u16 = FromRedisValue::from_redis_value(first)?;
+        let node: Vec<Value> = FromRedisValue::from_redis_value(primary)?;
+        let mut node = node.into_iter();
+        let (Some(host), Some(port)) = (node.next(), node.next()) else {
+            continue;
+        };
+        let host: String = FromRedisValue::from_redis_value(host)?;
+        let port: u16 = FromRedisValue::from_redis_value(port)?;
+        primaries.entry(format!("{host}:{port}")).or_insert(slot);
+    }
+    Ok(primaries)
+}
+
 /// The Cluster's health: `ping` (the ping script) succeeds on every primary, and every
 /// primary says `cluster_state:ok`. The ping script alone is not enough: it touches no
 /// key, and a node answers a keyless script even while its Cluster refuses every key
@@ -171,38 +227,34 @@ pub(super) async fn ping(handle: &mut Handle, ping: Cmd) -> Result<(), StoreErro
     let Conn::Cluster(conn) = &mut handle.conn else {
         return Err(StoreError::Failed("not a Cluster connection".into()));
     };
-    let every_primary =
-        |policy| RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(policy)));
-    let pinged = conn
-        .route_command(ping, every_primary(ResponsePolicy::AllSucceeded))
-        .await;
-    let states = match pinged {
-        Ok(_) => {
-            conn.route_command(
-                redis::cmd("CLUSTER").arg("INFO").clone(),
-                every_primary(ResponsePolicy::Special),
-            )
-            .await
-        }
-        Err(e) => Err(e),
+    let mut state = redis::cmd("CLUSTER");
+    state.arg("INFO");
+    let mut other = conn.clone();
+    let (pinged, states) = tokio::join!(
+        on_each_primary(conn, &ping),
+        on_each_primary(&mut other, &state)
+    );
+    let (pinged, states) = match (pinged, states) {
+        (Ok(pinged), Ok(states)) => (pinged, states),
+        (Err(e), _) | (_, Err(e)) => return Err(handle.failed(e)),
     };
-    // One CLUSTER INFO text (or error) per primary, by address.
-    let states: Vec<(String, Value)> =
-        match states.and_then(|v| Ok(FromRedisValue::from_redis_value(v)?)) {
-            Ok(states) => states,
-            Err(e) => return Err(handle.failed(e)),
-        };
-    if states.is_empty() {
+    if pinged.is_empty() {
         return Err(StoreError::Failed(
             "no Cluster primary serves a slot".into(),
         ));
     }
-    for (node, state) in states {
-        let ok = String::from_redis_value(state)
+    for (node, reply) in pinged {
+        if let Err(e) = reply {
+            return Err(StoreError::Failed(format!("Cluster primary {node}: {e}")));
+        }
+    }
+    for (node, reply) in states {
+        let ok = reply
+            .and_then(|text| Ok(String::from_redis_value(text)?))
             .is_ok_and(|text| text.lines().any(|line| line.trim() == "cluster_state:ok"));
         if !ok {
             return Err(StoreError::Failed(format!(
-                "Cluster node {node} does not say cluster_state:ok"
+                "Cluster primary {node} does not say cluster_state:ok"
             )));
         }
     }

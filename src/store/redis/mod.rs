@@ -45,9 +45,7 @@ use std::{
 use bb8::{Pool, RunError};
 use bb8_redis::redis::{
     self, AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError,
-    Script, ScriptInvocation, TlsCertificates,
-    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
-    io::tcp::TcpSettings,
+    Script, ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
 };
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -508,22 +506,29 @@ impl RedisStore {
                 info.query_async::<String>(conn).await,
             ),
             Conn::Cluster(conn) => {
-                let everywhere = |policy| {
-                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(policy)))
+                // Every primary's answer, or the first refusal.
+                let everywhere = async |conn: &mut _, cmd| {
+                    let replies = cluster::on_each_primary(conn, &cmd).await?;
+                    replies
+                        .into_iter()
+                        .map(|(_, reply)| reply)
+                        .collect::<Result<Vec<_>, _>>()
                 };
-                (
-                    conn.route_command(config, everywhere(ResponsePolicy::CombineArrays))
-                        .await
-                        .and_then(|value| Ok(Vec::<String>::from_redis_value(value)?)),
-                    conn.route_command(info, everywhere(ResponsePolicy::Special))
-                        .await
-                        .and_then(|value| {
-                            // One INFO text per node, by address.
-                            let texts: std::collections::HashMap<String, String> =
-                                FromRedisValue::from_redis_value(value)?;
-                            Ok(texts.into_values().collect::<Vec<_>>().join("\n"))
-                        }),
-                )
+                let config = everywhere(conn, config).await.and_then(|replies| {
+                    let mut pairs = Vec::new();
+                    for reply in replies {
+                        pairs.extend(Vec::<String>::from_redis_value(reply)?);
+                    }
+                    Ok(pairs)
+                });
+                let info = everywhere(conn, info).await.and_then(|replies| {
+                    let mut texts = Vec::new();
+                    for reply in replies {
+                        texts.push(String::from_redis_value(reply)?);
+                    }
+                    Ok(texts.join("\n"))
+                });
+                (config, info)
             }
         };
         let policies: Vec<String> = match (config, info) {
