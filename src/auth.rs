@@ -16,13 +16,28 @@
 //! `reader` may call Get and Health; `writer` may also call Set and the invalidations.
 //! `grpc.health.v1` and reflection are not behind this check.
 
-use std::{fmt, path::Path};
+use std::{
+    convert::Infallible,
+    fmt,
+    path::Path,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::metadata::MetadataMap;
+use tokio::time::Instant;
+use tonic::{
+    Status,
+    body::Body,
+    codegen::{BoxFuture, Service, http},
+    metadata::MetadataMap,
+    server::NamedService,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+use tracing::{info, warn};
 
 /// What a caller may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
@@ -267,6 +282,103 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
         *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
     }
     Some(out)
+}
+
+/// A caller that [`Gate`] admitted, for the handlers' logs; `None` when the service
+/// authenticates no one.
+#[derive(Clone, Debug)]
+pub struct Admitted(pub Option<String>);
+
+/// Checks the caller of every call to a service before its message is read: from the
+/// request's headers and the TLS peer only. A refused call costs its headers and no more:
+/// its body is never buffered, decoded or even read.
+#[derive(Clone)]
+pub struct Gate<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+}
+
+impl<S> Gate<S> {
+    pub fn new(inner: S, auth: Arc<Authenticator>) -> Self {
+        Gate { inner, auth }
+    }
+}
+
+impl<S: NamedService> NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Gate<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default();
+        let (rpc, needed) = method_role(method);
+        let admitted = if self.auth.is_enabled() {
+            let metadata = MetadataMap::from_headers(request.headers().clone());
+            let certs = request
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs);
+            self.auth
+                .authorize(&metadata, certs.as_deref().map(Vec::as_slice), needed)
+        } else {
+            Ok(None)
+        };
+        match admitted {
+            Ok(caller) => {
+                request
+                    .extensions_mut()
+                    .insert(Admitted(caller.map(|c| c.name)));
+                Box::pin(self.inner.call(request))
+            }
+            Err(denied) => {
+                let status = denied.status();
+                crate::metrics::call(rpc, started, crate::metrics::code_label(&status));
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+/// The metric name and the role a SessionCache method needs; any other method (which
+/// the service answers UNIMPLEMENTED) needs a reader.
+fn method_role(method: &str) -> (&'static str, Role) {
+    match method {
+        "Get" => ("Get", Role::Reader),
+        "Health" => ("Health", Role::Reader),
+        "Set" => ("Set", Role::Writer),
+        "InvalidateToken" => ("InvalidateToken", Role::Writer),
+        "InvalidateUser" => ("InvalidateUser", Role::Writer),
+        _ => ("other", Role::Reader),
+    }
+}
+
+impl Denied {
+    /// The gRPC status a refused call gets, logged once.
+    pub fn status(&self) -> Status {
+        match self {
+            Denied::Unauthenticated => {
+                info!("call refused: no known credentials");
+                Status::unauthenticated(self.to_string())
+            }
+            Denied::PermissionDenied { .. } => {
+                warn!(reason = %self, "call refused");
+                Status::permission_denied(self.to_string())
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::{
-    auth::Authenticator,
+    auth::{Authenticator, Gate},
     config::{Config, Topology},
     health::{SERVICE_NAME, StoreStatus, watch_store},
     keys::TokenHasher,
@@ -270,11 +270,16 @@ async fn serve<S: Store>(
     };
     let kind = store.kind();
     let authenticated = prepared.auth.is_enabled();
+    let auth = Arc::new(prepared.auth);
     let service = SessionCacheService::new(store, config.enabled, status)
-        .with_auth(prepared.auth)
+        .with_auth(auth.clone())
         .with_hasher(prepared.hasher)
         .with_max_in_flight(config.max_in_flight as usize);
-    let service = SessionCacheServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // Callers are checked from their headers before their message is read.
+    let service = Gate::new(
+        SessionCacheServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        auth,
+    );
 
     let local = listener.local_addr().ok();
     let (drain, drained) = oneshot::channel::<()>();

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
-    auth::{Authenticator, Denied, Role},
+    auth::{Admitted, Authenticator, Role},
     clock::Micros,
     entry::{Session, User},
     health::StoreStatus,
@@ -35,7 +35,7 @@ pub struct SessionCacheService<S> {
     store: Arc<S>,
     enabled: bool,
     status: Arc<StoreStatus>,
-    auth: Authenticator,
+    auth: Arc<Authenticator>,
     hasher: TokenHasher,
     admission: Semaphore,
 }
@@ -51,7 +51,7 @@ impl<S: Store> SessionCacheService<S> {
             store,
             enabled,
             status,
-            auth: Authenticator::open(),
+            auth: Arc::new(Authenticator::open()),
             hasher: TokenHasher::Sha256,
             admission: Semaphore::new(DEFAULT_MAX_IN_FLIGHT),
         }
@@ -73,8 +73,8 @@ impl<S: Store> SessionCacheService<S> {
     }
 
     /// Checks callers against `auth` (by default nobody is checked).
-    pub fn with_auth(mut self, auth: Authenticator) -> Self {
-        self.auth = auth;
+    pub fn with_auth(mut self, auth: impl Into<Arc<Authenticator>>) -> Self {
+        self.auth = auth.into();
         self
     }
 
@@ -84,24 +84,22 @@ impl<S: Store> SessionCacheService<S> {
         self
     }
 
-    /// Admits a call that needs `role`; returns the caller's name for the logs.
+    /// Admits a call that needs `role`; returns the caller's name for the logs. A call
+    /// that came through [`crate::auth::Gate`] was admitted there, before its message
+    /// was read; one that did not (the handlers called directly) is checked here.
     fn admit<T>(&self, request: &Request<T>, role: Role) -> Result<Option<String>, Status> {
-        let certs = request.peer_certs();
-        match self.auth.authorize(
-            request.metadata(),
-            certs.as_deref().map(Vec::as_slice),
-            role,
-        ) {
-            Ok(caller) => Ok(caller.map(|c| c.name)),
-            Err(denied @ Denied::Unauthenticated) => {
-                info!("call refused: no known credentials");
-                Err(Status::unauthenticated(denied.to_string()))
-            }
-            Err(denied @ Denied::PermissionDenied { .. }) => {
-                warn!(reason = %denied, "call refused");
-                Err(Status::permission_denied(denied.to_string()))
-            }
+        if let Some(Admitted(caller)) = request.extensions().get::<Admitted>() {
+            return Ok(caller.clone());
         }
+        let certs = request.peer_certs();
+        self.auth
+            .authorize(
+                request.metadata(),
+                certs.as_deref().map(Vec::as_slice),
+                role,
+            )
+            .map(|caller| caller.map(|c| c.name))
+            .map_err(|denied| denied.status())
     }
 
     fn check_token(&self, token: &str) -> Result<TokenHash, Status> {

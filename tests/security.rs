@@ -537,3 +537,44 @@ async fn redis_acl_user_on_a_cluster() {
         assert_ne!(h.get(token).await.outcome(), GetOutcome::Hit, "{token}");
     }
 }
+
+/// A caller without credentials is refused from its headers alone: the server answers
+/// UNAUTHENTICATED while the request's body is still unsent (a raw HTTP/2 client that
+/// announces a 1,000-byte message and sends only its 5-byte frame header), so an
+/// unauthenticated stream holds nothing but its headers.
+#[tokio::test]
+async fn callers_are_refused_before_their_message_is_read() {
+    let dir = Dir::new();
+    let keys = keys_file(&dir, "");
+    let h = Harness::start(support::Backend::Memory, &["--api-keys-file", &keys]).await;
+    let tcp = tokio::net::TcpStream::connect(h.server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!(
+        "http://{}/sessioncache.v1.SessionCache/Set",
+        h.server.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (reply, mut body) = client.send_request(request, false).unwrap();
+    // A gRPC frame header announcing 1,000 bytes, and nothing more: the message never
+    // comes.
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&1000u32.to_be_bytes());
+    body.send_data(bytes::Bytes::from(frame), false).unwrap();
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(5), reply)
+        .await
+        .expect("refused without waiting for the message")
+        .unwrap();
+    let status = reply
+        .headers()
+        .get("grpc-status")
+        .expect("a trailers-only refusal")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(status, (Code::Unauthenticated as i32).to_string());
+}
