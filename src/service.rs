@@ -230,6 +230,12 @@ impl<S: Store> SessionCacheService<S> {
             Ok(Stored::Expired) => (SetOutcome::Expired, 0),
             Ok(Stored::Stale) => (SetOutcome::Stale, 0),
             Ok(Stored::Revoked) => (SetOutcome::Revoked, 0),
+            Ok(Stored::FenceOutOfRange) => {
+                return Err(Status::invalid_argument(
+                    "fence: not a fence that Get returned: later than the store's clock, or \
+                     older than --marker-ttl-seconds (get a new one with Get)",
+                ));
+            }
             Err(outcome) => (outcome, 0),
         };
         debug!(token = token.short(), caller, ?outcome, ttl_seconds, "set");
@@ -429,6 +435,13 @@ fn check_session(
 /// A required timestamp that Python's `datetime` can also hold (years 1 to 9999).
 fn instant(field: &str, t: Option<Timestamp>) -> Result<DateTime<Utc>, Status> {
     let t = t.ok_or_else(|| Status::invalid_argument(format!("{field}: required")))?;
+    // Protobuf's range for nanos; chrono would also take 1e9.. as a leap second, which
+    // Python cannot read back.
+    if !(0..=999_999_999).contains(&t.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: nanos must be from 0 to 999999999"
+        )));
+    }
     u32::try_from(t.nanos)
         .ok()
         .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))

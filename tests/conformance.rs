@@ -326,8 +326,50 @@ async fn bad_input_is_refused(backend: Backend, path: Path) {
             "session_expire",
         ),
         (
+            // Protobuf's nanos stop at 999,999,999; a second ending in :59 plus 1.5e9
+            // nanos would be written as :60.5, which Python cannot read.
+            pb::SetRequest {
+                session_expire: Some(prost_types::Timestamp {
+                    seconds: in_an_hour().seconds,
+                    nanos: 1_500_000_000,
+                }),
+                ..good()
+            },
+            "session_expire",
+        ),
+        (
+            pb::SetRequest {
+                user: Some(pb::User {
+                    updated_at: Some(prost_types::Timestamp {
+                        seconds: 253_402_300_800, // 10000-01-01
+                        nanos: 0,
+                    }),
+                    ..user("u1")
+                }),
+                ..good()
+            },
+            "user.updated_at",
+        ),
+        (
             pb::SetRequest {
                 fence: "not-a-fence".into(),
+                ..good()
+            },
+            "fence",
+        ),
+        (
+            // No Get hands out a fence from before the store could check revocations...
+            pb::SetRequest {
+                fence: "0".into(),
+                ..good()
+            },
+            "fence",
+        ),
+        (
+            // ...nor one from the future: it would pass the stale check after any
+            // InvalidateUser.
+            pb::SetRequest {
+                fence: future_fence(),
                 ..good()
             },
             "fence",
@@ -379,6 +421,16 @@ async fn bad_input_is_refused(backend: Backend, path: Path) {
             .outcome(),
         SetOutcome::Stored
     );
+}
+
+/// A fence a minute ahead of now (every topology's clock-skew margin is smaller).
+fn future_fence() -> String {
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(60);
+    let micros = ahead
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    micros.to_string()
 }
 
 /// A request over 64 KiB is refused by the transport before any handler runs.

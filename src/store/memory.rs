@@ -21,8 +21,8 @@ use std::{
 use moka::{Expiry, sync::Cache};
 
 use super::{
-    Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge_cached, marker_revokes_fence,
-    ttl_for,
+    Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, fence_in_range, judge_cached,
+    marker_revokes_fence, ttl_for,
 };
 use crate::{
     clock::Micros,
@@ -160,10 +160,13 @@ impl Store for MemoryStore {
         fence: Option<Fence>,
     ) -> Result<Stored, StoreError> {
         let _writes = self.lock();
+        let now = self.now();
+        if fence.is_some_and(|fence| !fence_in_range(fence, now, &self.limits)) {
+            return Ok(Stored::FenceOutOfRange);
+        }
         if self.tombstones.contains_key(token) {
             return Ok(Stored::Revoked);
         }
-        let now = self.now();
         if let Some(fence) = fence {
             if self
                 .markers

@@ -75,6 +75,10 @@ pub enum Stored {
     Stale,
     /// The token has a live logout tombstone.
     Revoked,
+    /// The fence is not one a Get could have handed out: later than the store's clock
+    /// (beyond the clock-skew margin), or older than a marker lives, so that the
+    /// revocations since could no longer be checked. Nothing is stored.
+    FenceOutOfRange,
 }
 
 /// The store could not answer. Reads treat it as a miss; revocations report it.
@@ -112,6 +116,16 @@ pub(crate) fn marker_revokes_entry(marker: Micros, cached_at: Micros, margin: Mi
 /// marker is at or after `fence - margin`.
 pub(crate) fn marker_revokes_fence(marker: Micros, fence: Fence, margin: Micros) -> bool {
     marker.0 >= fence.0.0.saturating_sub(margin.0)
+}
+
+/// Whether `fence` could have come from a Get of this store at `now`: not later than
+/// now beyond the clock-skew margin, and not older than a marker lives (the revocations
+/// since it could no longer all be checked). Kept by both stores and the Set script.
+pub(crate) fn fence_in_range(fence: Fence, now: Micros, limits: &Limits) -> bool {
+    let oldest = now
+        .0
+        .saturating_sub(i64::from(limits.marker_ttl_seconds) * 1_000_000);
+    (oldest..=now.0.saturating_add(limits.clock_skew.0)).contains(&fence.0.0)
 }
 
 /// A place to cache sessions. Both implementations keep SPEC §3-§5 to the letter; the
@@ -232,6 +246,25 @@ mod tests {
         for bad in ["", "-1", "12a", "1.5", "99999999999999999999"] {
             assert_eq!(bad.parse::<Fence>(), Err(BadFence), "{bad:?}");
         }
+    }
+
+    /// A fence from the future (beyond the margin), or older than a marker lives, is not
+    /// one a Get handed out.
+    #[test]
+    fn fence_range() {
+        let now = Micros(1_800_000_000_000_000);
+        let limits = Limits {
+            ttl_seconds: 300,
+            marker_ttl_seconds: 3600,
+            clock_skew: Micros(500_000),
+        };
+        let at = |offset: i64| Fence(Micros(now.0 + offset));
+        assert!(fence_in_range(at(0), now, &limits));
+        assert!(fence_in_range(at(500_000), now, &limits));
+        assert!(!fence_in_range(at(500_001), now, &limits));
+        assert!(fence_in_range(at(-3_600_000_000), now, &limits));
+        assert!(!fence_in_range(at(-3_600_000_001), now, &limits));
+        assert!(!fence_in_range(Fence(Micros(0)), now, &limits));
     }
 
     /// TTL arithmetic of SPEC §3: min(ttl, remaining), at least 1 s, none when expired.

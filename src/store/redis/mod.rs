@@ -662,7 +662,8 @@ impl Store for RedisStore {
                     .arg(expire.0)
                     .arg(fence.map(|f| f.to_string()).unwrap_or_default())
                     .arg(self.limits.ttl_seconds)
-                    .arg(self.limits.clock_skew.0),
+                    .arg(self.limits.clock_skew.0)
+                    .arg(self.limits.marker_ttl_seconds),
             )
             .await?;
         match outcome.as_str() {
@@ -670,6 +671,7 @@ impl Store for RedisStore {
             "revoked" => Ok(Stored::Revoked),
             "stale" => Ok(Stored::Stale),
             "expired" => Ok(Stored::Expired),
+            "fence-out-of-range" => Ok(Stored::FenceOutOfRange),
             other => Err(StoreError::Failed(format!(
                 "the set script answered {other:?}"
             ))),

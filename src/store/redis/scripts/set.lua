@@ -11,12 +11,18 @@
 -- ARGV[3]  the fence in micros, or '' for none
 -- ARGV[4]  the configured ttl in seconds
 -- ARGV[5]  the clock-skew margin in micros (SPEC §8)
+-- ARGV[6]  the markers' ttl in seconds: how far back a fence can still be checked
 -- Returns  {'stored', ttl} | {'revoked', 0} | {'stale', 0} | {'expired', 0}
+--          | {'fence-out-of-range', 0}
+local now = now_micros()
+local fence = tonumber(ARGV[3])
+-- The rule is store::fence_in_range.
+if fence and (fence > now + tonumber(ARGV[5]) or fence < now - tonumber(ARGV[6]) * 1000000) then
+  return {'fence-out-of-range', 0}
+end
 if redis.call('EXISTS', KEYS[2]) == 1 or (KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1) then
   return {'revoked', 0}
 end
-local now = now_micros()
-local fence = tonumber(ARGV[3])
 if fence and KEYS[3] then
   local marker = redis.call('GET', KEYS[3])
   if marker then
