@@ -10,7 +10,7 @@
 //! - A ping must reach every primary (see `RedisStore::ping`), and so must the start-up
 //!   check of the eviction policy: [`on_each_primary`].
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use bb8_redis::redis::{
     self, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult,
@@ -172,27 +172,59 @@ async fn relearn(handle: &mut Handle, script: &Cmd) {
 /// keyed calls worked.)
 pub(super) async fn on_each_primary(
     conn: &mut ClusterConnection,
+    primaries: &Primaries,
     cmd: &Cmd,
 ) -> RedisResult<Vec<(String, RedisResult<Value>)>> {
-    let slots = conn
-        .route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
-        )
-        .await?;
-    let primaries = primaries(slots)?;
-    let calls = primaries.into_iter().map(|(address, slot)| {
-        let mut conn = conn.clone();
-        let cmd = cmd.clone();
-        async move {
-            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
-                slot,
-                SlotAddr::Master,
-            )));
-            (address, conn.route_command(cmd, route).await)
-        }
-    });
+    let calls = primaries
+        .get(conn)
+        .await?
+        .into_iter()
+        .map(|(address, slot)| {
+            let mut conn = conn.clone();
+            let cmd = cmd.clone();
+            async move {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(slot, SlotAddr::Master),
+                ));
+                (address, conn.route_command(cmd, route).await)
+            }
+        });
     Ok(futures_util::future::join_all(calls).await)
+}
+
+/// How long a list of primaries is trusted before `CLUSTER SLOTS` is asked again.
+const PRIMARIES_LIFETIME: Duration = Duration::from_secs(10);
+
+/// The primaries that the last `CLUSTER SLOTS` named, each with a slot it serves, kept a
+/// while so that a ping is one round trip to each primary rather than two. Forgotten
+/// when a call through it fails, and when it is [`PRIMARIES_LIFETIME`] old. A call
+/// routed by a slot reaches whichever node serves that slot now, so a stale list misses
+/// at most a primary added since.
+#[derive(Default)]
+pub(super) struct Primaries(Mutex<Option<(Instant, BTreeMap<String, u16>)>>);
+
+impl Primaries {
+    async fn get(&self, conn: &mut ClusterConnection) -> RedisResult<BTreeMap<String, u16>> {
+        if let Some((at, primaries)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if at.elapsed() < PRIMARIES_LIFETIME {
+                return Ok(primaries.clone());
+            }
+        }
+        let slots = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+            )
+            .await?;
+        let primaries = primaries(slots)?;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), primaries.clone()));
+        Ok(primaries)
+    }
+
+    pub(super) fn forget(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// One slot of each primary in a `CLUSTER SLOTS` reply, by the primary's `host:port`.
@@ -223,7 +255,19 @@ fn primaries(slots: Value) -> RedisResult<BTreeMap<String, u16>> {
 /// primary says `cluster_state:ok`. The ping script alone is not enough: it touches no
 /// key, and a node answers a keyless script even while its Cluster refuses every key
 /// (`CLUSTERDOWN`: a slot unserved, or no majority).
-pub(super) async fn ping(handle: &mut Handle, ping: Cmd) -> Result<(), StoreError> {
+pub(super) async fn ping(
+    handle: &mut Handle,
+    primaries: &Primaries,
+    ping: Cmd,
+) -> Result<(), StoreError> {
+    let checked = check(handle, primaries, ping).await;
+    if checked.is_err() {
+        primaries.forget();
+    }
+    checked
+}
+
+async fn check(handle: &mut Handle, primaries: &Primaries, ping: Cmd) -> Result<(), StoreError> {
     let Conn::Cluster(conn) = &mut handle.conn else {
         return Err(StoreError::Failed("not a Cluster connection".into()));
     };
@@ -231,8 +275,8 @@ pub(super) async fn ping(handle: &mut Handle, ping: Cmd) -> Result<(), StoreErro
     state.arg("INFO");
     let mut other = conn.clone();
     let (pinged, states) = tokio::join!(
-        on_each_primary(conn, &ping),
-        on_each_primary(&mut other, &state)
+        on_each_primary(conn, primaries, &ping),
+        on_each_primary(&mut other, primaries, &state)
     );
     let (pinged, states) = match (pinged, states) {
         (Ok(pinged), Ok(states)) => (pinged, states),

@@ -153,6 +153,8 @@ pub struct RedisStore {
     kind: &'static str,
     /// Keys of one script live in one slot, and the marker elsewhere (see above).
     cluster: bool,
+    /// The Cluster's primaries, for the health ping (see `cluster::Primaries`).
+    primaries: cluster::Primaries,
     pool: Pool<Manager>,
     /// Connections that revocations hold alone while they `WAIT` for replicas; `None`
     /// when no replica is waited for.
@@ -315,6 +317,7 @@ impl RedisStore {
         Ok(RedisStore {
             kind,
             cluster,
+            primaries: cluster::Primaries::default(),
             gets: batch::spawn(shared.clone(), get.clone()),
             lookups: AtomicUsize::new(0),
             pool: shared,
@@ -454,7 +457,12 @@ impl RedisStore {
     async fn ping_cluster(&self, deadline: Instant) -> Result<(), StoreError> {
         let call = async {
             let mut handle = self.connection().await?;
-            cluster::ping(&mut handle, self.scripts.ping.eval(&[], &[])).await
+            cluster::ping(
+                &mut handle,
+                &self.primaries,
+                self.scripts.ping.eval(&[], &[]),
+            )
+            .await
         };
         timeout_at(deadline, call)
             .await
@@ -508,7 +516,7 @@ impl RedisStore {
             Conn::Cluster(conn) => {
                 // Every primary's answer, or the first refusal.
                 let everywhere = async |conn: &mut _, cmd| {
-                    let replies = cluster::on_each_primary(conn, &cmd).await?;
+                    let replies = cluster::on_each_primary(conn, &self.primaries, &cmd).await?;
                     replies
                         .into_iter()
                         .map(|(_, reply)| reply)
