@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser};
 
-use crate::{clock::Micros, store::Limits};
+use crate::{
+    clock::Micros,
+    store::{Limits, memory::MemoryBounds},
+};
 
 /// A gRPC cache of validated sessions, in front of an identity provider.
 ///
@@ -116,16 +119,74 @@ pub struct Config {
     pub redis_connections: u32,
 
     /// Most sessions the in-memory store holds; past it the least useful are dropped.
-    /// Invalidations and logouts are never dropped.
+    /// Invalidations and logouts are never dropped (see --memory-max-markers).
     #[arg(long, env = "SESSION_CACHE_MEMORY_MAX_ENTRIES", default_value_t = 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub memory_max_entries: u64,
+
+    /// Most bytes the in-memory store's sessions weigh (their strings plus 640 bytes
+    /// each, about what each takes in memory); past it the least useful are dropped.
+    /// Each session counts at least its share (this / --memory-max-entries). Default
+    /// 256 MiB.
+    #[arg(long, env = "SESSION_CACHE_MEMORY_MAX_BYTES", default_value_t = 268_435_456,
+          value_parser = clap::value_parser!(u64).range(1_048_576..))]
+    pub memory_max_bytes: u64,
+
+    /// Most password changes (InvalidateUser) the in-memory store keeps user by user.
+    /// Past it the oldest collapse into one floor: every session cached before it is
+    /// INVALIDATED and every Set fenced before it STALE, whoever the user. Costs
+    /// misses, never a revoked session.
+    #[arg(long, env = "SESSION_CACHE_MEMORY_MAX_MARKERS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_max_markers: u64,
+
+    /// Most logouts (InvalidateToken) the in-memory store keeps token by token. Past it
+    /// the oldest collapse into one floor that, for --ttl-seconds, answers REVOKED to
+    /// every Set without a fence and every Set fenced before it, whatever the token.
+    /// Costs misses, never a revoked session.
+    #[arg(long, env = "SESSION_CACHE_MEMORY_MAX_TOMBSTONES", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_max_tombstones: u64,
 
     /// Most SessionCache calls served at once; past it calls are refused at once with
     /// RESOURCE_EXHAUSTED instead of queueing, so admitted calls keep their latency.
     #[arg(long, env = "SESSION_CACHE_MAX_IN_FLIGHT", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_in_flight: u32,
+
+    /// Most client connections open at once; one more is closed as soon as it is
+    /// accepted. An idle connection costs about 32 KiB, so the default bounds idle
+    /// connections to about 128 MiB.
+    #[arg(long, env = "SESSION_CACHE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// A connection with no request in flight for this long, in seconds, is closed
+    /// (keepalive pings do not count as activity); clients reconnect when they next call.
+    #[arg(long, env = "SESSION_CACHE_IDLE_TIMEOUT_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_seconds: u64,
+
+    /// The longest a call may take from its headers to its answer, body included, in
+    /// milliseconds; past it the call is answered CANCELLED. Bounds requests whose
+    /// message arrives slowly or never.
+    #[arg(long, env = "SESSION_CACHE_REQUEST_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub request_timeout_ms: u64,
+
+    /// A connection with an answer its peer has not read for this long, in seconds,
+    /// is closed with all its streams: a peer that stops reading cannot pin answers.
+    #[arg(long, env = "SESSION_CACHE_STALL_TIMEOUT_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stall_timeout_seconds: u64,
+
+    /// Most calls, over all connections, whose answer is not yet delivered (being
+    /// served, or waiting for a peer that reads slowly); past it calls are refused at
+    /// once with RESOURCE_EXHAUSTED. Each such call holds about 10 to 17 KiB, so the
+    /// default bounds them to about 70 MiB.
+    #[arg(long, env = "SESSION_CACHE_MAX_OPEN_CALLS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_open_calls: u32,
 
     /// Address to serve Prometheus metrics on (GET /metrics); off when not given.
     #[arg(long, env = "SESSION_CACHE_METRICS_LISTEN")]
@@ -434,6 +495,17 @@ impl Config {
             ttl_seconds: self.ttl_seconds,
             marker_ttl_seconds: self.marker_ttl_seconds,
             clock_skew: Micros::from_duration(self.clock_skew()),
+        }
+    }
+
+    /// What the in-memory store may hold.
+    pub fn memory_bounds(&self) -> MemoryBounds {
+        let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        MemoryBounds {
+            entries: self.memory_max_entries,
+            bytes: self.memory_max_bytes,
+            markers: count(self.memory_max_markers),
+            tombstones: count(self.memory_max_tombstones),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod server;
 pub mod service;
 pub mod signal;
 pub mod store;
+mod transport;
 
 /// The generated protobuf types and gRPC stubs of `sessioncache.v1`.
 pub mod pb {

@@ -11,6 +11,9 @@
 //! | `session_cache_store_ping_seconds` | gauge | |
 //! | `session_cache_redis_connections` | gauge | `state` (`open`, `idle`) |
 //! | `session_cache_redis_primary_moves_total` | counter | |
+//! | `session_cache_connections_open` | gauge | |
+//! | `session_cache_connections_refused_total` | counter | |
+//! | `session_cache_connections_closed_total` | counter | `reason` (`idle`, `stalled`) |
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -71,8 +74,25 @@ pub(crate) fn install(addr: SocketAddr) -> Result<(PrometheusHandle, ExporterFut
         "session_cache_redis_primary_moves_total",
         "Times the Redis primary was found moved (a failover) and connections replaced"
     );
+    describe_gauge!(
+        "session_cache_connections_open",
+        "Client connections open (at most --max-connections)"
+    );
+    describe_counter!(
+        "session_cache_connections_refused_total",
+        "Connections closed at accept because --max-connections were open"
+    );
+    describe_counter!(
+        "session_cache_connections_closed_total",
+        "Connections closed by the server: idle past --idle-timeout-seconds, or stalled \
+         (an answer unread past --stall-timeout-seconds)"
+    );
     // Exported from the start, so that an alert on its rate has a series to read.
     counter!("session_cache_redis_primary_moves_total").absolute(0);
+    counter!("session_cache_connections_refused_total").absolute(0);
+    for reason in ["idle", "stalled"] {
+        counter!("session_cache_connections_closed_total", "reason" => reason).absolute(0);
+    }
     Ok((handle, exporter))
 }
 
@@ -105,6 +125,21 @@ pub(crate) fn redis_connections(open: u32, idle: u32) {
 /// Records that the Redis primary moved and connections are being replaced.
 pub(crate) fn redis_primary_moved() {
     counter!("session_cache_redis_primary_moves_total").increment(1);
+}
+
+/// Records how many client connections are open.
+pub(crate) fn connections_open(open: usize) {
+    gauge!("session_cache_connections_open").set(open as f64);
+}
+
+/// Records a connection closed at accept, past the cap.
+pub(crate) fn connection_refused() {
+    counter!("session_cache_connections_refused_total").increment(1);
+}
+
+/// Records a connection the server closed, and why (`idle` or `stalled`).
+pub(crate) fn connection_closed(reason: &'static str) {
+    counter!("session_cache_connections_closed_total", "reason" => reason).increment(1);
 }
 
 /// The `outcome` label of a failed call: its gRPC code.

@@ -5,7 +5,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
@@ -20,6 +20,7 @@ use crate::{
         MemoryStore, RedisStore, Store,
         redis::{Credentials, RedisConfig, RedisTopology, SentinelConfig},
     },
+    transport::{self, Bounds, Connections, Track},
 };
 
 /// Largest request message accepted, in bytes; larger ones are refused by the transport
@@ -130,7 +131,7 @@ pub async fn run(
                  only; other replicas do not see them, and a restart forgets them and every \
                  invalidation"
             );
-            let store = MemoryStore::new(config.limits(), config.memory_max_entries);
+            let store = MemoryStore::new(config.limits(), config.memory_bounds());
             serve(Arc::new(store), &config, prepared, listener, shutdown).await
         }
     }
@@ -203,12 +204,14 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keepalive, for peers that vanish without closing (also below HTTP/2's pings).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
-/// Accepted connections, with TCP_NODELAY: a unary reply is one small write that must
-/// not wait for the client's ACK of the previous one.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE))
+/// The bounds on what connections hold, from the flags.
+fn bounds(config: &Config) -> Bounds {
+    Bounds {
+        max_connections: config.max_connections as usize,
+        idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+        stall_timeout: Duration::from_secs(config.stall_timeout_seconds),
+        max_open_calls: config.max_open_calls as usize,
+    }
 }
 
 async fn serve<S: Store>(
@@ -233,6 +236,8 @@ async fn serve<S: Store>(
     reporter.set_service_status(SERVICE_NAME, initial).await;
 
     let stop = CancellationToken::new();
+    transport::raise_open_files_limit();
+    let connections = Connections::new(bounds(config));
     if let Some(addr) = config.metrics_listen {
         let (handle, exporter) = crate::metrics::install(addr).map_err(Error::Config)?;
         let stopped = stop.clone();
@@ -285,6 +290,8 @@ async fn serve<S: Store>(
     let (drain, drained) = oneshot::channel::<()>();
     let tls = prepared.tls.is_some();
     let mut builder = Server::builder()
+        // Cuts requests whose message arrives slowly or never, with CANCELLED.
+        .timeout(Duration::from_millis(config.request_timeout_ms))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
@@ -292,14 +299,21 @@ async fn serve<S: Store>(
         builder = builder.tls_config(tls)?;
     }
     let server = builder
+        .layer(Track::layer(connections.clone()))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), async {
-            let _ = drained.await;
-        });
+        .serve_with_incoming_shutdown(
+            // Accepted connections, with TCP_NODELAY: a unary reply is one small write
+            // that must not wait for the client's ACK of the previous one.
+            transport::incoming(listener, connections.clone(), TCP_KEEPALIVE),
+            async {
+                let _ = drained.await;
+            },
+        );
     tokio::pin!(server);
+    tokio::spawn(connections.sweep(stop.clone()));
     // The effective configuration, one line, with no secret in it.
     info!(
         listen = ?local,
@@ -321,6 +335,11 @@ async fn serve<S: Store>(
         authenticated,
         keyed_token_hashing = config.token_hmac_secret_file.is_some(),
         metrics_listen = ?config.metrics_listen,
+        max_connections = config.max_connections,
+        idle_timeout_seconds = config.idle_timeout_seconds,
+        request_timeout_ms = config.request_timeout_ms,
+        stall_timeout_seconds = config.stall_timeout_seconds,
+        max_open_calls = config.max_open_calls,
         "serving"
     );
 

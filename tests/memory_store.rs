@@ -1,20 +1,36 @@
-//! What only the embedded store has to prove, at the handler level with no network: its
-//! size bound drops sessions but never revocations, and it reclaims expired items with
-//! no caller touching them.
+//! What only the embedded store has to prove: its bounds drop sessions but never
+//! revocations (markers and tombstones past their budget collapse into floors that
+//! refuse more, never less, even under the race of `tests/revocation.rs`), floods of
+//! large sessions, password changes or logouts leave its memory bounded at the default
+//! flags, and it reclaims expired items with no caller touching them.
 
 mod support;
 
-use std::{sync::Arc, time::Duration};
-
-use session_cache::{
-    clock::Micros,
-    health::StoreStatus,
-    pb::{self, GetOutcome, SetOutcome, session_cache_server::SessionCache},
-    service::SessionCacheService,
-    store::{Limits, MemoryStore, Store},
+use std::{
+    collections::HashMap,
+    future::Future,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
-use support::{in_an_hour, user};
-use tonic::Request;
+
+use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
+use session_cache::{
+    Config,
+    clock::Micros,
+    entry::{Session, User},
+    health::StoreStatus,
+    keys::TokenHash,
+    pb::{
+        self, GetOutcome, SetOutcome, session_cache_client::SessionCacheClient,
+        session_cache_server::SessionCache,
+    },
+    service::SessionCacheService,
+    store::{Fence, Limits, Lookup, MemoryStore, Store, StoreError, Stored, memory::MemoryBounds},
+};
+use support::{Backend, Harness, in_an_hour, user};
+use tonic::{Request, transport::Channel};
 
 fn service(store: Arc<MemoryStore>) -> SessionCacheService<MemoryStore> {
     SessionCacheService::new(store, true, Arc::new(StoreStatus::new(true)))
@@ -47,16 +63,78 @@ async fn set(
     .outcome()
 }
 
+fn limits(ttl_seconds: u32, marker_ttl_seconds: u32) -> Limits {
+    Limits {
+        ttl_seconds,
+        marker_ttl_seconds,
+        clock_skew: Micros(0),
+    }
+}
+
+/// Room for `entries` sessions and plenty of everything else.
+fn bounds(entries: u64) -> MemoryBounds {
+    MemoryBounds {
+        entries,
+        bytes: 1 << 30,
+        markers: 1_000,
+        tombstones: 1_000,
+    }
+}
+
+/// The flags' defaults, as the service runs without any.
+fn defaults() -> Config {
+    Config::load_from(["session-cache"]).expect("the defaults are valid")
+}
+
+/// A session of `user_id`, named `name`, that outlives the test.
+fn session(user_id: &str, name: &str) -> Session {
+    let at = DateTime::<Utc>::from_timestamp(1_705_314_600, 0).unwrap();
+    Session {
+        user: User {
+            id: user_id.into(),
+            email: format!("{user_id}@example.com"),
+            name: name.into(),
+            email_verified: true,
+            tier: "pro".into(),
+            created_at: at,
+            updated_at: at,
+        },
+        session_expire: Utc::now() + chrono::Duration::hours(1),
+    }
+}
+
+fn fence_of(lookup: Lookup) -> Fence {
+    match lookup {
+        Lookup::Miss(fence)
+        | Lookup::Expired(fence)
+        | Lookup::Invalidated(fence)
+        | Lookup::Corrupt(fence) => fence,
+        Lookup::Hit(_) => panic!("a hit carries no fence"),
+    }
+}
+
+/// The answer of a memory store call, which never waits.
+fn answer<T>(call: impl Future<Output = Result<T, StoreError>>) -> T {
+    call.now_or_never()
+        .expect("the memory store answers at once")
+        .expect("the memory store does not fail")
+}
+
+/// A Get's fence, taken a moment after every instant the store handed out so far.
+fn fresh_fence(store: &MemoryStore, token: &TokenHash) -> Fence {
+    std::thread::sleep(Duration::from_millis(2));
+    fence_of(answer(store.get(token)))
+}
+
+fn stored(outcome: Stored) -> bool {
+    matches!(outcome, Stored::Stored { .. })
+}
+
 /// A flood of Sets past --memory-max-entries keeps the store near its bound, and the
 /// user markers and logout tombstones written before the flood all survive it.
 #[tokio::test]
-async fn size_bound_drops_sessions_never_revocations() {
-    let limits = Limits {
-        ttl_seconds: 300,
-        marker_ttl_seconds: 3600,
-        clock_skew: Micros(0),
-    };
-    let store = Arc::new(MemoryStore::new(limits, 100));
+async fn memory_bounds_drop_sessions_never_revocations() {
+    let store = Arc::new(MemoryStore::new(limits(300, 3600), bounds(100)));
     let svc = service(store.clone());
 
     let mut fences = Vec::new();
@@ -94,15 +172,43 @@ async fn size_bound_drops_sessions_never_revocations() {
     }
 }
 
+/// Sessions are weighed by what they hold: with room for 1,000 sessions but only 1 MiB,
+/// sessions of 60 KB stay within the megabyte while small ones fill the count.
+#[test]
+fn sessions_are_bounded_by_their_bytes_in_memory() {
+    let bounds = MemoryBounds {
+        entries: 1_000,
+        bytes: 1 << 20,
+        markers: 1_000,
+        tombstones: 1_000,
+    };
+    let store = MemoryStore::new(limits(300, 3600), bounds);
+    let large = session("large", &"n".repeat(60 * 1024));
+    for i in 0..200 {
+        let token = TokenHash::of(&format!("large-{i}"));
+        assert!(stored(answer(store.set(&token, &large, None))));
+    }
+    let (held, weight) = (store.len(), store.weight());
+    assert!(weight <= 1 << 20, "{weight} bytes held");
+    assert!(
+        (1..=17).contains(&held),
+        "{held} sessions of 60 KB in 1 MiB"
+    );
+
+    let store = MemoryStore::new(limits(300, 3600), bounds);
+    let small = session("small", "Ada");
+    for i in 0..2_000 {
+        let token = TokenHash::of(&format!("small-{i}"));
+        assert!(stored(answer(store.set(&token, &small, None))));
+    }
+    let held = store.len();
+    assert!((500..=1_000).contains(&held), "{held} small sessions");
+}
+
 /// Expired entries are reclaimed by the store's upkeep, with no Get for them.
 #[tokio::test]
-async fn expired_entries_are_reclaimed_without_callers() {
-    let limits = Limits {
-        ttl_seconds: 1,
-        marker_ttl_seconds: 1,
-        clock_skew: Micros(0),
-    };
-    let store = Arc::new(MemoryStore::new(limits, 1_000));
+async fn expired_items_leave_memory_without_callers() {
+    let store = Arc::new(MemoryStore::new(limits(1, 1), bounds(1_000)));
     let svc = service(store.clone());
     for i in 0..50 {
         assert_eq!(
@@ -115,4 +221,358 @@ async fn expired_entries_are_reclaimed_without_callers() {
     store.upkeep();
     assert!(store.is_empty(), "{} entries left", store.len());
     assert_eq!(get(&svc, "t-0").await.outcome(), GetOutcome::Miss);
+}
+
+/// SPEC §5: a user's marker collapsed into the floor still invalidates the session
+/// cached before it and refuses a Set fenced before it; the floor does so for every
+/// user, and refuses nothing fenced after it.
+#[test]
+fn markers_collapsed_in_memory_still_invalidate_and_refuse_stale_sets() {
+    let store = MemoryStore::new(
+        limits(300, 3600),
+        MemoryBounds {
+            markers: 2,
+            ..bounds(1_000)
+        },
+    );
+    let (alice, bob) = (session("alice", "Alice"), session("bob", "Bob"));
+    let (cached, validating) = (TokenHash::of("cached"), TokenHash::of("validating"));
+    assert!(stored(answer(store.set(&cached, &alice, None))));
+    let fence = fresh_fence(&store, &validating);
+    std::thread::sleep(Duration::from_millis(2));
+    answer(store.invalidate_user("alice"));
+    // Two more users: alice's marker is the oldest of three, past the budget of two.
+    answer(store.invalidate_user("x1"));
+    answer(store.invalidate_user("x2"));
+    assert_eq!(store.revocations().0, 2);
+
+    assert!(matches!(answer(store.get(&cached)), Lookup::Invalidated(_)));
+    let late = answer(store.set(&validating, &alice, Some(fence)));
+    assert_eq!(late, Stored::Stale);
+    // bob was never invalidated: only the floor can refuse his old fence.
+    let late = answer(store.set(&validating, &bob, Some(fence)));
+    assert_eq!(late, Stored::Stale, "the floor judges every user");
+
+    let after = TokenHash::of("after");
+    let fence = fresh_fence(&store, &after);
+    assert!(stored(answer(store.set(&after, &alice, Some(fence)))));
+    assert!(matches!(answer(store.get(&after)), Lookup::Hit(_)));
+}
+
+/// SPEC §4 and §5: a logout whose tombstone collapsed into the floor still refuses the
+/// late Set, with the fence of a validation begun before it or with none; the floor
+/// refuses such Sets for every token for --ttl-seconds, and nothing fenced after it.
+#[test]
+fn a_logout_collapsed_in_memory_still_refuses_the_late_set() {
+    let store = MemoryStore::new(
+        limits(1, 3600),
+        MemoryBounds {
+            tombstones: 2,
+            ..bounds(1_000)
+        },
+    );
+    let alice = session("alice", "Alice");
+    let token = TokenHash::of("logged-out");
+    let fence = fresh_fence(&store, &token);
+    answer(store.invalidate_token(&token));
+    answer(store.invalidate_token(&TokenHash::of("o1")));
+    answer(store.invalidate_token(&TokenHash::of("o2")));
+    assert_eq!(store.revocations().1, 2);
+
+    let late = answer(store.set(&token, &alice, Some(fence)));
+    assert_eq!(late, Stored::Revoked);
+    let late = answer(store.set(&token, &alice, None));
+    assert_eq!(late, Stored::Revoked);
+    // Never logged out: only the floor can refuse it.
+    let other = TokenHash::of("other");
+    let unfenced = answer(store.set(&other, &alice, None));
+    assert_eq!(
+        unfenced,
+        Stored::Revoked,
+        "the floor refuses Sets without a fence"
+    );
+    let fence = fresh_fence(&store, &other);
+    assert!(stored(answer(store.set(&other, &alice, Some(fence)))));
+
+    // A tombstone lives --ttl-seconds (1 here); so does the floor.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let later = TokenHash::of("later");
+    assert!(stored(answer(store.set(&later, &alice, None))));
+}
+
+/// How many users, tasks and steps the race below runs, as in `tests/revocation.rs`.
+const USERS: u64 = 3;
+const TASKS: u64 = 8;
+const STEPS: u64 = 40;
+
+/// One step of the race: which user, and whether the password changes while the caller
+/// validates (between its miss and its Set) and again after the Set.
+struct Step {
+    user: u64,
+    invalidate_while_validating: bool,
+    invalidate_after: bool,
+}
+
+/// `tests/revocation.rs`'s seeded schedule.
+fn schedule(task: u64) -> Vec<Step> {
+    let mut state = task.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..STEPS)
+        .map(|_| Step {
+            user: next() % USERS,
+            invalidate_while_validating: next() % 10 < 3,
+            invalidate_after: next() % 10 < 2,
+        })
+        .collect()
+}
+
+/// SPEC §4 with a marker budget of 2 for 3 users, so that markers collapse into the
+/// floor all the time: after an InvalidateUser returns, no Get returns a session whose
+/// fence predates it (`tests/revocation.rs`'s race, through the real server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revocation_race_holds_while_markers_collapse_in_memory() {
+    let harness = Harness::start(Backend::Memory, &["--memory-max-markers", "2"]).await;
+    // The latest instant each user's invalidation returned, by user.
+    let returned = Arc::new(Mutex::new(HashMap::<u64, u64>::new()));
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let mut client = harness.client.clone();
+        let returned = returned.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut hits, mut violations) = (0, 0);
+            for (i, step) in schedule(task).into_iter().enumerate() {
+                let token = format!("t{task}-{i}");
+                let miss = client
+                    .get(pb::GetRequest {
+                        token: token.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let fence: u64 = miss.fence.parse().unwrap();
+                if step.invalidate_while_validating {
+                    invalidate(&mut client, &returned, step.user).await;
+                }
+                client
+                    .set(pb::SetRequest {
+                        token: token.clone(),
+                        user: Some(user(&format!("u{}", step.user))),
+                        session_expire: Some(in_an_hour()),
+                        fence: miss.fence,
+                    })
+                    .await
+                    .unwrap();
+                if step.invalidate_after {
+                    invalidate(&mut client, &returned, step.user).await;
+                }
+                let before = returned.lock().unwrap().get(&step.user).copied();
+                let got = client.get(pb::GetRequest { token }).await.unwrap();
+                if got.into_inner().outcome() == GetOutcome::Hit {
+                    hits += 1;
+                    if before.is_some_and(|at| fence <= at) {
+                        violations += 1;
+                    }
+                }
+            }
+            (hits, violations)
+        }));
+    }
+    let (mut hits, mut violations) = (0, 0);
+    for task in tasks {
+        let (h, v) = task.await.unwrap();
+        hits += h;
+        violations += v;
+    }
+    eprintln!(
+        "marker budget 2: {} steps, {hits} hits, {violations} revived",
+        TASKS * STEPS
+    );
+    assert_eq!(violations, 0, "a revoked session was served");
+    assert!(hits > 0, "the schedule produces hits");
+}
+
+/// InvalidateUser, recording the instant it returned for `user`.
+async fn invalidate(
+    client: &mut SessionCacheClient<Channel>,
+    returned: &Mutex<HashMap<u64, u64>>,
+    user: u64,
+) {
+    let reply = client
+        .invalidate_user(pb::InvalidateUserRequest {
+            user_id: format!("u{user}"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let at = reply.invalidated_at.unwrap();
+    let at = at.seconds as u64 * 1_000_000 + at.nanos as u64 / 1_000;
+    let mut latest = returned.lock().unwrap();
+    let entry = latest.entry(user).or_default();
+    *entry = (*entry).max(at);
+}
+
+/// The process's resident set, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("a VmRSS line");
+    kib * 1024
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The variable that tells this test binary, started again by [`alone`], which test to
+/// run for real.
+const ALONE: &str = "SESSION_CACHE_TEST_ALONE";
+
+/// Runs `flood` in a process of its own (this test binary again, running only `test`),
+/// so that no other test's allocations, nor memory an earlier one freed, blur the RSS;
+/// asserts that the RSS grew by less than `bound` over it, with what `flood` returns (the
+/// store) still held.
+fn alone<T>(test: &str, bound: u64, flood: impl FnOnce() -> T) {
+    if std::env::var(ALONE).as_deref() == Ok(test) {
+        let before = rss();
+        let held = flood();
+        let after = rss();
+        drop(held);
+        let growth = after.saturating_sub(before);
+        eprintln!(
+            "{test}: RSS {} MiB before, {} MiB after: grew by {} MiB (bound {} MiB)",
+            before / MIB,
+            after / MIB,
+            growth / MIB,
+            bound / MIB
+        );
+        assert!(growth < bound, "RSS grew by {} MiB", growth / MIB);
+        return;
+    }
+    let out = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(ALONE, test)
+        .output()
+        .expect("the test binary starts");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprint!("{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test}, alone:\n{stdout}\n{stderr}"
+    );
+}
+
+/// 20,000 Sets of sessions with a 60 KB name (1.2 GB offered) grow the RSS by less
+/// than 512 MiB at the default flags: --memory-max-bytes bounds them.
+#[test]
+fn large_sessions_grow_memory_by_less_than_512_mib() {
+    alone(
+        "large_sessions_grow_memory_by_less_than_512_mib",
+        512 * MIB,
+        || {
+            let config = defaults();
+            let store = MemoryStore::new(config.limits(), config.memory_bounds());
+            let large = session("large", &"n".repeat(60 * 1024));
+            for i in 0..20_000 {
+                let token = TokenHash::of(&format!("large-{i}"));
+                assert!(stored(answer(store.set(&token, &large, None))));
+            }
+            let weight = store.weight();
+            eprintln!(
+                "{} sessions held, {} MiB by weight",
+                store.len(),
+                weight / MIB
+            );
+            assert!(weight <= config.memory_max_bytes);
+            store
+        },
+    );
+}
+
+/// A million distinct InvalidateUser, of user ids as long as the service takes (256
+/// bytes), grow the RSS by less than 256 MiB at the default flags; at most
+/// --memory-max-markers are kept one by one, and the first user's marker, long
+/// collapsed, still refuses the Set fenced before it and invalidates the session cached
+/// before it.
+#[test]
+fn a_million_markers_grow_memory_by_less_than_256_mib() {
+    alone(
+        "a_million_markers_grow_memory_by_less_than_256_mib",
+        256 * MIB,
+        || {
+            let config = defaults();
+            let store = MemoryStore::new(config.limits(), config.memory_bounds());
+            let (cached, validating) = (TokenHash::of("cached"), TokenHash::of("validating"));
+            let victim = session("victim", "Victim");
+            answer(store.set(&cached, &victim, None));
+            let fence = fresh_fence(&store, &validating);
+            std::thread::sleep(Duration::from_millis(2));
+            answer(store.invalidate_user("victim"));
+            for i in 0..1_000_000 {
+                answer(store.invalidate_user(&format!("{i:0256}")));
+            }
+            store.upkeep();
+            let (markers, _) = store.revocations();
+            assert!(
+                markers <= config.memory_bounds().markers,
+                "{markers} markers"
+            );
+            let late = answer(store.set(&validating, &victim, Some(fence)));
+            assert_eq!(late, Stored::Stale);
+            assert!(matches!(answer(store.get(&cached)), Lookup::Invalidated(_)));
+            store
+        },
+    );
+}
+
+/// A million distinct InvalidateToken grow the RSS by less than 256 MiB at the default
+/// flags; at most --memory-max-tombstones are kept one by one, and the first logout,
+/// long collapsed, still refuses the late Set.
+#[test]
+fn a_million_tombstones_grow_memory_by_less_than_256_mib() {
+    alone(
+        "a_million_tombstones_grow_memory_by_less_than_256_mib",
+        256 * MIB,
+        || {
+            let config = defaults();
+            let store = MemoryStore::new(config.limits(), config.memory_bounds());
+            let token = TokenHash::of("logged-out");
+            let fence = fresh_fence(&store, &token);
+            answer(store.invalidate_token(&token));
+            // Two threads, to hash the tokens on both cores.
+            std::thread::scope(|threads| {
+                for half in 0..2 {
+                    let store = &store;
+                    threads.spawn(move || {
+                        for i in (half..1_000_000).step_by(2) {
+                            let other = TokenHash::of(&format!("token-{i:012}"));
+                            answer(store.invalidate_token(&other));
+                        }
+                    });
+                }
+            });
+            store.upkeep();
+            let (_, tombstones) = store.revocations();
+            assert!(
+                tombstones <= config.memory_bounds().tombstones,
+                "{tombstones} tombstones"
+            );
+            let victim = session("victim", "Victim");
+            assert_eq!(
+                answer(store.set(&token, &victim, Some(fence))),
+                Stored::Revoked
+            );
+            assert_eq!(answer(store.set(&token, &victim, None)), Stored::Revoked);
+            store
+        },
+    );
 }

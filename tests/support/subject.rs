@@ -166,7 +166,7 @@ impl Subject {
                 unreachable!("the Sentinel and Cluster topologies are tested through the network")
             }
             Backend::Memory => {
-                let store = MemoryStore::new(config.limits(), config.memory_max_entries);
+                let store = MemoryStore::new(config.limits(), config.memory_bounds());
                 let service = SessionCacheService::new(Arc::new(store), config.enabled, status);
                 (Caller::Memory(Arc::new(service)), None)
             }
