@@ -6,13 +6,7 @@
 
 mod support;
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    process::Command,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{future::Future, process::Command, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
@@ -22,15 +16,12 @@ use session_cache::{
     entry::{Session, User},
     health::StoreStatus,
     keys::TokenHash,
-    pb::{
-        self, GetOutcome, SetOutcome, session_cache_client::SessionCacheClient,
-        session_cache_server::SessionCache,
-    },
+    pb::{self, GetOutcome, SetOutcome, session_cache_server::SessionCache},
     service::SessionCacheService,
     store::{Fence, Limits, Lookup, MemoryStore, Store, StoreError, Stored, memory::MemoryBounds},
 };
-use support::{Backend, Harness, in_an_hour, user};
-use tonic::{Request, transport::Channel};
+use support::{in_an_hour, user};
+use tonic::Request;
 
 fn service(store: Arc<MemoryStore>) -> SessionCacheService<MemoryStore> {
     SessionCacheService::new(store, true, Arc::new(StoreStatus::new(true)))
@@ -298,122 +289,6 @@ fn a_logout_collapsed_in_memory_still_refuses_the_late_set() {
     std::thread::sleep(Duration::from_millis(1_100));
     let later = TokenHash::of("later");
     assert!(stored(answer(store.set(&later, &alice, None))));
-}
-
-/// How many users, tasks and steps the race below runs, as in `tests/revocation.rs`.
-const USERS: u64 = 3;
-const TASKS: u64 = 8;
-const STEPS: u64 = 40;
-
-/// One step of the race: which user, and whether the password changes while the caller
-/// validates (between its miss and its Set) and again after the Set.
-struct Step {
-    user: u64,
-    invalidate_while_validating: bool,
-    invalidate_after: bool,
-}
-
-/// `tests/revocation.rs`'s seeded schedule.
-fn schedule(task: u64) -> Vec<Step> {
-    let mut state = task.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..STEPS)
-        .map(|_| Step {
-            user: next() % USERS,
-            invalidate_while_validating: next() % 10 < 3,
-            invalidate_after: next() % 10 < 2,
-        })
-        .collect()
-}
-
-/// SPEC §4 with a marker budget of 2 for 3 users, so that markers collapse into the
-/// floor all the time: after an InvalidateUser returns, no Get returns a session whose
-/// fence predates it (`tests/revocation.rs`'s race, through the real server).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_revocation_race_holds_while_markers_collapse_in_memory() {
-    let harness = Harness::start(Backend::Memory, &["--memory-max-markers", "2"]).await;
-    // The latest instant each user's invalidation returned, by user.
-    let returned = Arc::new(Mutex::new(HashMap::<u64, u64>::new()));
-    let mut tasks = Vec::new();
-    for task in 0..TASKS {
-        let mut client = harness.client.clone();
-        let returned = returned.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut hits, mut violations) = (0, 0);
-            for (i, step) in schedule(task).into_iter().enumerate() {
-                let token = format!("t{task}-{i}");
-                let miss = client
-                    .get(pb::GetRequest {
-                        token: token.clone(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let fence: u64 = miss.fence.parse().unwrap();
-                if step.invalidate_while_validating {
-                    invalidate(&mut client, &returned, step.user).await;
-                }
-                client
-                    .set(pb::SetRequest {
-                        token: token.clone(),
-                        user: Some(user(&format!("u{}", step.user))),
-                        session_expire: Some(in_an_hour()),
-                        fence: miss.fence,
-                    })
-                    .await
-                    .unwrap();
-                if step.invalidate_after {
-                    invalidate(&mut client, &returned, step.user).await;
-                }
-                let before = returned.lock().unwrap().get(&step.user).copied();
-                let got = client.get(pb::GetRequest { token }).await.unwrap();
-                if got.into_inner().outcome() == GetOutcome::Hit {
-                    hits += 1;
-                    if before.is_some_and(|at| fence <= at) {
-                        violations += 1;
-                    }
-                }
-            }
-            (hits, violations)
-        }));
-    }
-    let (mut hits, mut violations) = (0, 0);
-    for task in tasks {
-        let (h, v) = task.await.unwrap();
-        hits += h;
-        violations += v;
-    }
-    eprintln!(
-        "marker budget 2: {} steps, {hits} hits, {violations} revived",
-        TASKS * STEPS
-    );
-    assert_eq!(violations, 0, "a revoked session was served");
-    assert!(hits > 0, "the schedule produces hits");
-}
-
-/// InvalidateUser, recording the instant it returned for `user`.
-async fn invalidate(
-    client: &mut SessionCacheClient<Channel>,
-    returned: &Mutex<HashMap<u64, u64>>,
-    user: u64,
-) {
-    let reply = client
-        .invalidate_user(pb::InvalidateUserRequest {
-            user_id: format!("u{user}"),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let at = reply.invalidated_at.unwrap();
-    let at = at.seconds as u64 * 1_000_000 + at.nanos as u64 / 1_000;
-    let mut latest = returned.lock().unwrap();
-    let entry = latest.entry(user).or_default();
-    *entry = (*entry).max(at);
 }
 
 /// The process's resident set, in bytes.
