@@ -24,6 +24,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use arc_swap::ArcSwap;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -295,11 +296,21 @@ pub struct Admitted(pub Option<String>);
 #[derive(Clone)]
 pub struct Gate<S> {
     inner: S,
-    auth: Arc<Authenticator>,
+    auth: Keys,
+}
+
+/// The callers' credentials in force, shared by the [`Gate`] and the service and
+/// replaced whole when the keys file is reloaded: each call is judged by the set that
+/// was in force when it arrived.
+pub type Keys = Arc<ArcSwap<Authenticator>>;
+
+/// Keys holding `auth`, for [`Gate::new`] and `SessionCacheService::with_auth`.
+pub fn keys(auth: Authenticator) -> Keys {
+    Arc::new(ArcSwap::from_pointee(auth))
 }
 
 impl<S> Gate<S> {
-    pub fn new(inner: S, auth: Arc<Authenticator>) -> Self {
+    pub fn new(inner: S, auth: Keys) -> Self {
         Gate { inner, auth }
     }
 }
@@ -325,14 +336,14 @@ where
         let started = Instant::now();
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
         let (rpc, needed) = method_role(method);
-        let admitted = if self.auth.is_enabled() {
+        let auth = self.auth.load();
+        let admitted = if auth.is_enabled() {
             let metadata = MetadataMap::from_headers(request.headers().clone());
             let certs = request
                 .extensions()
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(TlsConnectInfo::peer_certs);
-            self.auth
-                .authorize(&metadata, certs.as_deref().map(Vec::as_slice), needed)
+            auth.authorize(&metadata, certs.as_deref().map(Vec::as_slice), needed)
         } else {
             Ok(None)
         };

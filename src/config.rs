@@ -17,7 +17,8 @@ use crate::{
 #[command(name = "session-cache", version, about, long_about = None)]
 pub struct Config {
     /// Address to serve gRPC on. Without caller authentication only a loopback address
-    /// is accepted, unless --allow-unauthenticated is given.
+    /// is accepted, unless --allow-unauthenticated is given. An address that cannot be
+    /// bound exits 69; a bad flag, or a bad file a flag names, exits 64 before binding.
     #[arg(long, env = "SESSION_CACHE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
@@ -188,7 +189,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_open_calls: u32,
 
-    /// Address to serve Prometheus metrics on (GET /metrics); off when not given.
+    /// Address to serve Prometheus metrics on (GET /metrics); off when not given. An
+    /// address that cannot be bound exits 69, like --listen.
     #[arg(long, env = "SESSION_CACHE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
@@ -215,6 +217,8 @@ pub struct Config {
     /// TOML file of the callers: [[keys]] (name, sha256 of the API key, roles) and
     /// [[certificates]] (name, subject DNS name, roles). With it, every SessionCache
     /// call needs `authorization: Bearer <key>` or a mapped client certificate.
+    /// Reloaded on SIGHUP and when its content changes; a bad file keeps the keys in
+    /// force.
     #[arg(long, env = "SESSION_CACHE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 

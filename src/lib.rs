@@ -14,6 +14,7 @@ pub mod entry;
 pub mod health;
 pub mod keys;
 mod metrics;
+mod reload;
 pub mod server;
 pub mod service;
 pub mod signal;

@@ -5,17 +5,14 @@ use std::process::ExitCode;
 use session_cache::{
     Config,
     config::{LoadError, LogFormat},
+    server::{self, EXIT_CONFIG},
 };
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 /// Small allocations dominate a call (protobuf, JSON, Redis replies); the system
 /// allocator spent about a quarter of the server's CPU on them under load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Exit status for a configuration that cannot be served (EX_USAGE in sysexits.h).
-const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let config = match Config::load() {
@@ -39,6 +36,11 @@ fn main() -> ExitCode {
             .init(),
     }
 
+    // Every file the configuration names is read and checked before any port is bound.
+    let prepared = match server::prepare(config) {
+        Ok(prepared) => prepared,
+        Err(e) => return fail(&e),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -48,20 +50,20 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = session_cache::signal::shutdown();
-        let listener = match TcpListener::bind(config.listen).await {
+        let listener = match server::listen(prepared.config().listen).await {
             Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!(listen = %config.listen, error = %e, "cannot listen");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fail(&e),
         };
-        match session_cache::run(config, listener, shutdown).await {
+        match server::serve(prepared, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %e, "stopped on an error");
-                eprintln!("session-cache: {e}");
-                ExitCode::from(e.exit_code())
-            }
+            Err(e) => fail(&e),
         }
     })
+}
+
+/// Logs and prints why the service stopped, and returns its exit status.
+fn fail(e: &server::Error) -> ExitCode {
+    tracing::error!(error = %e, "stopped on an error");
+    eprintln!("session-cache: {e}");
+    ExitCode::from(e.exit_code())
 }

@@ -14,14 +14,25 @@
 //! | `session_cache_connections_open` | gauge | |
 //! | `session_cache_connections_refused_total` | counter | |
 //! | `session_cache_connections_closed_total` | counter | `reason` (`idle`, `stalled`) |
+//! | `session_cache_config_reloads_total` | counter | `result` (`ok`, `failed`) |
 
 use std::{net::SocketAddr, time::Duration};
 
+use http_body_util::Full;
+use hyper::{
+    Request, Response,
+    body::{Bytes, Incoming},
+    header::{CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
-use metrics_exporter_prometheus::{ExporterFuture, Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::time::Instant;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
 /// Latency buckets, in seconds: a call takes well under a millisecond when healthy
@@ -31,19 +42,33 @@ const BUCKETS: &[f64] = &[
 ];
 
 /// How often histograms are compacted.
-pub(crate) const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Installs the process-wide recorder and returns the exporter to run (it serves
-/// `GET /metrics` on `addr`) and the handle whose upkeep must run periodically.
-pub(crate) fn install(addr: SocketAddr) -> Result<(PrometheusHandle, ExporterFuture), String> {
-    let (recorder, exporter) = PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// The `GET /metrics` endpoint: its bound port and the recorder's handle.
+pub(crate) struct Exporter {
+    listener: TcpListener,
+    handle: PrometheusHandle,
+}
+
+/// Binds `addr` and installs the process-wide recorder; starts nothing ([`Exporter::run`]
+/// serves). The port is bound first, so that a taken port leaves no recorder behind.
+pub(crate) fn install(addr: SocketAddr) -> Result<Exporter, crate::server::Error> {
+    let bind_error = |e: std::io::Error| crate::server::Error::Bind {
+        flag: "--metrics-listen",
+        addr,
+        problem: e.to_string(),
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    let listener = TcpListener::from_std(listener).map_err(bind_error)?;
+    // The crate's own listener (`PrometheusBuilder::build`) starts an upkeep task that
+    // never ends; this one serves from a task that ends with the server.
+    let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
-        .and_then(|b| b.build())
-        .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+        .map_err(|_| crate::server::Error::Recorder)?
+        .build_recorder();
     let handle = recorder.handle();
-    metrics::set_global_recorder(recorder)
-        .map_err(|_| "a metrics recorder is already installed in this process".to_string())?;
+    metrics::set_global_recorder(recorder).map_err(|_| crate::server::Error::Recorder)?;
     describe_counter!(
         "session_cache_calls_total",
         "SessionCache calls by RPC and outcome"
@@ -93,10 +118,72 @@ pub(crate) fn install(addr: SocketAddr) -> Result<(PrometheusHandle, ExporterFut
     for reason in ["idle", "stalled"] {
         counter!("session_cache_connections_closed_total", "reason" => reason).absolute(0);
     }
-    Ok((handle, exporter))
+    describe_counter!(
+        "session_cache_config_reloads_total",
+        "Reloads of --api-keys-file (on SIGHUP or a change on disk), applied or refused"
+    );
+    for result in ["ok", "failed"] {
+        counter!("session_cache_config_reloads_total", "result" => result).absolute(0);
+    }
+    Ok(Exporter { listener, handle })
+}
+
+impl Exporter {
+    /// Serves `GET /metrics` (any path answers the same) and compacts histograms until
+    /// `stop` is cancelled; the connections it serves end with it.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let Exporter { listener, handle } = self;
+        let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = upkeep.tick() => handle.run_upkeep(),
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the metrics endpoint could not accept");
+                            continue;
+                        }
+                    };
+                    let handle = handle.clone();
+                    let service = service_fn(move |_: Request<Incoming>| {
+                        let handle = handle.clone();
+                        async move { Ok::<_, std::convert::Infallible>(render(&handle)) }
+                    });
+                    connections.spawn(async move {
+                        if let Err(e) = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "a metrics connection failed");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The Prometheus text exposition of every metric.
+fn render(handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 /// Records one answered call.
+/// A reload of the configuration's files, applied (`ok`) or refused (`failed`).
+pub(crate) fn config_reload(ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!("session_cache_config_reloads_total", "result" => result).increment(1);
+}
+
 pub(crate) fn call(rpc: &'static str, started: Instant, outcome: &'static str) {
     counter!("session_cache_calls_total", "rpc" => rpc, "outcome" => outcome).increment(1);
     histogram!("session_cache_call_duration_seconds", "rpc" => rpc)

@@ -1,7 +1,16 @@
 //! Assembles the gRPC server: the `SessionCache` service over the configured store,
 //! `grpc.health.v1`, server reflection (v1 and v1alpha), limits, and a bounded drain.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
@@ -27,14 +36,40 @@ use crate::{
 /// before a handler runs. A Set with a 4 KiB token and a generous user fits many times.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// Why the server could not run.
+/// Exit status for a configuration that cannot be served: a flag, or a file a flag
+/// names (EX_USAGE in sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+/// Exit status for a port that cannot be bound, `--listen` or `--metrics-listen`
+/// (EX_UNAVAILABLE in sysexits.h).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Why the server could not start or stopped on a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file the configuration names is missing or wrong, or the store is unfit.
-    #[error("{0}")]
-    Config(String),
+    /// A file a flag names is missing, unreadable, or does not hold what it should.
+    /// `problem` never quotes the file's content.
+    #[error("{flag} {}: {problem}", path.display())]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    /// The Redis settings are refused by the client (a malformed URL, say).
     #[error("cannot use the Redis URL: {0}")]
-    Redis(String),
+    Redis(#[source] bb8_redis::redis::RedisError),
+    /// The store answered, and is unfit to keep revocations.
+    #[error("refusing the store: {0}")]
+    Store(String),
+    /// A port the configuration names cannot be bound.
+    #[error("{flag} {addr}: cannot listen: {problem}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        problem: String,
+    },
+    /// A metrics recorder was installed earlier in this process.
+    #[error("--metrics-listen: a metrics recorder is already installed in this process")]
+    Recorder,
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
@@ -42,44 +77,126 @@ pub enum Error {
 }
 
 impl Error {
-    /// The process exit status for this error: 64 (EX_USAGE) for configuration.
+    /// The process exit status: [`EXIT_CONFIG`] for the configuration and its files,
+    /// [`EXIT_UNAVAILABLE`] for a port that cannot be bound, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Redis(_) => 64,
-            _ => 1,
+            Error::File { .. } | Error::Redis(_) | Error::Store(_) => EXIT_CONFIG,
+            Error::Bind { .. } => EXIT_UNAVAILABLE,
+            Error::Recorder | Error::Reflection(_) | Error::Serve(_) => 1,
+        }
+    }
+
+    fn file(flag: &'static str, path: &Path, problem: impl Into<String>) -> Error {
+        Error::File {
+            flag,
+            path: path.to_owned(),
+            problem: problem.into(),
         }
     }
 }
 
-/// What the configuration's files hold, read and checked before anything is served.
-struct Prepared {
+/// The configuration with every file it names read and checked: what [`prepare`]
+/// returns, before any port is bound.
+pub struct Prepared {
+    config: Config,
     auth: Authenticator,
     hasher: TokenHasher,
     tls: Option<ServerTlsConfig>,
+    redis: Option<RedisConfig>,
 }
 
-fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| Error::Config(format!("{flag} {}: {e}", path.display())))
+impl Prepared {
+    /// The configuration the files were read for.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
 }
 
-fn prepare(config: &Config) -> Result<Prepared, Error> {
+fn read(path: &Path, flag: &'static str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::file(flag, path, format!("cannot read: {e}")))
+}
+
+/// The certificates of a PEM file, at least one, each parsed as X.509.
+fn read_certificates(
+    path: &Path,
+    flag: &'static str,
+) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), Error> {
+    let pem = read(path, flag)?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::file(flag, path, format!("not PEM: {e}")))?;
+    if certificates.is_empty() {
+        return Err(Error::file(flag, path, "no CERTIFICATE block in the PEM"));
+    }
+    for (i, der) in certificates.iter().enumerate() {
+        webpki::EndEntityCert::try_from(der)
+            .map_err(|e| Error::file(flag, path, format!("certificate {}: {e}", i + 1)))?;
+    }
+    Ok((pem, certificates))
+}
+
+/// The server's TLS settings; the key must be the certificate's.
+fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, Error> {
+    let (cert_pem, chain) = read_certificates(cert, "--tls-cert")?;
+    let key_pem = read(key, "--tls-key")?;
+    // Errors from here on name the flag and say what is wrong, never the key's bytes.
+    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            Error::file("--tls-key", key, "no PRIVATE KEY block in the PEM")
+        }
+        _ => Error::file("--tls-key", key, "not a PEM private key"),
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(chain, der, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => Error::file(
+            "--tls-key",
+            key,
+            format!(
+                "not the key of the certificate in --tls-cert {}",
+                cert.display()
+            ),
+        ),
+        e => Error::file("--tls-key", key, format!("unusable private key: {e}")),
+    })?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    if let Some(ca) = client_ca {
+        let (pem, certificates) = read_certificates(ca, "--tls-client-ca")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, der) in certificates.into_iter().enumerate() {
+            roots.add(der).map_err(|e| {
+                Error::file("--tls-client-ca", ca, format!("certificate {}: {e}", i + 1))
+            })?;
+        }
+        // Optional, so that probes and API-key callers without a certificate
+        // still connect; a certificate that is presented must verify.
+        tls = tls
+            .client_ca_root(Certificate::from_pem(pem))
+            .client_auth_optional(true);
+    }
+    Ok(tls)
+}
+
+/// Reads and checks every file the configuration names: the keys file, the token
+/// secret, the TLS certificate, key and client CA, Redis's CA and passwords. Binds
+/// nothing and starts nothing.
+pub fn prepare(config: Config) -> Result<Prepared, Error> {
     let auth = match &config.api_keys_file {
-        Some(path) => Authenticator::from_file(path)
-            .map_err(|e| Error::Config(format!("--api-keys-file {e}")))?,
+        Some(path) => load_keys(path, config.tls_client_ca.is_some())?,
         None => Authenticator::open(),
     };
-    if auth.has_certificates() && config.tls_client_ca.is_none() {
-        return Err(Error::Config(
-            "--api-keys-file maps [[certificates]] but no --tls-client-ca verifies them".into(),
-        ));
-    }
     let hasher = match &config.token_hmac_secret_file {
         Some(path) => {
             let secret = read(path, "--token-hmac-secret-file")?;
             let secret = secret.trim_ascii_end();
             if secret.len() < 16 {
-                return Err(Error::Config(
-                    "--token-hmac-secret-file: the secret must be at least 16 bytes".into(),
+                return Err(Error::file(
+                    "--token-hmac-secret-file",
+                    path,
+                    format!(
+                        "the secret is {} bytes; it must be at least 16",
+                        secret.len()
+                    ),
                 ));
             }
             TokenHasher::hmac(secret)
@@ -87,43 +204,75 @@ fn prepare(config: &Config) -> Result<Prepared, Error> {
         None => TokenHasher::Sha256,
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => {
-            let identity = Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?);
-            let mut tls = ServerTlsConfig::new().identity(identity);
-            if let Some(ca) = &config.tls_client_ca {
-                // Optional, so that probes and API-key callers without a certificate
-                // still connect; a certificate that is presented must verify.
-                tls = tls
-                    .client_ca_root(Certificate::from_pem(read(ca, "--tls-client-ca")?))
-                    .client_auth_optional(true);
-            }
-            Some(tls)
-        }
+        (Some(cert), Some(key)) => Some(tls_config(cert, key, config.tls_client_ca.as_deref())?),
         _ => None,
     };
-    Ok(Prepared { auth, hasher, tls })
+    let redis = redis_config(&config)?;
+    Ok(Prepared {
+        config,
+        auth,
+        hasher,
+        tls,
+        redis,
+    })
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains calls in flight for at
-/// most `--shutdown-grace-seconds`.
+/// Reads and checks the keys file of `--api-keys-file`; `client_ca` tells whether
+/// client certificates are verified (`--tls-client-ca`), as a file that maps them needs.
+pub(crate) fn load_keys(path: &Path, client_ca: bool) -> Result<Authenticator, Error> {
+    let flag = "--api-keys-file";
+    let text = String::from_utf8(read(path, flag)?)
+        .map_err(|_| Error::file(flag, path, "not UTF-8 text"))?;
+    let auth = Authenticator::from_toml(&text).map_err(|e| Error::file(flag, path, e))?;
+    if auth.has_certificates() && !client_ca {
+        return Err(Error::file(
+            flag,
+            path,
+            "maps [[certificates]] but no --tls-client-ca verifies them",
+        ));
+    }
+    Ok(auth)
+}
+
+/// Binds `--listen`.
+pub async fn listen(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Bind {
+        flag: "--listen",
+        addr,
+        problem: e.to_string(),
+    })
+}
+
+/// Checks the configuration's files, then serves on `listener` until `shutdown`
+/// completes (see [`serve`]).
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let prepared = prepare(&config)?;
-    match redis_config(&config)? {
+    serve(prepare(config)?, listener, shutdown).await
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains calls in flight for at
+/// most `--shutdown-grace-seconds`. Every step that can fail (the store's checks, the
+/// metrics port) comes before the first background task starts; those tasks end when
+/// this returns, whichever way.
+pub async fn serve(
+    prepared: Prepared,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    match &prepared.redis {
         Some(redis) => {
-            let store = RedisStore::new(&redis)
-                // redis-rs errors about a URL do not repeat the URL.
-                .map_err(|e| Error::Redis(e.to_string()))?;
+            // redis-rs errors about a URL do not repeat the URL.
+            let store = RedisStore::new(redis).map_err(Error::Redis)?;
             // A Redis that is up at start-up and unfit stops the start; one that is down
             // is checked by the health loop when it comes up.
             if let Some(problem) = store.readiness_problem().await {
                 error!(problem, "refusing to start");
-                return Err(Error::Config(problem));
+                return Err(Error::Store(problem));
             }
-            serve(Arc::new(store), &config, prepared, listener, shutdown).await
+            serve_with(Arc::new(store), prepared, listener, shutdown).await
         }
         None => {
             warn!(
@@ -131,8 +280,9 @@ pub async fn run(
                  only; other replicas do not see them, and a restart forgets them and every \
                  invalidation"
             );
+            let config = &prepared.config;
             let store = MemoryStore::new(config.limits(), config.memory_bounds());
-            serve(Arc::new(store), &config, prepared, listener, shutdown).await
+            serve_with(Arc::new(store), prepared, listener, shutdown).await
         }
     }
 }
@@ -156,7 +306,7 @@ pub fn redis_config(config: &Config) -> Result<Option<RedisConfig>, Error> {
         }),
     };
     let ca_pem = match &config.redis_ca_file {
-        Some(path) => Some(read(path, "--redis-ca-file")?),
+        Some(path) => Some(read_certificates(path, "--redis-ca-file")?.0),
         None => None,
     };
     Ok(Some(RedisConfig {
@@ -179,16 +329,15 @@ pub fn redis_config(config: &Config) -> Result<Option<RedisConfig>, Error> {
 }
 
 /// A password from a file, without its trailing newline; never echoed.
-fn read_secret(path: Option<&std::path::Path>, flag: &str) -> Result<Option<String>, Error> {
+fn read_secret(path: Option<&Path>, flag: &'static str) -> Result<Option<String>, Error> {
     let Some(path) = path else {
         return Ok(None);
     };
     let bytes = read(path, flag)?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| Error::Config(format!("{flag} {}: not UTF-8 text", path.display())))?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::file(flag, path, "not UTF-8 text"))?;
     let secret = text.trim_end_matches(['\r', '\n']);
     if secret.is_empty() {
-        return Err(Error::Config(format!("{flag} {}: empty", path.display())));
+        return Err(Error::file(flag, path, "empty"));
     }
     Ok(Some(secret.to_owned()))
 }
@@ -214,59 +363,27 @@ fn bounds(config: &Config) -> Bounds {
     }
 }
 
-async fn serve<S: Store>(
+/// Serves with `store`: first every step that can fail (TLS, reflection, the metrics
+/// port), then the background tasks, which a drop guard ends on every way out.
+async fn serve_with<S: Store>(
     store: Arc<S>,
-    config: &Config,
     prepared: Prepared,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    let Prepared {
+        config,
+        auth,
+        hasher,
+        tls,
+        redis: _,
+    } = prepared;
+    let config = &config;
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
     // Disabled, the service serves (pass-through) without a store; enabled, it serves
     // once the first ping has reached the store.
     let status = Arc::new(StoreStatus::new(!config.enabled));
-    let initial = if config.enabled {
-        ServingStatus::NotServing
-    } else {
-        ServingStatus::Serving
-    };
-    reporter.set_service_status(SERVICE_NAME, initial).await;
-
-    let stop = CancellationToken::new();
-    transport::raise_open_files_limit();
     let connections = Connections::new(bounds(config));
-    if let Some(addr) = config.metrics_listen {
-        let (handle, exporter) = crate::metrics::install(addr).map_err(Error::Config)?;
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
-            tokio::pin!(exporter);
-            loop {
-                tokio::select! {
-                    () = stopped.cancelled() => return,
-                    result = &mut exporter => {
-                        if let Err(e) = result {
-                            error!(error = ?e, "the metrics endpoint stopped");
-                        }
-                        return;
-                    }
-                    _ = upkeep.tick() => handle.run_upkeep(),
-                }
-            }
-        });
-    }
-    let pinger = config.enabled.then(|| {
-        tokio::spawn(watch_store(
-            store.clone(),
-            status.clone(),
-            reporter.clone(),
-            Duration::from_millis(config.health_interval_ms),
-            stop.clone(),
-        ))
-    });
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -274,44 +391,84 @@ async fn serve<S: Store>(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let kind = store.kind();
-    let authenticated = prepared.auth.is_enabled();
-    let auth = Arc::new(prepared.auth);
-    let service = SessionCacheService::new(store, config.enabled, status)
+    let authenticated = auth.is_enabled();
+    let auth = crate::auth::keys(auth);
+    let service = SessionCacheService::new(store.clone(), config.enabled, status.clone())
         .with_auth(auth.clone())
-        .with_hasher(prepared.hasher)
+        .with_hasher(hasher)
         .with_max_in_flight(config.max_in_flight as usize);
     // Callers are checked from their headers before their message is read.
     let service = Gate::new(
         SessionCacheServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        auth,
+        auth.clone(),
     );
 
     let local = listener.local_addr().ok();
     let (drain, drained) = oneshot::channel::<()>();
-    let tls = prepared.tls.is_some();
+    let tls_on = tls.is_some();
     let mut builder = Server::builder()
         // Cuts requests whose message arrives slowly or never, with CANCELLED.
         .timeout(Duration::from_millis(config.request_timeout_ms))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
-    if let Some(tls) = prepared.tls {
+    if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
-    let server = builder
+    let router = builder
         .layer(Track::layer(connections.clone()))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            // Accepted connections, with TCP_NODELAY: a unary reply is one small write
-            // that must not wait for the client's ACK of the previous one.
-            transport::incoming(listener, connections.clone(), TCP_KEEPALIVE),
-            async {
-                let _ = drained.await;
-            },
-        );
+        .add_service(service);
+    // The last step that can fail: binding the metrics port.
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(crate::metrics::install(addr)?),
+        None => None,
+    };
+
+    // From here on nothing fails before serving; every task below ends when `stop` is
+    // cancelled, at the latest when this function returns or is dropped.
+    let stop = CancellationToken::new();
+    let _tasks = stop.clone().drop_guard();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let initial = if config.enabled {
+        ServingStatus::NotServing
+    } else {
+        ServingStatus::Serving
+    };
+    reporter.set_service_status(SERVICE_NAME, initial).await;
+    transport::raise_open_files_limit();
+    if let Some(exporter) = metrics {
+        tokio::spawn(exporter.run(stop.clone()));
+    }
+    if let Some(path) = &config.api_keys_file {
+        tokio::spawn(crate::reload::watch_keys(
+            path.clone(),
+            config.tls_client_ca.is_some(),
+            auth,
+            stop.clone(),
+        ));
+    }
+    let pinger = config.enabled.then(|| {
+        tokio::spawn(watch_store(
+            store,
+            status,
+            reporter.clone(),
+            Duration::from_millis(config.health_interval_ms),
+            stop.clone(),
+        ))
+    });
+    let server = router.serve_with_incoming_shutdown(
+        // Accepted connections, with TCP_NODELAY: a unary reply is one small write
+        // that must not wait for the client's ACK of the previous one.
+        transport::incoming(listener, connections.clone(), TCP_KEEPALIVE),
+        async {
+            let _ = drained.await;
+        },
+    );
     tokio::pin!(server);
     tokio::spawn(connections.sweep(stop.clone()));
     // The effective configuration, one line, with no secret in it.
@@ -330,7 +487,7 @@ async fn serve<S: Store>(
         store_timeout_ms = config.store_timeout_ms,
         redis_connections = config.redis_connections,
         max_in_flight = config.max_in_flight,
-        tls,
+        tls = tls_on,
         mutual_tls = config.tls_client_ca.is_some(),
         authenticated,
         keyed_token_hashing = config.token_hmac_secret_file.is_some(),
@@ -345,7 +502,6 @@ async fn serve<S: Store>(
 
     tokio::select! {
         result = &mut server => {
-            stop.cancel();
             return result.map_err(Error::from);
         }
         () = shutdown => {}

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
-    auth::{Admitted, Authenticator, Role},
+    auth::{Admitted, Authenticator, Keys, Role},
     clock::Micros,
     entry::{Session, User},
     health::StoreStatus,
@@ -35,7 +35,7 @@ pub struct SessionCacheService<S> {
     store: Arc<S>,
     enabled: bool,
     status: Arc<StoreStatus>,
-    auth: Arc<Authenticator>,
+    auth: Keys,
     hasher: TokenHasher,
     admission: Semaphore,
 }
@@ -51,7 +51,7 @@ impl<S: Store> SessionCacheService<S> {
             store,
             enabled,
             status,
-            auth: Arc::new(Authenticator::open()),
+            auth: crate::auth::keys(Authenticator::open()),
             hasher: TokenHasher::Sha256,
             admission: Semaphore::new(DEFAULT_MAX_IN_FLIGHT),
         }
@@ -72,9 +72,10 @@ impl<S: Store> SessionCacheService<S> {
         })
     }
 
-    /// Checks callers against `auth` (by default nobody is checked).
-    pub fn with_auth(mut self, auth: impl Into<Arc<Authenticator>>) -> Self {
-        self.auth = auth.into();
+    /// Checks callers against the keys in force in `auth` (by default nobody is
+    /// checked).
+    pub fn with_auth(mut self, auth: Keys) -> Self {
+        self.auth = auth;
         self
     }
 
@@ -93,6 +94,7 @@ impl<S: Store> SessionCacheService<S> {
         }
         let certs = request.peer_certs();
         self.auth
+            .load()
             .authorize(
                 request.metadata(),
                 certs.as_deref().map(Vec::as_slice),

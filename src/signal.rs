@@ -1,4 +1,5 @@
 //! The shutdown signal: SIGTERM (what Kubernetes and most supervisors send) or SIGINT.
+//! SIGHUP never stops the process: it reloads the keys file (see `reload`).
 
 use std::future::Future;
 
@@ -11,7 +12,11 @@ pub fn shutdown() -> impl Future<Output = ()> + Send {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
         let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+        // Once handled, SIGHUP no longer kills the process, whether or not a keys file
+        // is reloaded on it.
+        let hangup = signal(SignalKind::hangup()).expect("SIGHUP handler installs");
         async move {
+            let _hangup = hangup;
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
                 _ = interrupt.recv() => tracing::info!("SIGINT received"),

@@ -9,7 +9,7 @@ use std::{
 };
 
 use session_cache::pb::{self, session_cache_client::SessionCacheClient};
-use support::{PATIENCE, free_port, in_an_hour, user};
+use support::{PATIENCE, free_port, in_an_hour, pki, user};
 use tokio::time::Instant;
 
 const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
@@ -300,4 +300,293 @@ async fn serves_then_exits_cleanly_on_sigterm_without_logging_tokens() {
     );
     assert!(logs.contains("stopped"), "{logs}");
     assert!(!logs.contains(token), "a token reached the logs:\n{logs}");
+}
+
+/// What a misconfigured file case runs with and must report.
+struct FileCase {
+    args: Vec<String>,
+    flag: &'static str,
+    /// The file the message must name.
+    path: String,
+    /// Words the message must carry, saying what is wrong.
+    problem: &'static str,
+}
+
+/// Every file the configuration names is read and checked before any port is bound:
+/// a bad one exits 64 naming the flag and the file, without echoing a secret, whether
+/// `--listen` is free or taken.
+#[test]
+fn bad_files_exit_64_naming_the_flag_before_binding() {
+    let dir = pki::Dir::new();
+    let ca = pki::Ca::new("files-ca");
+    let server = ca.server();
+    let other = ca.server();
+    let cert = dir.write("cert.pem", &server.cert);
+    let key = dir.write("key.pem", &server.key);
+    let other_key = dir.write("other-key.pem", &other.key);
+    let not_pem = dir.write("not.pem", "hunter2 is not a certificate\n");
+    let bad_der = dir.write(
+        "bad-der.pem",
+        "-----BEGIN CERTIFICATE-----\naHVudGVyMg==\n-----END CERTIFICATE-----\n",
+    );
+    let plain_keys = dir.write(
+        "plain.toml",
+        "[[keys]]\nname = \"x\"\nkey = \"hunter2\"\nroles = [\"writer\"]\n",
+    );
+    let short_secret = dir.write("short-secret", "hunter2\n");
+    let missing = dir.path().join("missing").to_string_lossy().into_owned();
+    let tls = |cert: &str, key: &str| {
+        vec![
+            "--tls-cert".into(),
+            cert.into(),
+            "--tls-key".into(),
+            key.into(),
+        ]
+    };
+    let with = |mut base: Vec<String>, more: &[&str]| {
+        base.extend(more.iter().map(|s| s.to_string()));
+        base
+    };
+    let case = |args: Vec<String>, flag, path: &str, problem| FileCase {
+        args,
+        flag,
+        path: path.to_owned(),
+        problem,
+    };
+    let cases = [
+        case(
+            tls(&not_pem, &key),
+            "--tls-cert",
+            &not_pem,
+            "no CERTIFICATE",
+        ),
+        case(tls(&bad_der, &key), "--tls-cert", &bad_der, "certificate 1"),
+        case(tls(&missing, &key), "--tls-cert", &missing, "cannot read"),
+        case(tls(&cert, &not_pem), "--tls-key", &not_pem, "PRIVATE KEY"),
+        case(tls(&cert, &cert), "--tls-key", &cert, "PRIVATE KEY"),
+        case(
+            tls(&cert, &other_key),
+            "--tls-key",
+            &other_key,
+            "not the key",
+        ),
+        case(tls(&cert, &missing), "--tls-key", &missing, "cannot read"),
+        case(
+            with(tls(&cert, &key), &["--tls-client-ca", &not_pem]),
+            "--tls-client-ca",
+            &not_pem,
+            "no CERTIFICATE",
+        ),
+        case(
+            with(tls(&cert, &key), &["--tls-client-ca", &missing]),
+            "--tls-client-ca",
+            &missing,
+            "cannot read",
+        ),
+        case(
+            with(vec![], &["--api-keys-file", &plain_keys]),
+            "--api-keys-file",
+            &plain_keys,
+            "line 3",
+        ),
+        case(
+            with(vec![], &["--api-keys-file", &missing]),
+            "--api-keys-file",
+            &missing,
+            "cannot read",
+        ),
+        case(
+            with(vec![], &["--token-hmac-secret-file", &short_secret]),
+            "--token-hmac-secret-file",
+            &short_secret,
+            "at least 16",
+        ),
+        case(
+            with(vec![], &["--token-hmac-secret-file", &missing]),
+            "--token-hmac-secret-file",
+            &missing,
+            "cannot read",
+        ),
+        case(
+            with(
+                vec![],
+                &[
+                    "--redis-url",
+                    "rediss://127.0.0.1:1",
+                    "--redis-ca-file",
+                    &bad_der,
+                ],
+            ),
+            "--redis-ca-file",
+            &bad_der,
+            "certificate 1",
+        ),
+        case(
+            with(
+                vec![],
+                &[
+                    "--redis-url",
+                    "rediss://127.0.0.1:1",
+                    "--redis-ca-file",
+                    &missing,
+                ],
+            ),
+            "--redis-ca-file",
+            &missing,
+            "cannot read",
+        ),
+        case(
+            with(
+                vec![],
+                &[
+                    "--redis-url",
+                    "redis://127.0.0.1:1",
+                    "--redis-password-file",
+                    &missing,
+                ],
+            ),
+            "--redis-password-file",
+            &missing,
+            "cannot read",
+        ),
+        case(
+            with(
+                vec![],
+                &[
+                    "--redis-sentinels",
+                    "127.0.0.1:1",
+                    "--redis-sentinel-master",
+                    "m",
+                    "--redis-sentinel-password-file",
+                    &missing,
+                ],
+            ),
+            "--redis-sentinel-password-file",
+            &missing,
+            "cannot read",
+        ),
+    ];
+    let key_body = server.key.lines().nth(1).unwrap().to_owned();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let free = format!("127.0.0.1:{}", free_port());
+    for case in &cases {
+        for listen in [&free, &taken] {
+            let mut args: Vec<&str> = case.args.iter().map(String::as_str).collect();
+            args.extend(["--listen", listen]);
+            let out = run(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+            let line = format!("{} {}: ", case.flag, case.path);
+            assert!(stderr.contains(&line), "{args:?}: {stderr}");
+            assert!(stderr.contains(case.problem), "{args:?}: {stderr}");
+            assert!(!stderr.contains("cannot listen"), "{args:?}: {stderr}");
+            assert!(!stderr.contains("hunter2"), "a secret was echoed: {stderr}");
+            assert!(!stderr.contains(&key_body), "a key was echoed: {stderr}");
+        }
+    }
+}
+
+/// A port that cannot be bound exits 69 and names its flag, `--listen` and
+/// `--metrics-listen` alike, once the files were found good.
+#[test]
+fn taken_ports_exit_69_naming_the_flag() {
+    let dir = pki::Dir::new();
+    let secret = dir.write("secret", "0123456789abcdef0123456789abcdef\n");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let free = format!("127.0.0.1:{}", free_port());
+    let cases: [(&[&str], &str); 2] = [
+        (&["--listen", &taken], "--listen"),
+        (
+            &["--listen", &free, "--metrics-listen", &taken],
+            "--metrics-listen",
+        ),
+    ];
+    for (args, flag) in cases {
+        let mut args = args.to_vec();
+        args.extend(["--token-hmac-secret-file", &secret]);
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} {taken}: cannot listen")),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// A `run` that fails at start-up leaves no task behind: not the health pinger, the
+/// metrics exporter, the connection sweeper, the Get batcher nor the Sentinel watchers.
+#[test]
+fn no_task_outlives_a_failed_run() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = taken.local_addr().unwrap().to_string();
+        let evicting = support::Redis::start_with(&[
+            "--maxmemory",
+            "64mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ])
+        .await;
+        let dead = format!("127.0.0.1:{}", free_port());
+        let cases: Vec<(Vec<String>, u8)> = vec![
+            (vec!["--metrics-listen".into(), taken.clone()], 69),
+            (
+                vec![
+                    "--redis-url".into(),
+                    format!("redis://{dead}"),
+                    "--metrics-listen".into(),
+                    taken.clone(),
+                ],
+                69,
+            ),
+            (
+                vec![
+                    "--redis-sentinels".into(),
+                    dead.clone(),
+                    "--redis-sentinel-master".into(),
+                    "m".into(),
+                    "--metrics-listen".into(),
+                    taken.clone(),
+                ],
+                69,
+            ),
+            (vec!["--redis-url".into(), evicting.url()], 64),
+        ];
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        for (args, code) in cases {
+            // Tasks of the test's own (a Redis connection's driver) are not counted.
+            let before = alive();
+            let config = session_cache::Config::load_from(
+                std::iter::once("session-cache".to_string()).chain(args.iter().cloned()),
+            )
+            .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let error = session_cache::run(config, listener, std::future::pending())
+                .await
+                .unwrap_err();
+            assert_eq!(error.exit_code(), code, "{args:?}: {error}");
+            // Cancelled tasks end at their next poll: wait for that, boundedly.
+            let deadline = Instant::now() + PATIENCE;
+            while alive() > before && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let after = alive();
+            assert!(
+                after <= before,
+                "{after} tasks alive after {args:?}, {before} before"
+            );
+        }
+    });
 }

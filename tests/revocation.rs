@@ -249,7 +249,11 @@ const SLACK: &[&str] = &["--store-timeout-ms", "2000"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_never_undone_behind_sentinels() {
     check(Backend::Sentinel, SLACK).await;
-    check(Backend::Sentinel, &[SLACK[0], SLACK[1], "--clock-skew-ms", "0"]).await;
+    check(
+        Backend::Sentinel,
+        &[SLACK[0], SLACK[1], "--clock-skew-ms", "0"],
+    )
+    .await;
 }
 
 /// On a Redis Cluster of three primaries, where the marker and the entry live on
@@ -260,7 +264,11 @@ async fn invalidation_is_never_undone_behind_sentinels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_is_never_undone_on_a_cluster() {
     check(Backend::Cluster, SLACK).await;
-    check(Backend::Cluster, &[SLACK[0], SLACK[1], "--clock-skew-ms", "0"]).await;
+    check(
+        Backend::Cluster,
+        &[SLACK[0], SLACK[1], "--clock-skew-ms", "0"],
+    )
+    .await;
 }
 
 /// On the memory store with a marker budget of 2 for 3 users, so that markers collapse
