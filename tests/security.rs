@@ -428,18 +428,23 @@ async fn keyed_token_hashing() {
     assert!(!keys[0].contains(&sha256_hex("tok")[..32]));
 }
 
+/// Why the service, given `redis` as --redis-url, refuses to start.
+async fn refusal(redis: &Redis) -> session_cache::server::Error {
+    let config =
+        session_cache::Config::load_from(["session-cache", "--redis-url", &redis.url()]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    session_cache::run(config, listener, std::future::pending())
+        .await
+        .unwrap_err()
+}
+
 /// Redis under an allkeys-* eviction policy could evict revocations: the service
 /// refuses to start on it (exit 64) unless told to accept that.
 #[tokio::test]
 async fn evicting_redis_is_refused() {
     let redis =
         Redis::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]).await;
-    let config =
-        session_cache::Config::load_from(["session-cache", "--redis-url", &redis.url()]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = session_cache::run(config, listener, std::future::pending())
-        .await
-        .unwrap_err();
+    let error = refusal(&redis).await;
     assert_eq!(error.exit_code(), 64);
     assert!(error.to_string().contains("allkeys-lru"), "{error}");
 
@@ -462,12 +467,7 @@ async fn cluster_node_behind_a_url_is_refused() {
         &nodes.to_string_lossy(),
     ])
     .await;
-    let config =
-        session_cache::Config::load_from(["session-cache", "--redis-url", &redis.url()]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = session_cache::run(config, listener, std::future::pending())
-        .await
-        .unwrap_err();
+    let error = refusal(&redis).await;
     assert_eq!(error.exit_code(), 64);
     assert!(
         error.to_string().contains("--redis-cluster-nodes"),

@@ -75,9 +75,11 @@ pub(super) fn client(
 
 /// Runs `script` on `handle` and `wait` right behind it on the same node connection;
 /// answers the script's reply and the replica count `WAIT` reported. In a Cluster,
-/// follows the redirections that the script answers until `deadline`.
+/// follows the redirections that the script answers until `deadline`; `key` is the
+/// script's first key, by which a Cluster routes it.
 pub(super) async fn durable(
     handle: &mut Handle,
+    key: &str,
     script: Cmd,
     wait: Cmd,
     deadline: Instant,
@@ -133,7 +135,7 @@ pub(super) async fn durable(
             // the redirection and has it learn the new slot map; then the pipeline
             // goes by key again.
             (Some(ServerErrorKind::Moved), Some(_)) => {
-                relearn(handle, &script).await;
+                relearn(handle, key).await;
             }
             (Some(ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown), _) => {
                 sleep(SETTLE).await;
@@ -148,14 +150,7 @@ pub(super) async fn durable(
 
 /// Has the cluster client learn where the script's first key lives now, by asking for
 /// it (`EXISTS`, which changes nothing) and following the redirection that answers.
-async fn relearn(handle: &mut Handle, script: &Cmd) {
-    // EVAL, script, key count, first key.
-    let Some(key) = script.args_iter().nth(3) else {
-        return;
-    };
-    let redis::Arg::Simple(key) = key else {
-        return;
-    };
+async fn relearn(handle: &mut Handle, key: &str) {
     let _: RedisResult<Value> = redis::cmd("EXISTS")
         .arg(key)
         .query_async(&mut handle.conn)

@@ -409,7 +409,8 @@ impl RedisStore {
             wait.arg(self.revocation_replicas)
                 .arg(u64::try_from(wait_ms).unwrap_or(u64::MAX));
             let (value, replicas) =
-                cluster::durable(&mut handle, lua.eval(keys, args), wait, deadline).await?;
+                cluster::durable(&mut handle, &keys[0], lua.eval(keys, args), wait, deadline)
+                    .await?;
             if replicas < self.revocation_replicas {
                 return Err(StoreError::NotReplicated {
                     reached: replicas,
