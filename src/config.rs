@@ -222,7 +222,9 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 
-    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    /// PEM certificate chain to serve TLS with (needs --tls-key). It, its key and the
+    /// client CA are reloaded on SIGHUP and when one of them changes on disk: new
+    /// handshakes get the new certificate; a bad set keeps the one in force.
     #[arg(long, env = "SESSION_CACHE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
 

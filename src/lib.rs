@@ -19,6 +19,7 @@ pub mod server;
 pub mod service;
 pub mod signal;
 pub mod store;
+mod tls;
 mod transport;
 
 /// The generated protobuf types and gRPC stubs of `sessioncache.v1`.

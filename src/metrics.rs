@@ -14,7 +14,8 @@
 //! | `session_cache_connections_open` | gauge | |
 //! | `session_cache_connections_refused_total` | counter | |
 //! | `session_cache_connections_closed_total` | counter | `reason` (`idle`, `stalled`) |
-//! | `session_cache_config_reloads_total` | counter | `result` (`ok`, `failed`) |
+//! | `session_cache_config_reloads_total` | counter | `config` (`api_keys`, `tls`), `result` (`ok`, `failed`) |
+//! | `session_cache_tls_handshake_failures_total` | counter | `reason` (`failed`, `timeout`) |
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -120,10 +121,22 @@ pub(crate) fn install(addr: SocketAddr) -> Result<Exporter, crate::server::Error
     }
     describe_counter!(
         "session_cache_config_reloads_total",
-        "Reloads of --api-keys-file (on SIGHUP or a change on disk), applied or refused"
+        "Reloads of --api-keys-file (config api_keys) or of --tls-cert, --tls-key and \
+         --tls-client-ca (config tls), on SIGHUP or a change on disk, applied or refused"
     );
-    for result in ["ok", "failed"] {
-        counter!("session_cache_config_reloads_total", "result" => result).absolute(0);
+    for config in ["api_keys", "tls"] {
+        for result in ["ok", "failed"] {
+            counter!("session_cache_config_reloads_total", "config" => config, "result" => result)
+                .absolute(0);
+        }
+    }
+    describe_counter!(
+        "session_cache_tls_handshake_failures_total",
+        "TLS handshakes that failed (a client that does not trust the certificate, say) \
+         or did not finish in time"
+    );
+    for reason in ["failed", "timeout"] {
+        counter!("session_cache_tls_handshake_failures_total", "reason" => reason).absolute(0);
     }
     Ok(Exporter { listener, handle })
 }
@@ -179,9 +192,14 @@ fn render(handle: &PrometheusHandle) -> Response<Full<Bytes>> {
 
 /// Records one answered call.
 /// A reload of the configuration's files, applied (`ok`) or refused (`failed`).
-pub(crate) fn config_reload(ok: bool) {
+pub(crate) fn config_reload(config: &'static str, ok: bool) {
     let result = if ok { "ok" } else { "failed" };
-    counter!("session_cache_config_reloads_total", "result" => result).increment(1);
+    counter!("session_cache_config_reloads_total", "config" => config, "result" => result)
+        .increment(1);
+}
+
+pub(crate) fn tls_handshake_failed(reason: &'static str) {
+    counter!("session_cache_tls_handshake_failures_total", "reason" => reason).increment(1);
 }
 
 pub(crate) fn call(rpc: &'static str, started: Instant, outcome: &'static str) {

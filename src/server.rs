@@ -5,16 +5,15 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
 
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-
+use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
@@ -24,6 +23,7 @@ use crate::{
     health::{SERVICE_NAME, StoreStatus, watch_store},
     keys::TokenHasher,
     pb::{self, session_cache_server::SessionCacheServer},
+    reload::Reloadable,
     service::SessionCacheService,
     store::{
         MemoryStore, RedisStore, Store,
@@ -87,7 +87,7 @@ impl Error {
         }
     }
 
-    fn file(flag: &'static str, path: &Path, problem: impl Into<String>) -> Error {
+    pub(crate) fn file(flag: &'static str, path: &Path, problem: impl Into<String>) -> Error {
         Error::File {
             flag,
             path: path.to_owned(),
@@ -102,7 +102,7 @@ pub struct Prepared {
     config: Config,
     auth: Authenticator,
     hasher: TokenHasher,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     redis: Option<RedisConfig>,
 }
 
@@ -115,66 +115,6 @@ impl Prepared {
 
 fn read(path: &Path, flag: &'static str) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|e| Error::file(flag, path, format!("cannot read: {e}")))
-}
-
-/// The certificates of a PEM file, at least one, each parsed as X.509.
-fn read_certificates(
-    path: &Path,
-    flag: &'static str,
-) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), Error> {
-    let pem = read(path, flag)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::file(flag, path, format!("not PEM: {e}")))?;
-    if certificates.is_empty() {
-        return Err(Error::file(flag, path, "no CERTIFICATE block in the PEM"));
-    }
-    for (i, der) in certificates.iter().enumerate() {
-        webpki::EndEntityCert::try_from(der)
-            .map_err(|e| Error::file(flag, path, format!("certificate {}: {e}", i + 1)))?;
-    }
-    Ok((pem, certificates))
-}
-
-/// The server's TLS settings; the key must be the certificate's.
-fn tls_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, Error> {
-    let (cert_pem, chain) = read_certificates(cert, "--tls-cert")?;
-    let key_pem = read(key, "--tls-key")?;
-    // Errors from here on name the flag and say what is wrong, never the key's bytes.
-    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => {
-            Error::file("--tls-key", key, "no PRIVATE KEY block in the PEM")
-        }
-        _ => Error::file("--tls-key", key, "not a PEM private key"),
-    })?;
-    let provider = rustls::crypto::ring::default_provider();
-    CertifiedKey::from_der(chain, der, &provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => Error::file(
-            "--tls-key",
-            key,
-            format!(
-                "not the key of the certificate in --tls-cert {}",
-                cert.display()
-            ),
-        ),
-        e => Error::file("--tls-key", key, format!("unusable private key: {e}")),
-    })?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
-    if let Some(ca) = client_ca {
-        let (pem, certificates) = read_certificates(ca, "--tls-client-ca")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for (i, der) in certificates.into_iter().enumerate() {
-            roots.add(der).map_err(|e| {
-                Error::file("--tls-client-ca", ca, format!("certificate {}: {e}", i + 1))
-            })?;
-        }
-        // Optional, so that probes and API-key callers without a certificate
-        // still connect; a certificate that is presented must verify.
-        tls = tls
-            .client_ca_root(Certificate::from_pem(pem))
-            .client_auth_optional(true);
-    }
-    Ok(tls)
 }
 
 /// Reads and checks every file the configuration names: the keys file, the token
@@ -204,7 +144,11 @@ pub fn prepare(config: Config) -> Result<Prepared, Error> {
         None => TokenHasher::Sha256,
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_config(cert, key, config.tls_client_ca.as_deref())?),
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(&crate::tls::Files {
+            cert,
+            key,
+            client_ca: config.tls_client_ca.as_deref(),
+        })?),
         _ => None,
     };
     let redis = redis_config(&config)?;
@@ -306,7 +250,7 @@ pub fn redis_config(config: &Config) -> Result<Option<RedisConfig>, Error> {
         }),
     };
     let ca_pem = match &config.redis_ca_file {
-        Some(path) => Some(read_certificates(path, "--redis-ca-file")?.0),
+        Some(path) => Some(crate::tls::read_certificates(path, "--redis-ca-file")?.0),
         None => None,
     };
     Ok(Some(RedisConfig {
@@ -406,15 +350,13 @@ async fn serve_with<S: Store>(
     let local = listener.local_addr().ok();
     let (drain, drained) = oneshot::channel::<()>();
     let tls_on = tls.is_some();
-    let mut builder = Server::builder()
+    let tls = tls.map(|config| Arc::new(ArcSwap::new(config)));
+    let builder = Server::builder()
         // Cuts requests whose message arrives slowly or never, with CANCELLED.
         .timeout(Duration::from_millis(config.request_timeout_ms))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
     let router = builder
         .layer(Track::layer(connections.clone()))
         .add_service(health_service)
@@ -444,14 +386,23 @@ async fn serve_with<S: Store>(
     if let Some(exporter) = metrics {
         tokio::spawn(exporter.run(stop.clone()));
     }
+    let mut reloadable = Vec::new();
     if let Some(path) = &config.api_keys_file {
-        tokio::spawn(crate::reload::watch_keys(
+        reloadable.push(Reloadable::keys(
             path.clone(),
             config.tls_client_ca.is_some(),
             auth,
-            stop.clone(),
         ));
     }
+    if let (Some(current), Some(cert), Some(key)) = (&tls, &config.tls_cert, &config.tls_key) {
+        reloadable.push(Reloadable::tls(
+            cert.clone(),
+            key.clone(),
+            config.tls_client_ca.clone(),
+            current.clone(),
+        ));
+    }
+    tokio::spawn(crate::reload::watch(reloadable, stop.clone()));
     let pinger = config.enabled.then(|| {
         tokio::spawn(watch_store(
             store,
@@ -461,15 +412,20 @@ async fn serve_with<S: Store>(
             stop.clone(),
         ))
     });
-    let server = router.serve_with_incoming_shutdown(
-        // Accepted connections, with TCP_NODELAY: a unary reply is one small write
-        // that must not wait for the client's ACK of the previous one.
-        transport::incoming(listener, connections.clone(), TCP_KEEPALIVE),
-        async {
-            let _ = drained.await;
-        },
-    );
-    tokio::pin!(server);
+    // Accepted connections, with TCP_NODELAY: a unary reply is one small write that
+    // must not wait for the client's ACK of the previous one.
+    let accepted = transport::incoming(listener, connections.clone(), TCP_KEEPALIVE);
+    let drained = async {
+        let _ = drained.await;
+    };
+    let mut server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls {
+            Some(current) => Box::pin(
+                router
+                    .serve_with_incoming_shutdown(crate::tls::incoming(accepted, current), drained),
+            ),
+            None => Box::pin(router.serve_with_incoming_shutdown(accepted, drained)),
+        };
     tokio::spawn(connections.sweep(stop.clone()));
     // The effective configuration, one line, with no secret in it.
     info!(

@@ -1,8 +1,10 @@
-//! Live reload of the keys file: on SIGHUP and on a change on disk, with calls going on.
+//! Live reload of the keys file and of the server's TLS: on SIGHUP and on a change on
+//! disk, with calls going on.
 
 mod support;
 
 use std::{
+    ffi::OsStr,
     path::Path,
     process::{Child, Command, Stdio},
     sync::{
@@ -14,12 +16,18 @@ use std::{
 
 use session_cache::pb::{self, session_cache_client::SessionCacheClient};
 use sha2::{Digest, Sha256};
-use support::{PATIENCE, free_port, pki::Dir};
+use support::{
+    PATIENCE, free_port,
+    pki::{Ca, Dir, Leaf},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     time::Instant,
 };
-use tonic::{Code, Request, transport::Channel};
+use tonic::{
+    Code, Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
 const OLD_KEY: &str = "old-key-5b7e21";
@@ -66,13 +74,21 @@ impl Drop for Service {
 
 impl Service {
     async fn start(keys_file: &Path) -> Service {
+        Service::start_with(
+            &[OsStr::new("--api-keys-file"), keys_file.as_os_str()],
+            "api_keys",
+        )
+        .await
+    }
+
+    /// The binary with `args`, once its metrics answer for the reloads of `config`.
+    async fn start_with(args: &[&OsStr], config: &str) -> Service {
         let port = free_port();
         let metrics_port = free_port();
         let child = Command::new(BIN)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--api-keys-file")
-            .arg(keys_file)
+            .args(args)
             .env_clear()
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -84,7 +100,7 @@ impl Service {
             metrics_port,
         };
         let deadline = Instant::now() + PATIENCE;
-        while service.metric("ok").await.is_none() {
+        while service.reloads(config, "ok").await.is_none() {
             assert!(Instant::now() < deadline, "the service never listened");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -115,9 +131,14 @@ impl Service {
         );
     }
 
-    /// `session_cache_config_reloads_total{result}`, or `None` when the metrics do not
-    /// answer.
+    /// `session_cache_config_reloads_total{config="api_keys",result}`.
     async fn metric(&self, result: &str) -> Option<u64> {
+        self.reloads("api_keys", result).await
+    }
+
+    /// `session_cache_config_reloads_total{config,result}`, or `None` when the metrics
+    /// do not answer.
+    async fn reloads(&self, config: &str, result: &str) -> Option<u64> {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
             .await
             .ok()?;
@@ -127,22 +148,28 @@ impl Service {
             .ok()?;
         let mut text = String::new();
         stream.read_to_string(&mut text).await.ok()?;
-        let prefix = format!("session_cache_config_reloads_total{{result=\"{result}\"}} ");
+        let prefix = format!(
+            "session_cache_config_reloads_total{{config=\"{config}\",result=\"{result}\"}} "
+        );
         text.lines()
             .find_map(|line| line.strip_prefix(&prefix))
             .and_then(|value| value.trim().parse().ok())
     }
 
     async fn wait_metric(&self, result: &str, want: u64) {
+        self.wait_reloads("api_keys", result, want).await;
+    }
+
+    async fn wait_reloads(&self, config: &str, result: &str, want: u64) {
         let deadline = Instant::now() + NOTICE;
         loop {
-            let seen = self.metric(result).await;
+            let seen = self.reloads(config, result).await;
             if seen == Some(want) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "reloads {{result={result}}}: {seen:?}, want {want}"
+                "reloads {{config={config},result={result}}}: {seen:?}, want {want}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -309,4 +336,264 @@ async fn a_symlink_swapped_secret_directory_is_picked_up_without_a_signal() {
         Code::Unauthenticated
     );
     service.wait_metric("ok", 1).await;
+}
+
+/// The first certificate of a PEM, in DER.
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// The certificate a new handshake with the service on `port` gets, trusting `ca`.
+async fn served_certificate(port: u16, ca: &Ca) -> Vec<u8> {
+    use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// One Get on a new TLS connection to `port`, trusting `ca`, presenting `identity`.
+async fn tls_get(port: u16, ca: &Ca, identity: Option<&Leaf>) -> Result<(), String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost");
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
+    }
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    get(&mut SessionCacheClient::new(channel), "unused")
+        .await
+        .map_err(|status| format!("{status:?}"))
+}
+
+/// A directory laid out as Kubernetes mounts a TLS Secret: `tls.crt` and `tls.key`
+/// are symlinks through `..data`, a symlink to a timestamped directory that an update
+/// swaps at once.
+struct SecretDir {
+    dir: Dir,
+    version: u32,
+}
+
+impl SecretDir {
+    fn new(leaf: &Leaf) -> SecretDir {
+        use std::os::unix::fs::symlink;
+        let mut secret = SecretDir {
+            dir: Dir::new(),
+            version: 0,
+        };
+        let root = secret.dir.path();
+        symlink("..data/tls.crt", root.join("tls.crt")).unwrap();
+        symlink("..data/tls.key", root.join("tls.key")).unwrap();
+        secret.update(leaf);
+        secret
+    }
+
+    fn update(&mut self, leaf: &Leaf) {
+        use std::os::unix::fs::symlink;
+        let root = self.dir.path();
+        let old = format!("..v{}", self.version);
+        self.version += 1;
+        let new = format!("..v{}", self.version);
+        std::fs::create_dir(root.join(&new)).unwrap();
+        std::fs::write(root.join(&new).join("tls.crt"), &leaf.cert).unwrap();
+        std::fs::write(root.join(&new).join("tls.key"), &leaf.key).unwrap();
+        symlink(&new, root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        let _ = std::fs::remove_dir_all(root.join(old));
+    }
+
+    fn args(&self) -> [std::ffi::OsString; 4] {
+        let root = self.dir.path();
+        [
+            "--tls-cert".into(),
+            root.join("tls.crt").into(),
+            "--tls-key".into(),
+            root.join("tls.key").into(),
+        ]
+    }
+}
+
+fn os(args: &[std::ffi::OsString]) -> Vec<&OsStr> {
+    args.iter().map(|a| a.as_os_str()).collect()
+}
+
+/// A certificate renewed in a Kubernetes-mounted Secret while 16 tasks call, half of
+/// them on connections made before the renewal, half on a new connection per call: no
+/// call fails, and new handshakes get the new certificate, without a signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_certificate_rotated_under_load_fails_no_call() {
+    let ca = Arc::new(Ca::new("rotation-ca"));
+    let (old, new) = (ca.server(), ca.server());
+    let mut secret = SecretDir::new(&old);
+    let service = Service::start_with(&os(&secret.args()), "tls").await;
+    let port = service.port;
+    assert_eq!(served_certificate(port, &ca).await, der(&old.cert));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (ca, stop, failed, calls) = (ca.clone(), stop.clone(), failed.clone(), calls.clone());
+        // Half the tasks keep one connection from before the renewal to the end.
+        let kept = if i % 2 == 0 {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca.pem()))
+                .domain_name("localhost");
+            let channel = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            Some(SessionCacheClient::new(channel))
+        } else {
+            None
+        };
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + 4 * NOTICE;
+            let mut kept = kept;
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+                    break;
+                }
+                let result = match &mut kept {
+                    Some(client) => get(client, "unused").await.map_err(|s| format!("{s:?}")),
+                    None => tls_get(port, &ca, None).await,
+                };
+                calls.fetch_add(1, Ordering::SeqCst);
+                if let Err(e) = result {
+                    eprintln!("a call failed: {e}");
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = calls.load(Ordering::SeqCst);
+    secret.update(&new);
+    let deadline = Instant::now() + NOTICE;
+    while served_certificate(port, &ca).await != der(&new.cert) {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Calls go on for a while on both kinds of connection after the swap.
+    let swapped = calls.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let after = calls.load(Ordering::SeqCst);
+    eprintln!("calls: {before} before the renewal, {swapped} when served, {after} in all");
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "calls failed");
+    assert!(before > 16 && after > swapped + 16, "too few calls to tell");
+    service.wait_reloads("tls", "ok", 1).await;
+    service.wait_reloads("tls", "failed", 0).await;
+}
+
+/// A renewal that arrives half-done (a file that is not PEM, then a certificate
+/// without its key) is refused and counted; the certificate in force keeps being
+/// served. Once the key follows, the new pair is served.
+#[tokio::test]
+async fn a_bad_certificate_keeps_the_old_one_and_counts_a_failed_reload() {
+    let ca = Ca::new("rotation-ca");
+    let (old, new) = (ca.server(), ca.server());
+    let dir = Dir::new();
+    let cert = dir.write("tls.crt", &old.cert);
+    let key = dir.write("tls.key", &old.key);
+    let args = ["--tls-cert", &cert, "--tls-key", &key].map(OsStr::new);
+    let mut service = Service::start_with(&args, "tls").await;
+    let port = service.port;
+
+    replace(Path::new(&cert), "-----BEGIN CERTIFICATE-----\nhalf");
+    service.hangup();
+    service.wait_reloads("tls", "failed", 1).await;
+    assert_eq!(served_certificate(port, &ca).await, der(&old.cert));
+    tls_get(port, &ca, None).await.unwrap();
+
+    replace(Path::new(&cert), &new.cert);
+    service.wait_reloads("tls", "failed", 2).await;
+    assert_eq!(served_certificate(port, &ca).await, der(&old.cert));
+    assert!(service.running(), "a bad certificate stopped the process");
+
+    replace(Path::new(&key), &new.key);
+    service.wait_reloads("tls", "ok", 1).await;
+    assert_eq!(served_certificate(port, &ca).await, der(&new.cert));
+    tls_get(port, &ca, None).await.unwrap();
+}
+
+/// The client CA bundle changed on disk: clients whose certificates the new CA signed
+/// are accepted from then on, without a restart, and those of the CA kept still are.
+#[tokio::test]
+async fn a_client_ca_rotated_live_verifies_the_new_clients() {
+    let server_ca = Ca::new("server-ca");
+    let (old_ca, new_ca) = (Ca::new("old-client-ca"), Ca::new("new-client-ca"));
+    let (old_client, new_client) = (old_ca.client("old.caller"), new_ca.client("new.caller"));
+    let dir = Dir::new();
+    let leaf = server_ca.server();
+    let cert = dir.write("tls.crt", &leaf.cert);
+    let key = dir.write("tls.key", &leaf.key);
+    let client_ca = dir.write("client-ca.pem", old_ca.pem());
+    let args = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &client_ca,
+    ]
+    .map(OsStr::new);
+    let service = Service::start_with(&args, "tls").await;
+    let port = service.port;
+    tls_get(port, &server_ca, Some(&old_client)).await.unwrap();
+    assert!(
+        tls_get(port, &server_ca, Some(&new_client)).await.is_err(),
+        "a client of an unknown CA was accepted"
+    );
+
+    replace(
+        Path::new(&client_ca),
+        &format!("{}{}", old_ca.pem(), new_ca.pem()),
+    );
+    let deadline = Instant::now() + NOTICE;
+    while tls_get(port, &server_ca, Some(&new_client)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new client CA was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tls_get(port, &server_ca, Some(&old_client)).await.unwrap();
+    service.wait_reloads("tls", "ok", 1).await;
 }
