@@ -40,11 +40,13 @@ use tonic::{
 };
 use tracing::{info, warn};
 
+use crate::rpc::Rpc;
+
 /// What a caller may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Get and Health.
+    /// Get, Validate and Health.
     Reader,
     /// Everything a reader may, plus Set, InvalidateToken and InvalidateUser.
     Writer,
@@ -335,7 +337,10 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
         let method = request.uri().path().rsplit('/').next().unwrap_or_default();
-        let (rpc, needed) = method_role(method);
+        let rpc = Rpc::from_method(method);
+        // Any other method (which the service answers UNIMPLEMENTED) needs a reader.
+        let needed = rpc.map_or(Role::Reader, Rpc::role);
+        let rpc = rpc.map_or("other", Rpc::name);
         let auth = self.auth.load();
         let admitted = if auth.is_enabled() {
             let metadata = MetadataMap::from_headers(request.headers().clone());
@@ -360,19 +365,6 @@ where
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }
-    }
-}
-
-/// The metric name and the role a SessionCache method needs; any other method (which
-/// the service answers UNIMPLEMENTED) needs a reader.
-fn method_role(method: &str) -> (&'static str, Role) {
-    match method {
-        "Get" => ("Get", Role::Reader),
-        "Health" => ("Health", Role::Reader),
-        "Set" => ("Set", Role::Writer),
-        "InvalidateToken" => ("InvalidateToken", Role::Writer),
-        "InvalidateUser" => ("InvalidateUser", Role::Writer),
-        _ => ("other", Role::Reader),
     }
 }
 

@@ -501,6 +501,7 @@ impl Config {
             ttl_seconds: self.ttl_seconds,
             marker_ttl_seconds: self.marker_ttl_seconds,
             clock_skew: Micros::from_duration(self.clock_skew()),
+            negative_ttl_seconds: 10,
         }
     }
 

@@ -19,6 +19,11 @@ pub const MARKER_PREFIX: &str = "user_invalidated:";
 /// one slot and one script may touch both (SPEC §8).
 pub const TOMBSTONE_PREFIX: &str = "session_revoked:";
 
+/// Prefix of a token the identity provider refused (new in this service, for
+/// Validate's negative cache): `session_refused:{session_cache:<hash>}`, in its entry's
+/// Cluster slot like the tombstone.
+pub const REFUSED_PREFIX: &str = "session_refused:";
+
 /// How many hex characters of the hash a log line may show.
 const LOG_CHARS: usize = 16;
 
@@ -58,6 +63,12 @@ impl TokenHash {
     /// `session_revoked:{session_cache:<hash>}`.
     pub fn tombstone_key(&self) -> String {
         format!("{TOMBSTONE_PREFIX}{{{ENTRY_PREFIX}{}}}", self.as_str())
+    }
+
+    /// The key that says the identity provider refused the token, in its entry's
+    /// Cluster slot: `session_refused:{session_cache:<hash>}`.
+    pub fn refused_key(&self) -> String {
+        format!("{REFUSED_PREFIX}{{{ENTRY_PREFIX}{}}}", self.as_str())
     }
 
     /// The tombstone's name before it moved into its entry's slot,

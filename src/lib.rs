@@ -12,15 +12,18 @@ pub mod clock;
 pub mod config;
 pub mod entry;
 pub mod health;
+pub mod idp;
 pub mod keys;
 mod metrics;
 mod reload;
+pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod signal;
 pub mod store;
 mod tls;
 mod transport;
+pub mod validate;
 
 /// The generated protobuf types and gRPC stubs of `sessioncache.v1`.
 pub mod pb {

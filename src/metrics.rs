@@ -16,6 +16,11 @@
 //! | `session_cache_connections_closed_total` | counter | `reason` (`idle`, `stalled`) |
 //! | `session_cache_config_reloads_total` | counter | `config` (`api_keys`, `tls`), `result` (`ok`, `failed`) |
 //! | `session_cache_tls_handshake_failures_total` | counter | `reason` (`failed`, `timeout`) |
+//! | `session_cache_idp_calls_total` | counter | `provider`, `result` ([`IDP_RESULTS`]) |
+//! | `session_cache_idp_call_duration_seconds` | histogram | `provider` |
+//! | `session_cache_idp_shed_total` | counter | `provider`, `reason` (`max_in_flight`, `circuit_open`) |
+//! | `session_cache_validate_joins_total` | counter | |
+//! | `session_cache_validate_negative_hits_total` | counter | |
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -35,6 +40,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
+
+use crate::rpc::Rpc;
 
 /// Latency buckets, in seconds: a call takes well under a millisecond when healthy
 /// and at most the store timeout when not.
@@ -138,6 +145,37 @@ pub(crate) fn install(addr: SocketAddr) -> Result<Exporter, crate::server::Error
     for reason in ["failed", "timeout"] {
         counter!("session_cache_tls_handshake_failures_total", "reason" => reason).absolute(0);
     }
+    for rpc in Rpc::ALL {
+        for outcome in rpc.outcomes().iter().chain(&crate::rpc::REFUSALS) {
+            counter!("session_cache_calls_total", "rpc" => rpc.name(), "outcome" => *outcome)
+                .absolute(0);
+        }
+        counter!("session_cache_store_errors_total", "rpc" => rpc.name()).absolute(0);
+    }
+    describe_counter!(
+        "session_cache_idp_calls_total",
+        "Calls to the identity provider by result: valid, invalid, or why it did not answer"
+    );
+    describe_histogram!(
+        "session_cache_idp_call_duration_seconds",
+        Unit::Seconds,
+        "Time the identity provider took to answer (or to fail)"
+    );
+    describe_counter!(
+        "session_cache_idp_shed_total",
+        "Validates answered UNAVAILABLE without asking the identity provider: \
+         --idp-max-in-flight calls in progress, or the provider failing (circuit open)"
+    );
+    describe_counter!(
+        "session_cache_validate_joins_total",
+        "Validates that shared a provider call already in progress for their token"
+    );
+    describe_counter!(
+        "session_cache_validate_negative_hits_total",
+        "Validates answered INVALID from the negative cache, without a provider call"
+    );
+    counter!("session_cache_validate_joins_total").absolute(0);
+    counter!("session_cache_validate_negative_hits_total").absolute(0);
     Ok(Exporter { listener, handle })
 }
 
@@ -190,7 +228,6 @@ fn render(handle: &PrometheusHandle) -> Response<Full<Bytes>> {
     response
 }
 
-/// Records one answered call.
 /// A reload of the configuration's files, applied (`ok`) or refused (`failed`).
 pub(crate) fn config_reload(config: &'static str, ok: bool) {
     let result = if ok { "ok" } else { "failed" };
@@ -202,10 +239,58 @@ pub(crate) fn tls_handshake_failed(reason: &'static str) {
     counter!("session_cache_tls_handshake_failures_total", "reason" => reason).increment(1);
 }
 
+/// Records one answered call.
 pub(crate) fn call(rpc: &'static str, started: Instant, outcome: &'static str) {
     counter!("session_cache_calls_total", "rpc" => rpc, "outcome" => outcome).increment(1);
     histogram!("session_cache_call_duration_seconds", "rpc" => rpc)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// The `result` label of a provider call.
+pub(crate) const IDP_RESULTS: [&str; 7] = [
+    "valid",
+    "invalid",
+    "timeout",
+    "unreachable",
+    "rate_limited",
+    "server_error",
+    "unexpected",
+];
+
+/// Exports the identity provider's series at 0, once it is known.
+pub(crate) fn idp_exported(provider: &'static str) {
+    for result in IDP_RESULTS {
+        counter!("session_cache_idp_calls_total", "provider" => provider, "result" => result)
+            .absolute(0);
+    }
+    for reason in ["max_in_flight", "circuit_open"] {
+        counter!("session_cache_idp_shed_total", "provider" => provider, "reason" => reason)
+            .absolute(0);
+    }
+}
+
+/// Records one call to the identity provider.
+pub(crate) fn idp_call(provider: &'static str, result: &'static str, took: Duration) {
+    counter!("session_cache_idp_calls_total", "provider" => provider, "result" => result)
+        .increment(1);
+    histogram!("session_cache_idp_call_duration_seconds", "provider" => provider)
+        .record(took.as_secs_f64());
+}
+
+/// Records a Validate answered UNAVAILABLE without asking the provider.
+pub(crate) fn idp_shed(provider: &'static str, reason: &'static str) {
+    counter!("session_cache_idp_shed_total", "provider" => provider, "reason" => reason)
+        .increment(1);
+}
+
+/// Records a Validate that joined a provider call in progress.
+pub(crate) fn validate_joined() {
+    counter!("session_cache_validate_joins_total").increment(1);
+}
+
+/// Records a Validate answered from the negative cache.
+pub(crate) fn validate_negative_hit() {
+    counter!("session_cache_validate_negative_hits_total").increment(1);
 }
 
 /// Records a store failure behind a call.
@@ -251,6 +336,7 @@ pub(crate) fn connection_closed(reason: &'static str) {
 pub(crate) fn code_label(status: &Status) -> &'static str {
     match status.code() {
         Code::InvalidArgument => "invalid_argument",
+        Code::FailedPrecondition => "failed_precondition",
         Code::Unauthenticated => "unauthenticated",
         Code::PermissionDenied => "permission_denied",
         Code::ResourceExhausted => "resource_exhausted",

@@ -6,13 +6,13 @@
 //! UNAVAILABLE (the caller retries), and bad input fails with INVALID_ARGUMENT naming
 //! the field, before anything is written.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use chrono::{DateTime, Datelike, Utc};
 use prost_types::Timestamp;
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::{
     auth::{Admitted, Authenticator, Keys, Role},
@@ -21,8 +21,10 @@ use crate::{
     health::StoreStatus,
     keys::{TokenHash, TokenHasher},
     metrics,
-    pb::{self, GetOutcome, SetOutcome, session_cache_server::SessionCache},
+    pb::{self, GetOutcome, SetOutcome, ValidateOutcome, session_cache_server::SessionCache},
+    rpc::Rpc,
     store::{Fence, Lookup, Store, Stored},
+    validate::{Departure, Validator, Verdict},
 };
 
 /// Longest token accepted, in bytes (SPEC §5).
@@ -38,6 +40,7 @@ pub struct SessionCacheService<S> {
     auth: Keys,
     hasher: TokenHasher,
     admission: Semaphore,
+    validator: Option<Validator>,
 }
 
 /// The default of `--max-in-flight`.
@@ -54,7 +57,15 @@ impl<S: Store> SessionCacheService<S> {
             auth: crate::auth::keys(Authenticator::open()),
             hasher: TokenHasher::Sha256,
             admission: Semaphore::new(DEFAULT_MAX_IN_FLIGHT),
+            validator: None,
         }
+    }
+
+    /// Answers Validate through `validator` (by default Validate answers
+    /// FAILED_PRECONDITION).
+    pub fn with_validator(mut self, validator: Validator) -> Self {
+        self.validator = Some(validator);
+        self
     }
 
     /// Serves at most `limit` calls at once; the rest are shed with RESOURCE_EXHAUSTED.
@@ -110,76 +121,158 @@ impl<S: Store> SessionCacheService<S> {
     }
 }
 
+/// What an answer says for the `outcome` metric label and trace attribute.
+trait Outcome {
+    fn label(&self) -> &'static str;
+}
+
+impl Outcome for pb::GetResponse {
+    fn label(&self) -> &'static str {
+        get_label(self.outcome())
+    }
+}
+
+impl Outcome for pb::SetResponse {
+    fn label(&self) -> &'static str {
+        set_label(self.outcome())
+    }
+}
+
+impl Outcome for pb::ValidateResponse {
+    fn label(&self) -> &'static str {
+        match self.outcome() {
+            ValidateOutcome::Valid => "valid",
+            ValidateOutcome::Invalid => "invalid",
+            ValidateOutcome::Unavailable => "unavailable",
+            ValidateOutcome::Unspecified => "unspecified",
+        }
+    }
+}
+
+macro_rules! outcome_ok {
+    ($($response:ty),*) => {
+        $(impl Outcome for $response {
+            fn label(&self) -> &'static str {
+                "ok"
+            }
+        })*
+    };
+}
+outcome_ok!(
+    pb::InvalidateTokenResponse,
+    pb::InvalidateUserResponse,
+    pb::HealthResponse
+);
+
+impl<S: Store> SessionCacheService<S> {
+    /// The one path every RPC takes: a span, admission (`--max-in-flight`), the
+    /// caller's role, then `handler`, then the call's metrics. No RPC can skip a step.
+    async fn serve<T, R, F, Fut>(
+        &self,
+        rpc: Rpc,
+        request: Request<T>,
+        handler: F,
+    ) -> Result<Response<R>, Status>
+    where
+        R: Outcome,
+        F: FnOnce(Request<T>, Caller) -> Fut,
+        Fut: Future<Output = Result<R, Status>>,
+    {
+        let started = Instant::now();
+        let span = tracing::debug_span!(
+            "rpc",
+            otel.name = rpc.name(),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = crate::rpc::SERVICE,
+            rpc.method = rpc.name(),
+            rpc.grpc.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let result = async {
+            let _slot = self.slot()?;
+            let caller = self.admit(&request, rpc.role())?;
+            handler(request, caller).await
+        }
+        .instrument(span.clone())
+        .await;
+        let (label, code) = match &result {
+            Ok(reply) => (reply.label(), tonic::Code::Ok),
+            Err(status) => (metrics::code_label(status), status.code()),
+        };
+        span.record("outcome", label);
+        span.record("rpc.grpc.status_code", code as i32);
+        metrics::call(rpc.name(), started, label);
+        result.map(Response::new)
+    }
+}
+
+/// The caller's name, for the logs (`None` when callers are not authenticated).
+type Caller = Option<String>;
+
 #[tonic::async_trait]
 impl<S: Store> SessionCache for SessionCacheService<S> {
     async fn get(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let started = Instant::now();
-        let result = self.handle_get(request).await;
-        let label = match &result {
-            Ok(reply) => get_label(reply.get_ref().outcome()),
-            Err(status) => metrics::code_label(status),
-        };
-        metrics::call("Get", started, label);
-        result
+        self.serve(Rpc::Get, request, |r, _| self.handle_get(r.into_inner()))
+            .await
     }
 
     async fn set(
         &self,
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
-        let started = Instant::now();
-        let result = self.handle_set(request).await;
-        let label = match &result {
-            Ok(reply) => set_label(reply.get_ref().outcome()),
-            Err(status) => metrics::code_label(status),
-        };
-        metrics::call("Set", started, label);
-        result
+        self.serve(Rpc::Set, request, |r, caller| {
+            self.handle_set(r.into_inner(), caller)
+        })
+        .await
     }
 
     async fn invalidate_token(
         &self,
         request: Request<pb::InvalidateTokenRequest>,
     ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
-        let started = Instant::now();
-        let result = self.handle_invalidate_token(request).await;
-        metrics::call("InvalidateToken", started, ok_label(&result));
-        result
+        self.serve(Rpc::InvalidateToken, request, |r, caller| {
+            self.handle_invalidate_token(r.into_inner(), caller)
+        })
+        .await
     }
 
     async fn invalidate_user(
         &self,
         request: Request<pb::InvalidateUserRequest>,
     ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
-        let started = Instant::now();
-        let result = self.handle_invalidate_user(request).await;
-        metrics::call("InvalidateUser", started, ok_label(&result));
-        result
+        self.serve(Rpc::InvalidateUser, request, |r, caller| {
+            self.handle_invalidate_user(r.into_inner(), caller)
+        })
+        .await
     }
 
     async fn health(
         &self,
         request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let started = Instant::now();
-        let result = self.handle_health(request).await;
-        metrics::call("Health", started, ok_label(&result));
-        result
+        self.serve(Rpc::Health, request, |_, _| self.handle_health())
+            .await
+    }
+
+    async fn validate(
+        &self,
+        request: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        self.serve(Rpc::Validate, request, |r, _| {
+            self.handle_validate(r.into_inner())
+        })
+        .await
     }
 }
 
-/// The handlers proper; the trait methods above wrap them with metrics.
+/// The handlers proper, behind [`SessionCacheService::serve`].
 impl<S: Store> SessionCacheService<S> {
-    async fn handle_get(
-        &self,
-        request: Request<pb::GetRequest>,
-    ) -> Result<Response<pb::GetResponse>, Status> {
-        let _slot = self.slot()?;
-        self.admit(&request, Role::Reader)?;
-        let token = self.check_token(&request.get_ref().token)?;
+    async fn handle_get(&self, request: pb::GetRequest) -> Result<pb::GetResponse, Status> {
+        let token = self.check_token(&request.token)?;
         let reply = if !self.enabled {
             outcome_only(GetOutcome::Disabled)
         } else if !self.status.is_up() {
@@ -194,16 +287,14 @@ impl<S: Store> SessionCacheService<S> {
                 }
             }
         };
-        Ok(Response::new(reply))
+        Ok(reply)
     }
 
     async fn handle_set(
         &self,
-        request: Request<pb::SetRequest>,
-    ) -> Result<Response<pb::SetResponse>, Status> {
-        let _slot = self.slot()?;
-        let caller = self.admit(&request, Role::Writer)?;
-        let request = request.into_inner();
+        request: pb::SetRequest,
+        caller: Caller,
+    ) -> Result<pb::SetResponse, Status> {
         let token = self.check_token(&request.token)?;
         let session = check_session(request.user, request.session_expire)?;
         let fence =
@@ -241,19 +332,18 @@ impl<S: Store> SessionCacheService<S> {
             Err(outcome) => (outcome, 0),
         };
         debug!(token = token.short(), caller, ?outcome, ttl_seconds, "set");
-        Ok(Response::new(pb::SetResponse {
+        Ok(pb::SetResponse {
             outcome: outcome.into(),
             ttl_seconds,
-        }))
+        })
     }
 
     async fn handle_invalidate_token(
         &self,
-        request: Request<pb::InvalidateTokenRequest>,
-    ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
-        let _slot = self.slot()?;
-        let caller = self.admit(&request, Role::Writer)?;
-        let token = self.check_token(&request.get_ref().token)?;
+        request: pb::InvalidateTokenRequest,
+        caller: Caller,
+    ) -> Result<pb::InvalidateTokenResponse, Status> {
+        let token = self.check_token(&request.token)?;
         let deleted = if self.enabled {
             self.store
                 .invalidate_token(&token)
@@ -263,16 +353,15 @@ impl<S: Store> SessionCacheService<S> {
             false
         };
         info!(token = token.short(), caller, deleted, "token invalidated");
-        Ok(Response::new(pb::InvalidateTokenResponse { deleted }))
+        Ok(pb::InvalidateTokenResponse { deleted })
     }
 
     async fn handle_invalidate_user(
         &self,
-        request: Request<pb::InvalidateUserRequest>,
-    ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
-        let _slot = self.slot()?;
-        let caller = self.admit(&request, Role::Writer)?;
-        let user_id = &request.get_ref().user_id;
+        request: pb::InvalidateUserRequest,
+        caller: Caller,
+    ) -> Result<pb::InvalidateUserResponse, Status> {
+        let user_id = &request.user_id;
         check_user_id("user_id", user_id)?;
         let at = if self.enabled {
             self.store
@@ -283,17 +372,12 @@ impl<S: Store> SessionCacheService<S> {
             Micros::from_datetime(Utc::now())
         };
         info!(user_id = %user_id, caller, "user invalidated");
-        Ok(Response::new(pb::InvalidateUserResponse {
+        Ok(pb::InvalidateUserResponse {
             invalidated_at: at.to_datetime().map(timestamp),
-        }))
+        })
     }
 
-    async fn handle_health(
-        &self,
-        request: Request<pb::HealthRequest>,
-    ) -> Result<Response<pb::HealthResponse>, Status> {
-        let _slot = self.slot()?;
-        self.admit(&request, Role::Reader)?;
+    async fn handle_health(&self) -> Result<pb::HealthResponse, Status> {
         let (serving, store_latency) = if self.enabled {
             match self.store.ping().await {
                 Ok(latency) => (true, prost_types::Duration::try_from(latency).ok()),
@@ -302,12 +386,72 @@ impl<S: Store> SessionCacheService<S> {
         } else {
             (true, None)
         };
-        Ok(Response::new(pb::HealthResponse {
+        Ok(pb::HealthResponse {
             serving,
             store: self.store.kind().into(),
             enabled: self.enabled,
             store_latency,
-        }))
+        })
+    }
+
+    /// SPEC §9: the cache, else the negative cache, else the identity provider.
+    async fn handle_validate(
+        &self,
+        request: pb::ValidateRequest,
+    ) -> Result<pb::ValidateResponse, Status> {
+        let began = Instant::now();
+        let token = self.check_token(&request.token)?;
+        let Some(validator) = &self.validator else {
+            return Err(Status::failed_precondition(
+                "--idp: no identity provider is configured, so Validate cannot answer; \
+                 use Get and Set, or start the service with --idp",
+            ));
+        };
+        // The lookup: a hit answers; a miss gives the fence the answer is cached with.
+        let mut fence = None;
+        let caching = self.enabled && self.status.is_up();
+        if caching {
+            match self.store.get(&token).await {
+                Ok(Lookup::Hit(session)) => return Ok(valid(session)),
+                Ok(
+                    Lookup::Miss(f)
+                    | Lookup::Expired(f)
+                    | Lookup::Invalidated(f)
+                    | Lookup::Corrupt(f),
+                ) => fence = Some(f),
+                Err(e) => {
+                    metrics::store_error("Validate");
+                    debug!(token = token.short(), error = %e, "validate: lookup failed");
+                }
+            }
+            if fence.is_some() {
+                match self.store.refused(&token).await {
+                    Ok(true) => {
+                        metrics::validate_negative_hit();
+                        return Ok(validate_outcome(ValidateOutcome::Invalid));
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        debug!(token = token.short(), error = %e, "validate: negative lookup failed");
+                    }
+                }
+            }
+        }
+        let verdict = validator
+            .ask(&request.token, &token, began, || Departure {
+                store: self.store.clone(),
+                caching: caching && fence.is_some(),
+                fence,
+            })
+            .await;
+        Ok(match verdict {
+            Verdict::Valid(session) => valid(session),
+            Verdict::Invalid => validate_outcome(ValidateOutcome::Invalid),
+            Verdict::Unavailable(why) => {
+                debug!(token = token.short(), why, "validate: unavailable");
+                validate_outcome(ValidateOutcome::Unavailable)
+            }
+        })
     }
 }
 
@@ -336,15 +480,35 @@ fn set_label(outcome: SetOutcome) -> &'static str {
     }
 }
 
-fn ok_label<T>(result: &Result<T, Status>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(status) => metrics::code_label(status),
+fn outcome_only(outcome: GetOutcome) -> pb::GetResponse {
+    pb::GetResponse {
+        outcome: outcome.into(),
+        ..Default::default()
     }
 }
 
-fn outcome_only(outcome: GetOutcome) -> pb::GetResponse {
-    pb::GetResponse {
+fn user_message(user: User) -> pb::User {
+    pb::User {
+        id: user.id,
+        email: user.email,
+        name: user.name,
+        email_verified: user.email_verified,
+        tier: user.tier,
+        created_at: Some(timestamp(user.created_at)),
+        updated_at: Some(timestamp(user.updated_at)),
+    }
+}
+
+fn valid(session: Session) -> pb::ValidateResponse {
+    pb::ValidateResponse {
+        outcome: ValidateOutcome::Valid.into(),
+        user: Some(user_message(session.user)),
+        session_expire: Some(timestamp(session.session_expire)),
+    }
+}
+
+fn validate_outcome(outcome: ValidateOutcome) -> pb::ValidateResponse {
+    pb::ValidateResponse {
         outcome: outcome.into(),
         ..Default::default()
     }
@@ -353,18 +517,9 @@ fn outcome_only(outcome: GetOutcome) -> pb::GetResponse {
 fn get_response(lookup: Lookup) -> pb::GetResponse {
     let (outcome, fence) = match lookup {
         Lookup::Hit(session) => {
-            let user = session.user;
             return pb::GetResponse {
                 outcome: GetOutcome::Hit.into(),
-                user: Some(pb::User {
-                    id: user.id,
-                    email: user.email,
-                    name: user.name,
-                    email_verified: user.email_verified,
-                    tier: user.tier,
-                    created_at: Some(timestamp(user.created_at)),
-                    updated_at: Some(timestamp(user.updated_at)),
-                }),
+                user: Some(user_message(session.user)),
                 session_expire: Some(timestamp(session.session_expire)),
                 fence: String::new(),
             };

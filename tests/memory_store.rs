@@ -59,6 +59,7 @@ fn limits(ttl_seconds: u32, marker_ttl_seconds: u32) -> Limits {
         ttl_seconds,
         marker_ttl_seconds,
         clock_skew: Micros(0),
+        negative_ttl_seconds: 10,
     }
 }
 

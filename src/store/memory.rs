@@ -56,6 +56,9 @@ pub struct MemoryBounds {
 /// 600 to 750 bytes each (the release build with mimalloc over gRPC, and the test build).
 pub const ENTRY_OVERHEAD: u32 = 640;
 
+/// Most refused tokens remembered: about 100 bytes each.
+pub const MAX_REFUSED: u64 = 100_000;
+
 /// A cached session, the time to live its Set gave it, and its weight in bytes.
 struct Entry {
     cached: CachedSession,
@@ -78,6 +81,10 @@ fn weigh(session: &Session) -> u32 {
 /// Sessions in this process.
 pub struct MemoryStore {
     entries: Cache<TokenHash, Arc<Entry>>,
+    /// Tokens the identity provider refused, for the negative TTL; at most
+    /// [`MAX_REFUSED`], the least used dropped first (a dropped one costs a provider
+    /// call, never a wrong answer).
+    refused: Cache<TokenHash, ()>,
     /// Each invalidated user's marker; Gets read it without the writes lock.
     markers: RwLock<HashMap<Arc<str>, Micros>>,
     /// The newest instant of a collapsed marker (0: none), which judges every user's
@@ -197,6 +204,12 @@ impl MemoryStore {
                 .max_capacity(bounds.bytes)
                 .weigher(move |_, entry: &Arc<Entry>| entry.weight.max(share))
                 .expire_after(EntryTtl)
+                .build(),
+            refused: Cache::builder()
+                .max_capacity(MAX_REFUSED)
+                .time_to_live(Duration::from_secs(
+                    limits.negative_ttl_seconds.max(1).into(),
+                ))
                 .build(),
             markers: RwLock::default(),
             marker_floor: AtomicI64::new(0),
@@ -335,6 +348,15 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn refused(&self, token: &TokenHash) -> Result<bool, StoreError> {
+        Ok(self.refused.contains_key(token))
+    }
+
+    async fn refuse(&self, token: &TokenHash) -> Result<(), StoreError> {
+        self.refused.insert(token.clone(), ());
+        Ok(())
     }
 
     async fn get(&self, token: &TokenHash) -> Result<Lookup, StoreError> {

@@ -104,6 +104,8 @@ pub struct Limits {
     /// The margin by which instants that may come from different clocks are compared
     /// against the session (SPEC §8, `--clock-skew-ms`).
     pub clock_skew: Micros,
+    /// Time to live of a token the identity provider refused (`--negative-ttl-seconds`).
+    pub negative_ttl_seconds: u32,
 }
 
 /// SPEC §4 and §8, the one rule both stores (and the Lua scripts) keep: a user's marker
@@ -157,6 +159,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         user_id: &str,
     ) -> impl Future<Output = Result<Micros, StoreError>> + Send;
+
+    /// Whether the identity provider refused this token within the negative TTL
+    /// (Validate's negative cache, SPEC §9).
+    fn refused(&self, token: &TokenHash) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Records that the identity provider refused this token, for
+    /// [`Limits::negative_ttl_seconds`].
+    fn refuse(&self, token: &TokenHash) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Checks that the store answers; returns the round-trip time.
     fn ping(&self) -> impl Future<Output = Result<Duration, StoreError>> + Send;
@@ -257,6 +267,7 @@ mod tests {
             ttl_seconds: 300,
             marker_ttl_seconds: 3600,
             clock_skew: Micros(500_000),
+            negative_ttl_seconds: 10,
         };
         let at = |offset: i64| Fence(Micros(now.0 + offset));
         assert!(fence_in_range(at(0), now, &limits));

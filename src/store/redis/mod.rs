@@ -713,6 +713,26 @@ impl Store for RedisStore {
         Ok(Micros(at))
     }
 
+    async fn refused(&self, token: &TokenHash) -> Result<bool, StoreError> {
+        self.query(
+            self.deadline(),
+            redis::cmd("EXISTS").arg(token.refused_key()),
+        )
+        .await
+    }
+
+    async fn refuse(&self, token: &TokenHash) -> Result<(), StoreError> {
+        self.query(
+            self.deadline(),
+            redis::cmd("SET")
+                .arg(token.refused_key())
+                .arg(1)
+                .arg("EX")
+                .arg(self.limits.negative_ttl_seconds.max(1)),
+        )
+        .await
+    }
+
     async fn ping(&self) -> Result<Duration, StoreError> {
         let started = Instant::now();
         // Not PING, which a replica answers too: the ping script passes only where a
