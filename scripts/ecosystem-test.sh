@@ -11,10 +11,11 @@
 #   - buf lint of the proto; promtool check/test of deploy/prometheus/;
 #     kubernetes-validate --strict of deploy/kubernetes/.
 # It installs what is missing: the Python packages (scripts/python-env.sh, a venv in
-# target/ecosystem/venv), the npm packages (examples/clients/node) and redis-server and
-# promtool (Debian packages). It prints PASS or FAIL per step (a failing step's log
-# follows it; all logs are in target/ecosystem/logs), ends with "N passed, M failed", and
-# exits 1 when any step failed.
+# target/ecosystem/venv), the npm packages (examples/clients/node), redis-server (the
+# Debian package) and promtool (the binary of Debian's prometheus package, into
+# target/ecosystem/bin). It prints PASS or FAIL per step (a failing step's log follows
+# it; all logs are in target/ecosystem/logs), ends with "N passed, M failed", and exits 1
+# when any step failed.
 #
 #   scripts/ecosystem-test.sh [PYTEST ARGS...]    e.g. -k grpcurl
 set -uo pipefail
@@ -28,7 +29,8 @@ NODE_DIR=$ROOT/examples/clients/node
 
 mkdir -p "$LOGS"
 rm -f "$LOGS"/*.log "$LOGS"/*.out
-export PATH="$VENV/bin:$PATH" # grpcurl, pytest and kubernetes-validate come from the venv
+# grpcurl, pytest and kubernetes-validate come from the venv, promtool may from WORK/bin.
+export PATH="$VENV/bin:$WORK/bin:$PATH"
 
 PASSED=0
 FAILED=0
@@ -82,17 +84,26 @@ build() {
   timeout 1500 cargo build --bin session-cache
 }
 
-# debian_tools: redis-server (as .ci/run installs it) and promtool (the prometheus
-# package, without its recommends), when missing.
+# debian_tools: redis-server (the package, as .ci/run installs it) and promtool, when
+# missing. promtool is the one binary taken from Debian's prometheus package into
+# WORK/bin: installing the package would also install (and on a systemd host start) a
+# Prometheus server, for a 48 MB binary that needs only libc.
 debian_tools() {
-  local missing=() sudo=()
-  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
-  if [ "${#missing[@]}" -gt 0 ]; then
-    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  local sudo=() deb=$WORK/deb
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  if ! command -v redis-server >/dev/null 2>&1 \
+    || { ! command -v promtool >/dev/null 2>&1 && ! apt-cache show prometheus >/dev/null 2>&1; }; then
     timeout 300 "${sudo[@]}" apt-get update -qq || return 1
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
     timeout 600 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -qq --no-install-recommends "${missing[@]}" || return 1
+      apt-get install -y -qq redis-server || return 1
+  fi
+  if ! command -v promtool >/dev/null 2>&1; then
+    rm -rf "$deb" && mkdir -p "$deb" "$WORK/bin" || return 1
+    (cd "$deb" && timeout 300 apt-get download prometheus) || return 1
+    dpkg-deb -x "$deb"/prometheus_*.deb "$deb/root" || return 1
+    cp "$deb/root/usr/bin/promtool" "$WORK/bin/promtool" && rm -rf "$deb" || return 1
   fi
   redis-server --version && promtool --version
 }
