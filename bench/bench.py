@@ -4,8 +4,9 @@
 Floors: a constant-reply server for the same proto (examples/constant_server.rs), and
 redis-benchmark GET/SET. Subjects: the service on one Redis, on a Redis Cluster of three
 primaries, and on the memory store (Get hit, Get miss, Set, InvalidateUser), at 500 calls
-in flight (50 connections x 10 streams) and at 1. Beside them, a seed-equivalent: what the Python service does per lookup (two GETs
-and a JSON parse with redis-py), for the same number of lookups.
+in flight (50 connections x 10 streams) and at 1. Beside them, a seed-equivalent: what the
+Python service does per lookup (two GETs and a JSON parse with redis-py), for the same
+number of lookups.
 
 h2load counts any HTTP 200 as a success, gRPC errors included, so each subject is checked
 twice: a sample call through curl must decode to the expected outcome, and the bytes per
@@ -276,7 +277,7 @@ def redis_benchmark(port, test, requests, in_flight):
         ["redis-benchmark", "-p", str(port), "-t", test, "-n", str(requests), "-c",
          str(clients), "-P", str(pipeline), "--csv"],
         capture_output=True, text=True, check=True).stdout
-    row = [line for line in out.splitlines() if line.startswith('"' + test.upper())][0]
+    row = next(line for line in out.splitlines() if line.startswith('"' + test.upper()))
     cells = [c.strip('"') for c in row.split(",")]
     # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
     return {"rps": float(cells[1]), "p50": float(cells[4]), "p99": float(cells[6]),
@@ -418,7 +419,10 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, in_flight, r in rows:
         floor = floors.get(in_flight, {})
-        ratio = lambda key: (r[key] / floor[key]) if r.get(key) and floor.get(key) else None
+
+        def ratio(key, r=r, floor=floor):
+            return (r[key] / floor[key]) if r.get(key) and floor.get(key) else None
+
         print(f"| {name} | {in_flight} | {fmt(r['rps'], 0)} | {fmt(r['p50'], 3)} | "
               f"{fmt(r['p99'], 3)} | {fmt(r['p999'], 3)} | {fmt(r['cpu_us'], 1)} | "
               f"{fmt(r['redis_us'], 1)} | {fmt(r['rss'], 1)} | {fmt(ratio('rps'))} | "

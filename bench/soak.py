@@ -15,7 +15,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (the benchmark's helpers: messages, processes, h2load parsing)
+import bench  # the benchmark's helpers: messages, processes, h2load parsing
 
 
 def rss_mib(pid):

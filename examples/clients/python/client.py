@@ -23,7 +23,6 @@ import argparse
 import atexit
 import datetime as dt
 import importlib
-import os
 import shutil
 import socket
 import sys

@@ -30,7 +30,7 @@ import grpc
 import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
-import client  # noqa: E402  (stub generation and timestamp helpers)
+import client  # stub generation and timestamp helpers
 
 SESSION_CACHE_PREFIX = "session_cache:"
 USER_INVALIDATION_PREFIX = "user_invalidated:"

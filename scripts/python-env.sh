@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The Python environment of the ecosystem tests and the linters: a venv in
+# target/ecosystem/venv holding tests/ecosystem/requirements.txt (the example clients'
+# packages, pytest, grpcurl, kubernetes-validate, ruff, shellcheck). Installs only when a
+# requirements file changed since the last install; prints what is installed.
+#
+#   scripts/python-env.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=target/ecosystem/venv
+REQUIREMENTS=(tests/ecosystem/requirements.txt examples/clients/python/requirements.txt)
+stamp=$VENV/.requirements-installed
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+if [ -f "$stamp" ] && cat "${REQUIREMENTS[@]}" | cmp -s - "$stamp"; then
+  echo "already installed"
+else
+  timeout 600 "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+    -r tests/ecosystem/requirements.txt
+  cat "${REQUIREMENTS[@]}" >"$stamp"
+fi
+"$VENV/bin/python" -m pip freeze --disable-pip-version-check

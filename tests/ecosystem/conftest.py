@@ -1,0 +1,61 @@
+"""Fixtures for the ecosystem tests: redis-server and session-cache on free loopback
+ports, started once per session (or per module, for tests that break them) and stopped
+by process id when their scope ends. The processes themselves are in support.py.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from support import STORES, Redis, Server
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    """SIGTERM (a timeout, CI stopping the run) ends the session as Ctrl-C does, so that
+    the fixtures' finalizers stop the processes they started."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
+@pytest.fixture(scope="session")
+def start() -> Iterator[Callable]:
+    """start(thing) starts a Redis or a Server and stops it when the session ends
+    (modules that need their own processes stop them earlier themselves)."""
+    started = []
+
+    def _start(thing):
+        started.append(thing)
+        return thing.start()
+
+    yield _start
+    for thing in reversed(started):
+        thing.stop()
+
+
+@pytest.fixture(scope="session")
+def redis(start) -> Redis:
+    return start(Redis("shared"))
+
+
+@pytest.fixture(scope="session")
+def servers(start, redis) -> dict[str, Server]:
+    """One server on the in-memory store and one on the shared Redis, both SERVING."""
+    found = {
+        "memory": start(Server("memory", "memory")),
+        "redis": start(Server("redis", "redis", ["--redis-url", f"redis://{redis.address}"])),
+    }
+    for server in found.values():
+        server.wait_for("SERVING")
+    return found
+
+
+@pytest.fixture(params=STORES)
+def server(request, servers) -> Server:
+    """Each test that takes it runs once per store."""
+    return servers[request.param]
