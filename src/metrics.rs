@@ -151,7 +151,10 @@ pub(crate) fn install(addr: SocketAddr) -> Result<Exporter, crate::server::Error
                 .absolute(0);
         }
         counter!("session_cache_store_errors_total", "rpc" => rpc.name()).absolute(0);
+        // Registered, so that its buckets are exported at 0 before the first call.
+        let _ = histogram!("session_cache_call_duration_seconds", "rpc" => rpc.name());
     }
+    gauge!("session_cache_connections_open").set(0.0);
     describe_counter!(
         "session_cache_idp_calls_total",
         "Calls to the identity provider by result: valid, invalid, or why it did not answer"
