@@ -3,7 +3,8 @@
 
 Floors: a constant-reply server for the same proto (examples/constant_server.rs), and
 redis-benchmark GET/SET. Subjects: the service on one Redis, on a Redis Cluster of three
-primaries, and on the memory store (Get hit, Get miss, Set, InvalidateUser), at 500 calls
+primaries, and on the memory store (Get hit, Validate hit, Get miss, Set, InvalidateUser),
+with a stand-in Appwrite behind Validate (asked once per store, to warm the cache), at 500 calls
 in flight (50 connections x 10 streams) and at 1. Beside them, a seed-equivalent: what the
 Python service does per lookup (two GETs and a JSON parse with redis-py), for the same
 number of lookups.
@@ -14,6 +15,7 @@ reply under load must equal the sample's.
 """
 
 import argparse
+import http.server
 import json
 import os
 import socket
@@ -21,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +81,54 @@ def get_request(token):
 def set_request(token, user_id):
     return frame(field_bytes(1, token.encode()) + field_bytes(2, user(user_id))
                  + field_bytes(3, timestamp(4_102_444_800)))
+
+
+def validate_request(token):
+    return frame(field_bytes(1, token.encode()))
+
+
+class AppwriteStandIn(http.server.BaseHTTPRequestHandler):
+    """Appwrite's `GET /v1/account` and `GET /v1/account/sessions/current` for one
+    session secret, VALIDATE_TOKEN: the provider behind the Validate scenario, asked
+    once to warm the cache, then never while Validate hits."""
+
+    def do_GET(self):
+        if self.headers.get("X-Appwrite-Session") != VALIDATE_TOKEN:
+            body = {"message": "User (role: guests) missing scope (account)",
+                    "code": 401, "type": "general_unauthorized_scope", "version": "1.6.0"}
+            return self.answer(401, body)
+        stamp = "2024-01-15T10:30:00.000+00:00"
+        if self.path == "/v1/account":
+            return self.answer(200, {
+                "$id": "bench-validate-user", "$createdAt": stamp, "$updatedAt": stamp,
+                "name": "Bench User", "email": "bench@example.com", "emailVerification": True,
+                "status": True, "prefs": {"tier": "pro"}})
+        if self.path == "/v1/account/sessions/current":
+            return self.answer(200, {"$id": "bench-session", "$createdAt": stamp,
+                                     "userId": "bench-validate-user",
+                                     "expire": "2099-01-01T00:00:00.000+00:00", "current": True})
+        return self.answer(404, {"message": "Route not found", "code": 404,
+                                 "type": "general_route_not_found", "version": "1.6.0"})
+
+    def answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_):
+        pass
+
+
+VALIDATE_TOKEN = "bench-validate-token"
+
+
+def start_appwrite_stand_in():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AppwriteStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def invalidate_user_request(user_id):
@@ -339,11 +390,15 @@ def main():
                              f"127.0.0.1:{floor_port}"])
         wait_port(floor_port)
 
+        appwrite = start_appwrite_stand_in()
+        appwrite_endpoint = f"http://127.0.0.1:{appwrite.server_address[1]}/v1"
         subjects = {}
         redis_ports = {"redis": [redis_port], "cluster": cluster_ports, "memory": []}
         for store in ("redis", "cluster", "memory"):
             port = free_port()
-            cmd = [os.path.join(bin_dir, "session-cache"), "--listen", f"127.0.0.1:{port}"]
+            cmd = [os.path.join(bin_dir, "session-cache"), "--listen", f"127.0.0.1:{port}",
+                   "--idp", "appwrite", "--appwrite-endpoint", appwrite_endpoint,
+                   "--appwrite-project", "bench"]
             if store == "redis":
                 cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}"]
             if store == "cluster":
@@ -391,6 +446,14 @@ def main():
                     raise SystemExit(f"{store} Get hit: {r['ok']} ok, "
                                      f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {hit_bytes}")
                 rows.append((f"{store}: Get hit", in_flight, r))
+                # Validate of a token the provider vouched for once: a hit, no provider call.
+                body = validate_request(VALIDATE_TOKEN)
+                size = check(port, "Validate", body, 1)
+                r = measure(port, proc.pid, rport, "Validate", body, requests, in_flight, workdir)
+                if abs(r["bytes_per_reply"] - size) > 0.5 or r["ok"] != requests:
+                    raise SystemExit(f"{store} Validate hit: {r['ok']} ok, "
+                                     f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {size}")
+                rows.append((f"{store}: Validate hit", in_flight, r))
                 if in_flight == 1:
                     continue
                 check(port, "Get", get_request("bench-miss"), 2)
