@@ -249,6 +249,10 @@ pub struct Config {
     /// can drop invalidation markers and tombstones and so revive revoked sessions.
     #[arg(long, env = "SESSION_CACHE_ALLOW_EVICTING_REDIS", action = ArgAction::SetTrue)]
     pub allow_evicting_redis: bool,
+
+    /// The identity provider that Validate asks (SPEC §9).
+    #[command(flatten)]
+    pub idp: crate::idp::IdpFlags,
 }
 
 /// A `host:port` pair, as the Sentinel flags take them.
@@ -417,6 +421,7 @@ impl Config {
                 ));
             }
         }
+        self.idp.validate().map_err(ConfigError)?;
         if !self.listen.ip().is_loopback()
             && self.api_keys_file.is_none()
             && !self.allow_unauthenticated
