@@ -19,7 +19,7 @@ use session_cache::{
 };
 use support::idp::{
     AppwriteStandIn, CLIENT_ID, CLIENT_SECRET, IntrospectionStandIn, Mode, basic_credentials,
-    not_listening_url, temp_file,
+    not_listening_url,
 };
 
 /// The provider call timeout in the tests that wait for it.
@@ -530,7 +530,8 @@ async fn introspection_malformed_answers_are_unexpected() {
 async fn introspection_refused_credentials_are_unexpected() {
     let introspection = IntrospectionStandIn::start_with("session-cache", "right").await;
     introspection.add_session("tok", &user("oz", "free"), in_seconds(600));
-    let wrong = temp_file("secret", b"wrong\n");
+    let files = support::pki::Dir::new();
+    let wrong = files.write("secret", "wrong\n");
     let provider = provider(&[
         "--idp".into(),
         "introspection".into(),
@@ -539,7 +540,7 @@ async fn introspection_refused_credentials_are_unexpected() {
         "--introspection-client-id".into(),
         "session-cache".into(),
         "--introspection-client-secret-file".into(),
-        wrong.to_string_lossy().into_owned(),
+        wrong,
     ]);
     let e = expect_error(&*provider, "tok").await;
     assert!(
@@ -574,13 +575,14 @@ async fn introspection_failures_map_to_their_kind() {
         IdpError::ServerError(503)
     );
 
-    let secret = temp_file("secret", b"x");
+    let files = support::pki::Dir::new();
+    let secret = files.write("secret", "x");
     let nobody = provider_with_url(&not_listening_url("/introspect"), &secret);
     let e = expect_error(&*nobody, "tok").await;
     assert!(matches!(e, IdpError::Unreachable(_)), "{e:?}");
 }
 
-fn provider_with_url(url: &str, secret: &std::path::Path) -> Arc<dyn Provider> {
+fn provider_with_url(url: &str, secret: &str) -> Arc<dyn Provider> {
     provider(&[
         "--idp".into(),
         "introspection".into(),
@@ -589,7 +591,7 @@ fn provider_with_url(url: &str, secret: &std::path::Path) -> Arc<dyn Provider> {
         "--introspection-client-id".into(),
         "c".into(),
         "--introspection-client-secret-file".into(),
-        secret.to_string_lossy().into_owned(),
+        secret.into(),
     ])
 }
 
@@ -787,7 +789,8 @@ async fn files_are_checked_when_the_provider_is_built() {
         let config = config(args).unwrap();
         idp::from_config(&config.idp).map(|p| p.is_some())
     };
-    let missing = std::env::temp_dir().join("session-cache-no-such-secret");
+    let files = support::pki::Dir::new();
+    let missing = files.path().join("no-such-secret");
     let e = build(&base(&missing.to_string_lossy()))
         .unwrap_err()
         .to_string();
@@ -795,28 +798,51 @@ async fn files_are_checked_when_the_provider_is_built() {
         e.contains("--introspection-client-secret-file") && e.contains("no-such-secret"),
         "{e}"
     );
-    let empty = temp_file("empty-secret", b"\n");
-    let e = build(&base(&empty.to_string_lossy()))
-        .unwrap_err()
-        .to_string();
+    let empty = files.write("empty-secret", "\n");
+    let e = build(&base(&empty)).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
 
-    let secret = temp_file("secret", b"classified\n");
-    let not_pem = temp_file("ca.pem", b"classified-ca-bytes");
-    let mut args = base(&secret.to_string_lossy());
-    args.extend([
-        "--idp-ca-file".into(),
-        not_pem.to_string_lossy().into_owned(),
-    ]);
+    let secret = files.write("secret", "classified\n");
+    let not_pem = files.write("bad-ca.pem", "classified-ca-bytes");
+    let mut args = base(&secret);
+    args.extend(["--idp-ca-file".into(), not_pem]);
     let e = build(&args).unwrap_err().to_string();
-    assert!(e.contains("--idp-ca-file") && e.contains("ca.pem"), "{e}");
+    assert!(
+        e.contains("--idp-ca-file") && e.contains("bad-ca.pem"),
+        "{e}"
+    );
     assert!(!e.contains("classified"), "{e}");
 
     let ca = support::pki::Ca::new("idp test CA");
-    let good = temp_file("ca.pem", ca.pem().as_bytes());
-    let mut args = base(&secret.to_string_lossy());
-    args.extend(["--idp-ca-file".into(), good.to_string_lossy().into_owned()]);
+    let good = files.write("ca.pem", ca.pem());
+    let mut args = base(&secret);
+    args.extend(["--idp-ca-file".into(), good]);
     assert!(build(&args).unwrap());
+}
+
+/// Over HTTPS the provider's certificate is verified: a private CA given with
+/// --idp-ca-file is trusted, and without it the handshake fails (Unreachable, never
+/// Invalid).
+#[tokio::test]
+async fn appwrite_over_tls_trusts_the_idp_ca_file() {
+    let ca = support::pki::Ca::new("idp test CA");
+    let appwrite = AppwriteStandIn::start_tls(ca.server()).await;
+    appwrite.add_session("tok", &user("ray", "pro"), in_seconds(600));
+    assert!(appwrite.endpoint().starts_with("https://"));
+    let files = support::pki::Dir::new();
+    let ca_file = files.write("ca.pem", ca.pem());
+
+    let trusting = provider(&with(appwrite.flags(), &["--idp-ca-file", &ca_file]));
+    let Answer::Valid(session) = trusting.validate("tok").await.unwrap() else {
+        panic!("the session is live");
+    };
+    assert_eq!(session.user, user("ray", "pro"));
+
+    let other = support::pki::Ca::new("someone else's CA");
+    let other_file = files.write("other.pem", other.pem());
+    let distrusting = provider(&with(appwrite.flags(), &["--idp-ca-file", &other_file]));
+    let e = expect_error(&*distrusting, "tok").await;
+    assert!(matches!(e, IdpError::Unreachable(_)), "{e:?}");
 }
 
 /// The labels a provider call can end with are the ones exported from start-up.

@@ -22,7 +22,6 @@ use std::{
     collections::HashMap,
     future::Future,
     net::SocketAddr,
-    path::PathBuf,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -42,7 +41,7 @@ use serde_json::{Value, json};
 use session_cache::entry::User;
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use super::free_port;
+use super::{free_port, pki};
 
 /// How a stand-in answers every request, whatever its table says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,20 +95,6 @@ pub fn not_listening_url(path: &str) -> String {
     format!("http://127.0.0.1:{}{path}", free_port())
 }
 
-/// Writes `content` to a new file of the test's own and returns its path.
-pub fn temp_file(name: &str, content: &[u8]) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "session-cache-idp-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("create a temp dir");
-    let path = dir.join(name);
-    std::fs::write(&path, content).expect("write a temp file");
-    path
-}
-
 type Answer = Option<Response<Full<Bytes>>>;
 type Handler = Arc<dyn Fn(Recorded) -> Pin<Box<dyn Future<Output = Answer> + Send>> + Send + Sync>;
 
@@ -127,13 +112,14 @@ struct Core {
 impl Core {
     /// Serves HTTP/1.1 on a free port; `answer` gives each request's response (`None`
     /// closes the connection). Requests are logged and counted before the mode applies.
-    async fn start<F, Fut>(answer: F) -> Core
+    async fn start<F, Fut>(answer: F, tls: Option<pki::Leaf>) -> Core
     where
         F: Fn(Recorded, Mode) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Answer> + Send + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().unwrap();
+        let tls = tls.map(|leaf| acceptor(&leaf));
         let mode = Arc::new(Mutex::new(Mode::Normal));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -179,7 +165,7 @@ impl Core {
                     continue;
                 };
                 while connections.try_join_next().is_some() {}
-                let handler = handler.clone();
+                let (handler, tls) = (handler.clone(), tls.clone());
                 connections.spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
                         let handler = handler.clone();
@@ -201,9 +187,20 @@ impl Core {
                                 .ok_or_else(|| std::io::Error::other("reset by the stand-in"))
                         }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    match tls {
+                        None => {
+                            let _ = http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -216,6 +213,25 @@ impl Core {
             peak,
         }
     }
+}
+
+/// A TLS acceptor serving `leaf`, on ring.
+fn acceptor(leaf: &pki::Leaf) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_slice_iter(leaf.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(leaf.key.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 impl Drop for Core {
@@ -303,31 +319,46 @@ pub struct AppwriteStandIn {
     core: Core,
     table: Arc<Mutex<AppwriteTable>>,
     project: String,
+    scheme: &'static str,
 }
 
 impl AppwriteStandIn {
     /// Starts a stand-in serving [`APPWRITE_PROJECT`].
     pub async fn start() -> AppwriteStandIn {
+        AppwriteStandIn::start_on(None).await
+    }
+
+    /// Starts a stand-in that speaks HTTPS with `leaf` (see [`pki::Ca::server`]).
+    pub async fn start_tls(leaf: pki::Leaf) -> AppwriteStandIn {
+        AppwriteStandIn::start_on(Some(leaf)).await
+    }
+
+    async fn start_on(tls: Option<pki::Leaf>) -> AppwriteStandIn {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let table = Arc::new(Mutex::new(AppwriteTable::default()));
         let project = APPWRITE_PROJECT.to_owned();
         let core = {
             let (table, project) = (table.clone(), project.clone());
-            Core::start(move |request, mode| {
-                let answer = appwrite_answer(&table, &project, &request, mode);
-                async move { answer }
-            })
+            Core::start(
+                move |request, mode| {
+                    let answer = appwrite_answer(&table, &project, &request, mode);
+                    async move { answer }
+                },
+                tls,
+            )
             .await
         };
         AppwriteStandIn {
             core,
             table,
             project,
+            scheme,
         }
     }
 
     /// The endpoint to configure (`--appwrite-endpoint`), with its `/v1`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}/v1", self.core.addr)
+        format!("{}://{}/v1", self.scheme, self.core.addr)
     }
 
     /// The project it serves (`--appwrite-project`).
@@ -588,6 +619,8 @@ pub struct IntrospectionStandIn {
     table: Arc<Mutex<IntrospectionTable>>,
     client_id: String,
     client_secret: String,
+    /// Where [`IntrospectionStandIn::flags`] writes the secret; removed on drop.
+    files: pki::Dir,
 }
 
 impl IntrospectionStandIn {
@@ -602,10 +635,13 @@ impl IntrospectionStandIn {
         let credentials = (client_id.to_owned(), client_secret.to_owned());
         let core = {
             let table = table.clone();
-            Core::start(move |request, mode| {
-                let answer = introspection_answer(&table, &credentials, &request, mode);
-                async move { answer }
-            })
+            Core::start(
+                move |request, mode| {
+                    let answer = introspection_answer(&table, &credentials, &request, mode);
+                    async move { answer }
+                },
+                None,
+            )
             .await
         };
         IntrospectionStandIn {
@@ -613,6 +649,7 @@ impl IntrospectionStandIn {
             table,
             client_id: client_id.to_owned(),
             client_secret: client_secret.to_owned(),
+            files: pki::Dir::new(),
         }
     }
 
@@ -629,12 +666,12 @@ impl IntrospectionStandIn {
         &self.client_secret
     }
 
-    /// The service's flags for this stand-in; the secret goes in a new file.
+    /// The service's flags for this stand-in; the secret goes in a file that lives as
+    /// long as the stand-in.
     pub fn flags(&self) -> Vec<String> {
-        let secret = temp_file(
-            "client-secret",
-            format!("{}\n", self.client_secret).as_bytes(),
-        );
+        let secret = self
+            .files
+            .write("client-secret", format!("{}\n", self.client_secret));
         [
             "--idp",
             "introspection",
@@ -643,7 +680,7 @@ impl IntrospectionStandIn {
             "--introspection-client-id",
             &self.client_id,
             "--introspection-client-secret-file",
-            &secret.to_string_lossy(),
+            &secret,
         ]
         .map(String::from)
         .to_vec()
