@@ -311,6 +311,36 @@ fn provider_for_endpoint(endpoint: &str) -> Arc<dyn Provider> {
     ])
 }
 
+/// The two Appwrite calls go out at once (one round trip per validation), and
+/// concurrent validations are concurrent calls, each counted by the stand-in.
+#[tokio::test]
+async fn appwrite_asks_both_endpoints_at_once() {
+    let appwrite = AppwriteStandIn::start().await;
+    appwrite.add_session("tok", &user("sam", "free"), in_seconds(600));
+    let provider = provider(&appwrite.flags());
+    appwrite.set_mode(Mode::Slow(Duration::from_millis(500)));
+
+    assert!(matches!(
+        provider.validate("tok").await.unwrap(),
+        Answer::Valid(_)
+    ));
+    assert_eq!(appwrite.peak_in_flight(), 2);
+
+    let validations = (0..3).map(|_| provider.validate("tok"));
+    for answer in futures_util::future::join_all(validations).await {
+        assert!(matches!(answer.unwrap(), Answer::Valid(_)));
+    }
+    assert_eq!(appwrite.peak_in_flight(), 6);
+    assert_eq!(
+        appwrite.calls(),
+        support::idp::AppwriteCalls {
+            account: 4,
+            session: 4
+        }
+    );
+    assert_eq!(appwrite.in_flight(), 0);
+}
+
 /// A provider slower than --idp-timeout-ms, or one that never answers, is a Timeout
 /// reached within the timeout plus a small margin, not later.
 #[tokio::test]
@@ -717,6 +747,17 @@ async fn flags_that_do_not_fit_are_refused() {
                 "https://i.example/i",
             ],
             "--introspection-url",
+        ),
+        (
+            &[
+                "--idp",
+                "appwrite",
+                "--appwrite-endpoint",
+                "https://a.example/v1",
+                "--appwrite-project",
+                "my project\n",
+            ],
+            "--appwrite-project",
         ),
         (&["--idp", "introspection"], "--introspection-url"),
         (

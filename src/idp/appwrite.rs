@@ -75,7 +75,7 @@ impl Appwrite {
             http,
             account_url: format!("{endpoint}/account"),
             session_url: format!("{endpoint}/account/sessions/current"),
-            // Checked by the flags' validation; a project ID is a plain identifier.
+            // The flags' validation admits only ID characters, all valid in a header.
             project: HeaderValue::from_str(&project).unwrap_or(HeaderValue::from_static("")),
             tier_pref,
         }

@@ -161,12 +161,20 @@ impl IdpFlags {
                     "--idp appwrite needs --appwrite-endpoint (https://cloud.appwrite.io/v1)",
                 )?;
                 check_url("--appwrite-endpoint", endpoint)?;
-                if self
-                    .appwrite_project
-                    .as_deref()
-                    .is_none_or(|p| p.trim().is_empty())
-                {
+                let project = self.appwrite_project.as_deref().unwrap_or_default();
+                if project.is_empty() {
                     return Err("--idp appwrite needs --appwrite-project (the project ID)".into());
+                }
+                // Appwrite IDs: a-z, A-Z, 0-9, '.', '-', '_' (its custom-ID rule).
+                if !project
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+                {
+                    return Err(
+                        "--appwrite-project is not an Appwrite project ID (letters, \
+                                digits, '.', '-' and '_')"
+                            .into(),
+                    );
                 }
                 if self.appwrite_tier_pref.is_empty() {
                     return Err("--appwrite-tier-pref must name a preference key".into());

@@ -234,7 +234,8 @@ fn read_certificates(
 /// The HTTP client both providers use: a connection pool, `timeout` for connecting
 /// and for the whole call, no redirects (a redirect would carry the token to wherever
 /// it points, and reqwest strips only the standard credential headers), and rustls on
-/// ring with the system's roots plus `--idp-ca-file`.
+/// ring with the system's roots plus `--idp-ca-file`. `HTTPS_PROXY`, `HTTP_PROXY` and
+/// `NO_PROXY` in the environment are honoured, as by most HTTP clients.
 pub fn http_client(
     timeout: Duration,
     max_in_flight: u32,
