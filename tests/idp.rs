@@ -364,7 +364,7 @@ async fn appwrite_timeout_is_honoured() {
         assert_eq!(e, IdpError::Timeout, "{mode:?}");
         assert!(
             took >= Duration::from_millis(TIMEOUT_MS)
-                && took < Duration::from_millis(TIMEOUT_MS + 700),
+                && took < Duration::from_millis(TIMEOUT_MS + 1500),
             "{mode:?} took {took:?}"
         );
     }
@@ -646,7 +646,7 @@ async fn introspection_timeout_is_honoured() {
         assert_eq!(e, IdpError::Timeout, "{mode:?}");
         assert!(
             took >= Duration::from_millis(TIMEOUT_MS)
-                && took < Duration::from_millis(TIMEOUT_MS + 700),
+                && took < Duration::from_millis(TIMEOUT_MS + 1500),
             "{mode:?} took {took:?}"
         );
     }

@@ -125,6 +125,7 @@ pub enum SetupError {
     /// The flags are inconsistent (normally caught by [`IdpFlags::validate`] first).
     #[error("{0}")]
     Flags(String),
+    /// The TLS or HTTP client settings are refused (no trusted roots, say).
     #[error("cannot build the identity provider's HTTP client: {0}")]
     Client(String),
 }
