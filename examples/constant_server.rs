@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use prost_types::Timestamp;
 use session_cache::pb::{
-    self, GetOutcome, SetOutcome,
+    self, GetOutcome, SetOutcome, ValidateOutcome,
     session_cache_server::{SessionCache, SessionCacheServer},
 };
 use tonic::{
@@ -62,6 +62,17 @@ impl SessionCache for Constant {
             store: "constant".into(),
             enabled: true,
             store_latency: None,
+        }))
+    }
+
+    async fn validate(
+        &self,
+        _: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        Ok(Response::new(pb::ValidateResponse {
+            outcome: ValidateOutcome::Valid.into(),
+            user: self.hit.user.clone(),
+            session_expire: self.hit.session_expire,
         }))
     }
 }

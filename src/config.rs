@@ -251,6 +251,10 @@ pub struct Config {
     /// can drop invalidation markers and tombstones and so revive revoked sessions.
     #[arg(long, env = "SESSION_CACHE_ALLOW_EVICTING_REDIS", action = ArgAction::SetTrue)]
     pub allow_evicting_redis: bool,
+
+    /// The identity provider that Validate asks (SPEC §9).
+    #[command(flatten)]
+    pub idp: crate::idp::IdpFlags,
 }
 
 /// A `host:port` pair, as the Sentinel flags take them.
@@ -419,6 +423,7 @@ impl Config {
                 ));
             }
         }
+        self.idp.validate().map_err(ConfigError)?;
         if !self.listen.ip().is_loopback()
             && self.api_keys_file.is_none()
             && !self.allow_unauthenticated
@@ -501,7 +506,7 @@ impl Config {
             ttl_seconds: self.ttl_seconds,
             marker_ttl_seconds: self.marker_ttl_seconds,
             clock_skew: Micros::from_duration(self.clock_skew()),
-            negative_ttl_seconds: 10,
+            negative_ttl_seconds: self.idp.negative_ttl_seconds,
         }
     }
 

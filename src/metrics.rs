@@ -16,7 +16,7 @@
 //! | `session_cache_connections_closed_total` | counter | `reason` (`idle`, `stalled`) |
 //! | `session_cache_config_reloads_total` | counter | `config` (`api_keys`, `tls`), `result` (`ok`, `failed`) |
 //! | `session_cache_tls_handshake_failures_total` | counter | `reason` (`failed`, `timeout`) |
-//! | `session_cache_idp_calls_total` | counter | `provider`, `result` ([`IDP_RESULTS`]) |
+//! | `session_cache_idp_calls_total` | counter | `provider`, `result` ([`crate::idp::RESULT_LABELS`]) |
 //! | `session_cache_idp_call_duration_seconds` | histogram | `provider` |
 //! | `session_cache_idp_shed_total` | counter | `provider`, `reason` (`max_in_flight`, `circuit_open`) |
 //! | `session_cache_validate_joins_total` | counter | |
@@ -249,20 +249,9 @@ pub(crate) fn call(rpc: &'static str, started: Instant, outcome: &'static str) {
         .record(started.elapsed().as_secs_f64());
 }
 
-/// The `result` label of a provider call.
-pub(crate) const IDP_RESULTS: [&str; 7] = [
-    "valid",
-    "invalid",
-    "timeout",
-    "unreachable",
-    "rate_limited",
-    "server_error",
-    "unexpected",
-];
-
 /// Exports the identity provider's series at 0, once it is known.
 pub(crate) fn idp_exported(provider: &'static str) {
-    for result in IDP_RESULTS {
+    for result in crate::idp::RESULT_LABELS {
         counter!("session_cache_idp_calls_total", "provider" => provider, "result" => result)
             .absolute(0);
     }

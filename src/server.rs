@@ -30,6 +30,7 @@ use crate::{
         redis::{Credentials, RedisConfig, RedisTopology, SentinelConfig},
     },
     transport::{self, Bounds, Connections, Track},
+    validate::Validator,
 };
 
 /// Largest request message accepted, in bytes; larger ones are refused by the transport
@@ -67,6 +68,9 @@ pub enum Error {
         addr: SocketAddr,
         problem: String,
     },
+    /// The identity provider's flags or files are unusable.
+    #[error(transparent)]
+    Idp(#[from] crate::idp::SetupError),
     /// A metrics recorder was installed earlier in this process.
     #[error("--metrics-listen: a metrics recorder is already installed in this process")]
     Recorder,
@@ -81,7 +85,7 @@ impl Error {
     /// [`EXIT_UNAVAILABLE`] for a port that cannot be bound, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::File { .. } | Error::Redis(_) | Error::Store(_) => EXIT_CONFIG,
+            Error::File { .. } | Error::Redis(_) | Error::Store(_) | Error::Idp(_) => EXIT_CONFIG,
             Error::Bind { .. } => EXIT_UNAVAILABLE,
             Error::Recorder | Error::Reflection(_) | Error::Serve(_) => 1,
         }
@@ -104,6 +108,7 @@ pub struct Prepared {
     hasher: TokenHasher,
     tls: Option<Arc<rustls::ServerConfig>>,
     redis: Option<RedisConfig>,
+    idp: Option<Arc<dyn crate::idp::Provider>>,
 }
 
 impl Prepared {
@@ -152,12 +157,14 @@ pub fn prepare(config: Config) -> Result<Prepared, Error> {
         _ => None,
     };
     let redis = redis_config(&config)?;
+    let idp = crate::idp::from_config(&config.idp)?;
     Ok(Prepared {
         config,
         auth,
         hasher,
         tls,
         redis,
+        idp,
     })
 }
 
@@ -321,6 +328,7 @@ async fn serve_with<S: Store>(
         hasher,
         tls,
         redis: _,
+        idp,
     } = prepared;
     let config = &config;
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -341,6 +349,13 @@ async fn serve_with<S: Store>(
         .with_auth(auth.clone())
         .with_hasher(hasher)
         .with_max_in_flight(config.max_in_flight as usize);
+    let service = match &idp {
+        Some(provider) => service.with_validator(Validator::new(
+            provider.clone(),
+            config.idp.idp_max_in_flight as usize,
+        )),
+        None => service,
+    };
     // Callers are checked from their headers before their message is read.
     let service = Gate::new(
         SessionCacheServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -368,6 +383,9 @@ async fn serve_with<S: Store>(
         Some(addr) => Some(crate::metrics::install(addr)?),
         None => None,
     };
+    if let Some(provider) = &idp {
+        crate::metrics::idp_exported(provider.name());
+    }
 
     // From here on nothing fails before serving; every task below ends when `stop` is
     // cancelled, at the latest when this function returns or is dropped.
@@ -453,6 +471,10 @@ async fn serve_with<S: Store>(
         request_timeout_ms = config.request_timeout_ms,
         stall_timeout_seconds = config.stall_timeout_seconds,
         max_open_calls = config.max_open_calls,
+        idp = ?config.idp.idp,
+        idp_timeout_ms = config.idp.idp_timeout_ms,
+        idp_max_in_flight = config.idp.idp_max_in_flight,
+        negative_ttl_seconds = config.idp.negative_ttl_seconds,
         "serving"
     );
 

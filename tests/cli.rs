@@ -116,6 +116,33 @@ fn bad_configuration_exits_64() {
             ],
             "--redis-password-file",
         ),
+        // SPEC §9: provider flags need --idp, and each provider its own flags.
+        (
+            &["--appwrite-endpoint", "https://cloud.appwrite.io/v1"],
+            "--idp",
+        ),
+        (
+            &[
+                "--idp",
+                "appwrite",
+                "--appwrite-endpoint",
+                "https://admin:hunter2@appwrite.example/v1",
+                "--appwrite-project",
+                "p",
+            ],
+            "--appwrite-endpoint",
+        ),
+        (
+            &[
+                "--idp",
+                "introspection",
+                "--introspection-url",
+                "https://idp.example/introspect",
+                "--introspection-client-id",
+                "c",
+            ],
+            "--introspection-client-secret-file",
+        ),
     ];
     for (args, flag) in cases {
         let out = run(args);
@@ -148,10 +175,53 @@ fn help_documents_every_flag() {
         "--redis-cluster-nodes",
         "--revocation-replicas",
         "--clock-skew-ms",
+        "--idp",
+        "--idp-timeout-ms",
+        "--idp-max-in-flight",
+        "--negative-ttl-seconds",
+        "--idp-ca-file",
+        "--appwrite-endpoint",
+        "--appwrite-project",
+        "--appwrite-tier-pref",
+        "--introspection-url",
+        "--introspection-client-id",
+        "--introspection-client-secret-file",
+        "--introspection-tier-claim",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
     assert!(help.contains("SESSION_CACHE_REDIS_URL"));
+    assert!(help.contains("SESSION_CACHE_INTROSPECTION_CLIENT_SECRET"));
+}
+
+/// The introspection client secret may come from the environment, never from a flag,
+/// and is never echoed: giving it twice is refused without showing it.
+#[test]
+fn introspection_secret_from_the_environment_is_never_shown() {
+    let out = Command::new(BIN)
+        .args([
+            "--idp",
+            "introspection",
+            "--introspection-url",
+            "https://idp.example/introspect",
+            "--introspection-client-id",
+            "c",
+            "--introspection-client-secret-file",
+            "/nonexistent/secret",
+        ])
+        .env_clear()
+        .env("SESSION_CACHE_INTROSPECTION_CLIENT_SECRET", "hunter2-env")
+        .output()
+        .expect("the binary runs");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SESSION_CACHE_INTROSPECTION_CLIENT_SECRET"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2-env"), "{stderr}");
+    let out = run(&["--introspection-client-secret", "hunter2"]);
+    assert_eq!(out.status.code(), Some(64), "no such flag");
 }
 
 /// JSON logs: one object per line, and the start-up line states the effective

@@ -1,0 +1,563 @@
+//! Validate (SPEC §9) end to end: the real server on port 0 over a real store, in front
+//! of stand-in identity providers that speak Appwrite's REST API and RFC 7662 over real
+//! HTTP (`support::idp`). Provider calls are counted by the stand-ins.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, TimeZone, Utc};
+use session_cache::{
+    entry::User,
+    pb::{self, GetOutcome, ValidateOutcome, session_cache_client::SessionCacheClient},
+};
+use support::{
+    Backend, Harness,
+    idp::{AppwriteStandIn, IntrospectionStandIn, Mode, not_listening_url},
+};
+use tokio::time::Instant;
+use tonic::{Code, transport::Channel};
+
+fn idp_user(id: &str) -> User {
+    User {
+        id: id.into(),
+        email: format!("{id}@example.com"),
+        name: "Ada Lovelace".into(),
+        email_verified: true,
+        tier: "pro".into(),
+        created_at: Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 0).unwrap(),
+        updated_at: Utc.with_ymd_and_hms(2024, 6, 1, 8, 0, 0).unwrap(),
+    }
+}
+
+fn in_a_day() -> DateTime<Utc> {
+    // Whole seconds: Appwrite writes milliseconds, and the comparison below is exact.
+    DateTime::from_timestamp(Utc::now().timestamp() + 86_400, 0).unwrap()
+}
+
+async fn validate(
+    client: &mut SessionCacheClient<Channel>,
+    token: &str,
+) -> Result<pb::ValidateResponse, tonic::Status> {
+    client
+        .validate(pb::ValidateRequest {
+            token: token.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn outcome(client: &mut SessionCacheClient<Channel>, token: &str) -> ValidateOutcome {
+    validate(client, token).await.unwrap().outcome()
+}
+
+/// The service in front of `flags`' provider, on `backend`.
+async fn service(backend: Backend, flags: &[String], extra: &[&str]) -> Harness {
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend(extra);
+    Harness::start(backend, &args).await
+}
+
+const STORES: [Backend; 2] = [Backend::Redis, Backend::Memory];
+
+/// VALID with every field the provider gave, then from the cache without a call; the
+/// entry is the one Get and Set share. INVALID for a refused token, remembered.
+#[tokio::test]
+async fn valid_then_cached_and_invalid_then_remembered() {
+    for backend in STORES {
+        let appwrite = AppwriteStandIn::start().await;
+        let user = idp_user("u-valid");
+        let expire = in_a_day();
+        appwrite.add_session("secret-1", &user, expire);
+        let mut h = service(backend, &appwrite.flags(), &[]).await;
+
+        let reply = validate(&mut h.client, "secret-1").await.unwrap();
+        assert_eq!(reply.outcome(), ValidateOutcome::Valid, "{backend:?}");
+        let got = reply.user.unwrap();
+        assert_eq!(
+            (got.id.as_str(), got.email.as_str(), got.name.as_str()),
+            ("u-valid", "u-valid@example.com", "Ada Lovelace")
+        );
+        assert!(got.email_verified);
+        assert_eq!(got.tier, "pro");
+        assert_eq!(got.created_at.unwrap().seconds, user.created_at.timestamp());
+        assert_eq!(got.updated_at.unwrap().seconds, user.updated_at.timestamp());
+        assert_eq!(reply.session_expire.unwrap().seconds, expire.timestamp());
+        assert_eq!(appwrite.calls().account, 1);
+
+        // From the cache: no call, and Get sees the same entry.
+        for _ in 0..5 {
+            assert_eq!(
+                outcome(&mut h.client, "secret-1").await,
+                ValidateOutcome::Valid
+            );
+        }
+        assert_eq!(
+            appwrite.calls().account,
+            1,
+            "{backend:?}: a hit called the provider"
+        );
+        assert_eq!(
+            support::get_outcome(&h.get("secret-1").await),
+            GetOutcome::Hit
+        );
+
+        // Refused, then remembered for the negative TTL.
+        for _ in 0..5 {
+            assert_eq!(
+                outcome(&mut h.client, "no-such").await,
+                ValidateOutcome::Invalid
+            );
+        }
+        assert_eq!(
+            appwrite.calls().account,
+            2,
+            "{backend:?}: a refusal was asked again"
+        );
+        assert_eq!(
+            support::get_outcome(&h.get("no-such").await),
+            GetOutcome::Miss
+        );
+    }
+}
+
+/// Each way the provider can fail answers UNAVAILABLE (never INVALID), caches nothing
+/// either way, and the next Validate asks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_failures_are_unavailable_and_cache_nothing() {
+    let appwrite = AppwriteStandIn::start().await;
+    appwrite.add_session("secret-f", &idp_user("u-f"), in_a_day());
+    let mut h = service(
+        Backend::Redis,
+        &appwrite.flags(),
+        &["--idp-timeout-ms", "300"],
+    )
+    .await;
+    let modes = [
+        Mode::Status(500),
+        Mode::Status(503),
+        Mode::Status(429),
+        Mode::Slow(Duration::from_millis(900)),
+        Mode::Hang,
+        Mode::Reset,
+        Mode::Garbage,
+        Mode::Error(404, "project_not_found"),
+    ];
+    for (i, mode) in modes.into_iter().enumerate() {
+        // An answer between failures keeps the circuit closed, so each mode is asked.
+        appwrite.set_mode(Mode::Normal);
+        let healthy = format!("healthy-{i}");
+        appwrite.add_session(&healthy, &idp_user("u-h"), in_a_day());
+        assert_eq!(
+            outcome(&mut h.client, &healthy).await,
+            ValidateOutcome::Valid
+        );
+        appwrite.set_mode(mode.clone());
+        let before = appwrite.calls().account;
+        let started = Instant::now();
+        let got = outcome(&mut h.client, "secret-f").await;
+        assert_eq!(got, ValidateOutcome::Unavailable, "{mode:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{mode:?}: not bounded by --idp-timeout-ms"
+        );
+        assert_eq!(
+            support::get_outcome(&h.get("secret-f").await),
+            GetOutcome::Miss,
+            "{mode:?} cached something"
+        );
+        assert!(appwrite.calls().account > before, "{mode:?}: never asked");
+    }
+    // Past five failures in a row the circuit opens: answered at once, no call.
+    appwrite.set_mode(Mode::Status(500));
+    for _ in 0..5 {
+        outcome(&mut h.client, "secret-f").await;
+    }
+    let before = appwrite.calls().account;
+    assert_eq!(
+        outcome(&mut h.client, "secret-f").await,
+        ValidateOutcome::Unavailable
+    );
+    assert_eq!(
+        appwrite.calls().account,
+        before,
+        "the open circuit let a call through"
+    );
+    // Healthy again: after the pause one probe goes through and closes it.
+    appwrite.set_mode(Mode::Normal);
+    let deadline = Instant::now() + support::PATIENCE;
+    while outcome(&mut h.client, "secret-f").await != ValidateOutcome::Valid {
+        assert!(Instant::now() < deadline, "the circuit never closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A provider that is not listening at all: UNAVAILABLE.
+#[tokio::test]
+async fn a_provider_not_listening_is_unavailable() {
+    let endpoint = not_listening_url("/v1");
+    let flags = [
+        "--idp",
+        "appwrite",
+        "--appwrite-endpoint",
+        &endpoint,
+        "--appwrite-project",
+        "p",
+    ]
+    .map(String::from);
+    let mut h = service(Backend::Memory, &flags, &[]).await;
+    assert_eq!(
+        outcome(&mut h.client, "anything").await,
+        ValidateOutcome::Unavailable
+    );
+}
+
+/// Without --idp, Validate fails with FAILED_PRECONDITION naming the flag; bad input is
+/// refused naming the field, before any provider call.
+#[tokio::test]
+async fn without_a_provider_or_with_bad_input_validate_refuses() {
+    let mut h = Harness::start(Backend::Memory, &[]).await;
+    let status = validate(&mut h.client, "t").await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("--idp"), "{}", status.message());
+
+    let appwrite = AppwriteStandIn::start().await;
+    let mut h = service(Backend::Memory, &appwrite.flags(), &[]).await;
+    for (token, field) in [("".to_owned(), "token:"), ("x".repeat(4097), "token:")] {
+        let status = validate(&mut h.client, &token).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with(field), "{}", status.message());
+    }
+    assert_eq!(appwrite.calls().account, 0);
+}
+
+/// 200 concurrent Validates of one uncached token make exactly one provider call, on
+/// both stores; and the cached answer serves the next 1,000 without a call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_validates_of_one_token_share_one_call() {
+    for backend in STORES {
+        let appwrite = AppwriteStandIn::start().await;
+        appwrite.add_session("popular", &idp_user("u-pop"), in_a_day());
+        // Slow enough that every Validate arrives while the call is under way.
+        appwrite.set_mode(Mode::Slow(Duration::from_millis(300)));
+        let h = service(backend, &appwrite.flags(), &[]).await;
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let mut client = h.client.clone();
+                tokio::spawn(async move { outcome(&mut client, "popular").await })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), ValidateOutcome::Valid, "{backend:?}");
+        }
+        let first = appwrite.calls().account;
+        let mut client = h.client.clone();
+        for _ in 0..1_000 {
+            assert_eq!(
+                outcome(&mut client, "popular").await,
+                ValidateOutcome::Valid
+            );
+        }
+        eprintln!(
+            "{backend:?}: 200 concurrent Validates, {first} provider call(s); 1,000 more, {} call(s)",
+            appwrite.calls().account - first
+        );
+        assert_eq!(first, 1, "{backend:?}: 200 Validates made {first} calls");
+        assert_eq!(
+            appwrite.calls().account,
+            1,
+            "{backend:?}: a cached token was asked again"
+        );
+    }
+}
+
+/// A refused token asked 100 times within the negative TTL makes one call (RFC 7662
+/// provider); after the TTL it is asked again.
+#[tokio::test]
+async fn a_refused_token_is_asked_once_per_negative_ttl() {
+    for backend in STORES {
+        let idp = IntrospectionStandIn::start().await;
+        let mut h = service(backend, &idp.flags(), &["--negative-ttl-seconds", "1"]).await;
+        for _ in 0..100 {
+            assert_eq!(
+                outcome(&mut h.client, "refused").await,
+                ValidateOutcome::Invalid
+            );
+        }
+        eprintln!(
+            "{backend:?}: 100 Validates of a refused token, {} call(s)",
+            idp.calls()
+        );
+        assert_eq!(idp.calls(), 1, "{backend:?}");
+        let deadline = Instant::now() + support::PATIENCE;
+        while idp.calls() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{backend:?}: the refusal never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                outcome(&mut h.client, "refused").await,
+                ValidateOutcome::Invalid
+            );
+        }
+    }
+}
+
+/// 200 concurrent Validates of different tokens against a provider that hangs: never
+/// more than --idp-max-in-flight calls at once, the rest answered UNAVAILABLE at once.
+/// Against a provider failing fast, the circuit opens and spares it most calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_struggling_provider_gets_at_most_max_in_flight_calls() {
+    for mode in [Mode::Hang, Mode::Status(500)] {
+        let appwrite = AppwriteStandIn::start().await;
+        appwrite.set_mode(mode.clone());
+        let h = service(
+            Backend::Memory,
+            &appwrite.flags(),
+            &["--idp-max-in-flight", "4", "--idp-timeout-ms", "1000"],
+        )
+        .await;
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let mut client = h.client.clone();
+                tokio::spawn(async move {
+                    let began = Instant::now();
+                    let got = outcome(&mut client, &format!("token-{i}")).await;
+                    (got, began.elapsed())
+                })
+            })
+            .collect();
+        let mut at_once = 0;
+        for task in tasks {
+            let (got, took) = task.await.unwrap();
+            assert_eq!(got, ValidateOutcome::Unavailable, "{mode:?}");
+            if took < Duration::from_millis(500) {
+                at_once += 1;
+            }
+        }
+        let (calls, peak) = (appwrite.calls().account, appwrite.peak_in_flight());
+        eprintln!(
+            "{mode:?}: 200 Validates in {:?}: {calls} provider calls, at most {peak} requests \
+             at once, {at_once} answered within 500 ms",
+            started.elapsed()
+        );
+        // Each call asks both Appwrite endpoints at once: 2 requests per call.
+        assert!(peak <= 2 * 4, "{mode:?}: {peak} requests at once");
+        assert!(calls < 200, "{mode:?}: every Validate reached the provider");
+        if mode == Mode::Hang {
+            assert_eq!(calls, 4, "the first four calls hang; nothing else may go");
+            assert_eq!(at_once, 196, "shed Validates waited");
+        }
+    }
+}
+
+/// The revocation rule (SPEC §9) under concurrency, with the race of
+/// `tests/revocation.rs` run through Validate: tasks validate a small pool of tokens and,
+/// while a Validate of a token is under way, sign it out (InvalidateToken) or change its
+/// user's password (InvalidateUser), each first at the provider, which then refuses the
+/// token; then they validate it again. The provider is slow, so calls are shared and
+/// revocations land while they are under way. A Validate that began after a revocation
+/// of its token had returned must never answer VALID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revocations_hold_through_validate() {
+    for backend in STORES {
+        let (valid, revived, steps) = race(backend).await;
+        eprintln!("{backend:?}: {steps} Validates, {valid} VALID, {revived} revived");
+        assert_eq!(revived, 0, "{backend:?}: a revoked session was served");
+        assert!(valid > 50, "{backend:?}: the schedule produces VALIDs");
+    }
+}
+
+const USERS: usize = 3;
+const TOKENS_PER_USER: usize = 3;
+const RACERS: usize = 8;
+const RACE_STEPS: usize = 60;
+
+/// The pool of live tokens, and when each revoked one's revocation returned.
+#[derive(Default)]
+struct Pool {
+    /// Per (user, slot): the generation of its current token.
+    generation: Mutex<HashMap<(usize, usize), usize>>,
+    revoked: Mutex<HashMap<String, Instant>>,
+}
+
+fn token(user: usize, slot: usize, generation: usize) -> String {
+    format!("tok-{user}-{slot}-{generation}")
+}
+
+async fn race(backend: Backend) -> (usize, usize, usize) {
+    let appwrite = Arc::new(AppwriteStandIn::start().await);
+    appwrite.set_mode(Mode::Late(Duration::from_millis(30)));
+    let pool = Arc::new(Pool::default());
+    for user in 0..USERS {
+        for slot in 0..TOKENS_PER_USER {
+            appwrite.add_session(
+                &token(user, slot, 0),
+                &idp_user(&format!("racer-{user}")),
+                in_a_day(),
+            );
+            pool.generation.lock().unwrap().insert((user, slot), 0);
+        }
+    }
+    let h = service(backend, &appwrite.flags(), &[]).await;
+    let (valid, revived, steps) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|racer| {
+            let mut client = h.client.clone();
+            let (appwrite, pool) = (appwrite.clone(), pool.clone());
+            let (valid, revived, steps) = (valid.clone(), revived.clone(), steps.clone());
+            tokio::spawn(async move {
+                let mut state = (racer as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let mut next = move || {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as usize
+                };
+                for _ in 0..RACE_STEPS {
+                    let (user, slot) = (next() % USERS, next() % TOKENS_PER_USER);
+                    let current = token(user, slot, pool.generation.lock().unwrap()[&(user, slot)]);
+                    // Most steps revoke while a Validate of the token is under way,
+                    // then validate it again: the window the rule is about.
+                    let during = if next() % 10 < 6 {
+                        let (mut other, token) = (client.clone(), current.clone());
+                        let during = tokio::spawn(async move { outcome(&mut other, &token).await });
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        if next() % 2 == 0 {
+                            sign_out(&mut client, &appwrite, &pool, user, slot, &current).await;
+                        } else {
+                            password_change(&mut client, &appwrite, &pool, user).await;
+                        }
+                        Some(during)
+                    } else {
+                        None
+                    };
+                    let began = Instant::now();
+                    let got = outcome(&mut client, &current).await;
+                    steps.fetch_add(1, Ordering::SeqCst);
+                    if got == ValidateOutcome::Valid {
+                        valid.fetch_add(1, Ordering::SeqCst);
+                        let revoked = pool.revoked.lock().unwrap().get(&current).copied();
+                        if revoked.is_some_and(|at| at < began) {
+                            revived.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    if let Some(during) = during {
+                        // Began before the revocation: either answer is allowed.
+                        steps.fetch_add(1, Ordering::SeqCst);
+                        if during.await.unwrap() == ValidateOutcome::Valid {
+                            valid.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (
+        valid.load(Ordering::SeqCst),
+        revived.load(Ordering::SeqCst),
+        steps.load(Ordering::SeqCst),
+    )
+}
+
+/// Signs `current` out: at the provider, then here; the slot gets a new session.
+async fn sign_out(
+    client: &mut SessionCacheClient<Channel>,
+    appwrite: &AppwriteStandIn,
+    pool: &Pool,
+    user: usize,
+    slot: usize,
+    current: &str,
+) {
+    appwrite.revoke(current);
+    client
+        .invalidate_token(pb::InvalidateTokenRequest {
+            token: current.into(),
+        })
+        .await
+        .unwrap();
+    pool.revoked
+        .lock()
+        .unwrap()
+        .insert(current.into(), Instant::now());
+    renew(appwrite, pool, user, slot);
+}
+
+/// A password change: every session of the user ends, at the provider, then here.
+async fn password_change(
+    client: &mut SessionCacheClient<Channel>,
+    appwrite: &AppwriteStandIn,
+    pool: &Pool,
+    user: usize,
+) {
+    let tokens: Vec<String> = (0..TOKENS_PER_USER)
+        .map(|s| token(user, s, pool.generation.lock().unwrap()[&(user, s)]))
+        .collect();
+    for t in &tokens {
+        appwrite.revoke(t);
+    }
+    client
+        .invalidate_user(pb::InvalidateUserRequest {
+            user_id: format!("racer-{user}"),
+        })
+        .await
+        .unwrap();
+    let now = Instant::now();
+    let mut revoked = pool.revoked.lock().unwrap();
+    for t in tokens {
+        revoked.entry(t).or_insert(now);
+    }
+    drop(revoked);
+    for s in 0..TOKENS_PER_USER {
+        renew(appwrite, pool, user, s);
+    }
+}
+
+/// Gives a slot a new session at the provider (a new sign-in).
+fn renew(appwrite: &AppwriteStandIn, pool: &Pool, user: usize, slot: usize) {
+    let mut generation = pool.generation.lock().unwrap();
+    let next = generation[&(user, slot)] + 1;
+    appwrite.add_session(
+        &token(user, slot, next),
+        &idp_user(&format!("racer-{user}")),
+        in_a_day(),
+    );
+    generation.insert((user, slot), next);
+}
+
+/// With the store down, Validate still answers from the provider (and caches nothing):
+/// a store failure never becomes a hit, nor an INVALID.
+#[tokio::test]
+async fn with_the_store_down_the_provider_still_answers() {
+    let appwrite = AppwriteStandIn::start().await;
+    appwrite.add_session("secret-d", &idp_user("u-d"), in_a_day());
+    let mut h = service(Backend::Redis, &appwrite.flags(), &[]).await;
+    h.redis().kill();
+    for expected in [1, 2] {
+        assert_eq!(
+            outcome(&mut h.client, "secret-d").await,
+            ValidateOutcome::Valid
+        );
+        assert_eq!(appwrite.calls().account, expected, "nothing can be cached");
+    }
+    assert_eq!(
+        outcome(&mut h.client, "refused-d").await,
+        ValidateOutcome::Invalid
+    );
+}
