@@ -454,6 +454,42 @@ fn bad_files_exit_64_naming_the_flag_before_binding() {
             "cannot read",
         ),
         case(
+            with(
+                vec![],
+                &[
+                    "--idp",
+                    "introspection",
+                    "--introspection-url",
+                    "https://idp.example/introspect",
+                    "--introspection-client-id",
+                    "session-cache",
+                    "--introspection-client-secret-file",
+                    &missing,
+                ],
+            ),
+            "--introspection-client-secret-file",
+            &missing,
+            "cannot read",
+        ),
+        case(
+            with(
+                vec![],
+                &[
+                    "--idp",
+                    "appwrite",
+                    "--appwrite-endpoint",
+                    "https://appwrite.example/v1",
+                    "--appwrite-project",
+                    "p1",
+                    "--idp-ca-file",
+                    &bad_der,
+                ],
+            ),
+            "--idp-ca-file",
+            &bad_der,
+            "certificate 1",
+        ),
+        case(
             with(vec![], &["--api-keys-file", &plain_keys]),
             "--api-keys-file",
             &plain_keys,

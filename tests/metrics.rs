@@ -1,11 +1,18 @@
 //! Prometheus metrics on their own port: calls by RPC and outcome, latency histograms,
-//! store errors, store health and the Redis pool, in Prometheus' text format.
+//! store errors, store health, the Redis pool and the identity provider behind
+//! Validate, in Prometheus' text format.
 
 mod support;
 
 use std::time::Duration;
 
-use support::{Harness, Redis, free_port, in_an_hour, user};
+use chrono::Utc;
+use session_cache::pb;
+use support::{
+    Harness, Redis, free_port,
+    idp::{AppwriteStandIn, Mode},
+    in_an_hour, user,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -40,11 +47,70 @@ fn line<'a>(text: &'a str, name: &str, labels: &[&str]) -> &'a str {
 async fn exports_calls_latency_store_and_pool() {
     let port = free_port();
     let redis = Redis::start().await;
-    let mut h = Harness::over(
-        Some(redis),
-        &["--metrics-listen", &format!("127.0.0.1:{port}")],
-    )
-    .await;
+    let appwrite = AppwriteStandIn::start().await;
+    appwrite.add_session(
+        "popular",
+        &idp_user(),
+        Utc::now() + chrono::Duration::days(1),
+    );
+    let metrics = format!("127.0.0.1:{port}");
+    let mut args = vec!["--metrics-listen", &metrics];
+    let idp = appwrite.flags();
+    args.extend(idp.iter().map(String::as_str));
+    let mut h = Harness::over(Some(redis), &args).await;
+    // Before any call, every series is there at 0 (SPEC §10).
+    let text = scrape(port).await;
+    for (name, labels) in [
+        (
+            "session_cache_calls_total",
+            &["rpc=\"Validate\"", "outcome=\"valid\""][..],
+        ),
+        (
+            "session_cache_idp_calls_total",
+            &["provider=\"appwrite\"", "result=\"timeout\""],
+        ),
+        ("session_cache_idp_shed_total", &["reason=\"circuit_open\""]),
+        ("session_cache_validate_joins_total", &[]),
+        ("session_cache_validate_negative_hits_total", &[]),
+        (
+            "session_cache_call_duration_seconds_count",
+            &["rpc=\"Validate\""],
+        ),
+    ] {
+        assert!(
+            line(&text, name, labels).ends_with(" 0"),
+            "{name} {labels:?}"
+        );
+    }
+
+    // Validate: 20 at once of one token (one provider call, the rest join), then a
+    // refused token three times (one call, then the negative cache).
+    appwrite.set_mode(Mode::Slow(Duration::from_millis(200)));
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut client = h.client.clone();
+            tokio::spawn(async move {
+                client
+                    .validate(pb::ValidateRequest {
+                        token: "popular".into(),
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    appwrite.set_mode(Mode::Normal);
+    for _ in 0..3 {
+        h.client
+            .validate(pb::ValidateRequest {
+                token: "refused".into(),
+            })
+            .await
+            .unwrap();
+    }
     let miss = h.get("tok").await;
     h.set("tok", user("u1"), in_an_hour(), &miss.fence).await;
     h.get("tok").await;
@@ -96,6 +162,38 @@ async fn exports_calls_latency_store_and_pool() {
         &["state=\"open\""],
     );
     assert!(text.contains("# TYPE session_cache_calls_total counter"));
+    for (name, labels, value) in [
+        (
+            "session_cache_calls_total",
+            &["rpc=\"Validate\"", "outcome=\"valid\""][..],
+            20,
+        ),
+        (
+            "session_cache_calls_total",
+            &["rpc=\"Validate\"", "outcome=\"invalid\""],
+            3,
+        ),
+        (
+            "session_cache_idp_calls_total",
+            &["provider=\"appwrite\"", "result=\"valid\""],
+            1,
+        ),
+        (
+            "session_cache_idp_calls_total",
+            &["provider=\"appwrite\"", "result=\"invalid\""],
+            1,
+        ),
+        (
+            "session_cache_idp_call_duration_seconds_count",
+            &["provider=\"appwrite\""],
+            2,
+        ),
+        ("session_cache_validate_joins_total", &[], 19),
+        ("session_cache_validate_negative_hits_total", &[], 2),
+    ] {
+        let got = line(&text, name, labels);
+        assert!(got.ends_with(&format!(" {value}")), "{got}, want {value}");
+    }
     // Exported before the first failover, so that an alert on its rate has a series.
     assert!(line(&text, "session_cache_redis_primary_moves_total", &[]).ends_with(" 0"));
 
@@ -115,4 +213,16 @@ async fn exports_calls_latency_store_and_pool() {
         &["rpc=\"InvalidateToken\""],
     );
     assert!(!text.contains("tok\""), "no token in a label");
+}
+
+fn idp_user() -> session_cache::entry::User {
+    session_cache::entry::User {
+        id: "u-metrics".into(),
+        email: "m@example.com".into(),
+        name: "M".into(),
+        email_verified: true,
+        tier: "pro".into(),
+        created_at: Utc::now(),
+        updated_at: Utc::now(),
+    }
 }

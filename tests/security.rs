@@ -321,7 +321,7 @@ async fn redis_acl_user_over_tls() {
     let leaf = ca.server();
     let port = support::free_port();
     let acl = "user default off\n\
-               user cache on >s3cret-pass ~session_cache:* ~user_invalidated:* ~session_revoked:* \
+               user cache on >s3cret-pass ~session_cache:* ~user_invalidated:* ~session_revoked:* ~session_refused:* \
                -@all +evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info\n";
     let args = vec![
         "--port".to_string(),
@@ -498,6 +498,7 @@ async fn redis_acl_user_on_a_cluster() {
             .arg("~session_cache:*")
             .arg("~user_invalidated:*")
             .arg("~session_revoked:*")
+            .arg("~session_refused:*")
             .arg("-@all")
             .arg(
                 "+evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info \

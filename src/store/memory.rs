@@ -355,7 +355,9 @@ impl Store for MemoryStore {
     }
 
     async fn refuse(&self, token: &TokenHash) -> Result<(), StoreError> {
-        self.refused.insert(token.clone(), ());
+        if self.limits.negative_ttl_seconds > 0 {
+            self.refused.insert(token.clone(), ());
+        }
         Ok(())
     }
 

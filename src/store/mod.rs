@@ -165,7 +165,7 @@ pub trait Store: Send + Sync + 'static {
     fn refused(&self, token: &TokenHash) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Records that the identity provider refused this token, for
-    /// [`Limits::negative_ttl_seconds`].
+    /// [`Limits::negative_ttl_seconds`] (nothing when that is 0).
     fn refuse(&self, token: &TokenHash) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Checks that the store answers; returns the round-trip time.

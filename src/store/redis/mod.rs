@@ -722,13 +722,16 @@ impl Store for RedisStore {
     }
 
     async fn refuse(&self, token: &TokenHash) -> Result<(), StoreError> {
+        if self.limits.negative_ttl_seconds == 0 {
+            return Ok(());
+        }
         self.query(
             self.deadline(),
             redis::cmd("SET")
                 .arg(token.refused_key())
                 .arg(1)
                 .arg("EX")
-                .arg(self.limits.negative_ttl_seconds.max(1)),
+                .arg(self.limits.negative_ttl_seconds),
         )
         .await
     }
