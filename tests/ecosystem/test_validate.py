@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from appwrite_stand_in import ACCOUNT, CURRENT_SESSION, AppwriteStandIn
-from support import SERVICE, node_client, python_client, run
+from support import SERVICE, Server, node_client, python_client, run
 
 CLIENTS = {"python": python_client, "node": node_client}
 # client.py's and client.js's REPEATS: Validates of the known token after the first.
@@ -117,3 +117,20 @@ def test_concurrent_validates_share_one_provider_call(known, server, appwrite):
     assert statuses(calls, ACCOUNT, token) == [200 if known else 401]
     assert statuses(calls, CURRENT_SESSION, token) == [200 if known else 401]
     assert joins(server) > joined, "no Validate joined the call in progress"
+
+
+def test_provider_misconfigured_is_unavailable(start, appwrite):
+    """A server whose --appwrite-project Appwrite does not know (404 project_not_found):
+    Validate of a session Appwrite would honour answers UNAVAILABLE, never VALID nor
+    INVALID, and caches nothing (the next Validate asks again)."""
+    flags = ["--idp", "appwrite", "--appwrite-endpoint", appwrite.endpoint, "--appwrite-project", "no-such-project"]
+    server = start(Server("validate-wrong-project", "memory", flags))
+    server.wait_for("SERVING")
+    mark = appwrite.mark()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            outcomes = [validate_raw(channel, "my-session-token") for _ in range(2)]
+    finally:
+        server.stop()
+    assert outcomes == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert statuses(appwrite.since(mark), ACCOUNT, "my-session-token") == [404, 404]
