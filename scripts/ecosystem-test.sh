@@ -3,11 +3,12 @@
 # callers and operators meet it. This script only installs and sequences; the checks are
 # programs of their own:
 #   - tests/ecosystem/ (pytest): starts redis-server and target/debug/session-cache on
-#     free loopback ports (memory and Redis stores) and runs the README's grpcurl
-#     commands, the Python and Node.js example clients, the grpc.health.v1 checker, the
-#     Python service's shared Redis layout, the clients once Redis is stopped, the
-#     deploy/ manifests' fields, and the dashboard's and alerts' metric names against a
-#     live /metrics;
+#     free loopback ports (memory and Redis stores, each with --idp appwrite pointing at
+#     an Appwrite stand-in in the test process) and runs the README's grpcurl commands,
+#     the Python and Node.js example clients (the Validate flow, counting the stand-in's
+#     calls, and the Get/Set flow), the grpc.health.v1 checker, the Python service's
+#     shared Redis layout, the clients once Redis is stopped, the deploy/ manifests'
+#     fields, and the dashboard's and alerts' metric names against a live /metrics;
 #   - buf lint of the proto; promtool check/test of deploy/prometheus/;
 #     kubernetes-validate --strict of deploy/kubernetes/.
 # It installs what is missing: the Python packages (scripts/python-env.sh, a venv in
@@ -138,7 +139,7 @@ step "Debian tools: redis-server, promtool" debian_tools
 TOOLS_READY=$?
 
 if [ "$PY_READY$NPM_READY$BUILT$TOOLS_READY" = 0000 ]; then
-  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, health, Redis down, manifests, metrics)" \
+  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, Validate, health, Redis down, manifests, metrics)" \
     ecosystem_tests "$@"
 else
   skip "pytest tests/ecosystem" "a set-up step failed"

@@ -1,6 +1,9 @@
 """Fixtures for the ecosystem tests: redis-server and session-cache on free loopback
 ports, started once per session (or per module, for tests that break them) and stopped
 by process id when their scope ends. The processes themselves are in support.py.
+
+Every session-cache started here asks the session's Appwrite stand-in
+(appwrite_stand_in.py) on a Validate miss, so Validate works in every test.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from appwrite_stand_in import AppwriteStandIn, readme_session
 from support import STORES, Redis, Server
 
 
@@ -24,12 +28,25 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def start() -> Iterator[Callable]:
+def appwrite() -> Iterator[AppwriteStandIn]:
+    """The Appwrite stand-in every server asks, holding the README's session
+    (my-session-token, user-42's); tests add sessions of their own to it."""
+    stand_in = AppwriteStandIn().start()
+    readme_session(stand_in)
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture(scope="session")
+def start(appwrite) -> Iterator[Callable]:
     """start(thing) starts a Redis or a Server and stops it when the session ends
-    (modules that need their own processes stop them earlier themselves)."""
+    (modules that need their own processes stop them earlier themselves). A Server
+    without --idp of its own gets the Appwrite stand-in's flags."""
     started = []
 
     def _start(thing):
+        if isinstance(thing, Server) and "--idp" not in thing.flags:
+            thing.flags = [*thing.flags, *appwrite.flags()]
         started.append(thing)
         return thing.start()
 

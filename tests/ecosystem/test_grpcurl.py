@@ -1,6 +1,7 @@
 """The commands of README.md's "Calling it with grpcurl" run as written there (except
 for the port, and the Set's fence, which the Get before it handed out), against each
-store, and each answers what it must."""
+store, and each answers what it must. The servers ask the Appwrite stand-in on a
+Validate miss (conftest.py); it knows my-session-token as user-42's."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import re
 import shlex
 import subprocess
 
+from appwrite_stand_in import ACCOUNT
 from support import ROOT, SERVICE
 
 TAKES_VALUE = {"-d", "-H", "-rpc-header", "-reflect-header", "-proto", "-import-path",
                "-protoset", "-max-time", "-connect-timeout", "-authority", "-format"}
 EXPECTED_CALLS = ["list", "describe", f"{SERVICE}/Get", f"{SERVICE}/Set",
                   f"{SERVICE}/InvalidateUser", f"{SERVICE}/InvalidateToken",
-                  f"{SERVICE}/Health", "grpc.health.v1.Health/Check"]
+                  f"{SERVICE}/Health", "grpc.health.v1.Health/Check", f"{SERVICE}/Validate"]
+README_TOKEN = "my-session-token"
+# The user of the README's Set, and the one the Appwrite stand-in describes for the token.
+README_USER = {"id": "user-42", "email": "ada@example.com", "name": "Ada", "emailVerified": True,
+               "tier": "pro", "createdAt": "2024-01-15T10:30:00Z", "updatedAt": "2024-01-15T10:30:00Z"}
 
 
 def readme_commands() -> tuple[list[list[str]], dict[int, str]]:
@@ -62,14 +68,14 @@ def method_of(argv: list[str]) -> str:
     return " ".join(positional[1:])
 
 
-def check_answer(what: str, out: str, answer, store: str, first_get: bool, need) -> None:
+def check_answer(what: str, out: str, answer, store: str, first_get: bool, logged_out: bool, need) -> None:
     """What each README command must answer."""
     if what == "list":
         for name in (SERVICE, "grpc.health.v1.Health"):
             need(name in out.split(), f"lists no {name}")
     elif what.startswith("describe"):
         need(f"{SERVICE} is a service" in out, "does not describe the service")
-        for rpc in ("Get", "Set", "InvalidateToken", "InvalidateUser", "Health"):
+        for rpc in ("Get", "Set", "InvalidateToken", "InvalidateUser", "Health", "Validate"):
             need(f"rpc {rpc} (" in out, f"describes no rpc {rpc}")
     elif what.endswith("/Get") and first_get:
         need(answer and answer.get("outcome") == "GET_OUTCOME_MISS" and answer.get("fence"),
@@ -88,6 +94,12 @@ def check_answer(what: str, out: str, answer, store: str, first_get: bool, need)
              "must give invalidatedAt")
     elif what.endswith("/InvalidateToken"):
         need(answer == {"deleted": True}, "must delete the cached entry")
+    elif what.endswith("/Validate") and logged_out:
+        need(answer == {"outcome": "VALIDATE_OUTCOME_INVALID"}, "must be INVALID after the logout, with no user")
+    elif what.endswith("/Validate"):
+        need(answer and answer.get("outcome") == "VALIDATE_OUTCOME_VALID", "must be VALIDATE_OUTCOME_VALID")
+        need((answer or {}).get("user") == README_USER, "must carry user-42 as the identity provider describes it")
+        need((answer or {}).get("sessionExpire") == "2030-01-01T00:00:00Z", "must carry the session's expire")
     elif what.endswith("SessionCache/Health"):
         need(answer and answer.get("serving") is True and answer.get("store") == store
              and answer.get("enabled") is True, f"must be serving from {store}")
@@ -103,10 +115,13 @@ def test_readme_block_calls_every_rpc():
     assert [name for name in EXPECTED_CALLS if name not in shown] == []
 
 
-def test_readme_grpcurl_commands(server):
-    """Each README command, run against this store, exits 0 and answers as documented."""
+def test_readme_grpcurl_commands(server, appwrite):
+    """Each README command, run against this store, exits 0 and answers as documented.
+    Each of its Validates asks the identity provider once: the first meets the entry the
+    password change hid, the second the logout."""
     commands, documented = readme_commands()
-    failures, fence, called = [], None, []
+    failures, fence, called, logged_out = [], None, [], False
+    asked = appwrite.validations(README_TOKEN)
     for index, argv in enumerate(commands):
         if argv[0] != "grpcurl":
             failures.append(f"not a grpcurl command: {shlex.join(argv)}")
@@ -141,10 +156,16 @@ def test_readme_grpcurl_commands(server):
         for key, value in re.findall(r'"(outcome|status)":\s*"([A-Z_]+)"', documented.get(index, "")):
             need(answer is not None and answer.get(key) == value, f"README documents {key} {value}")
         first_get = what.endswith("/Get") and fence is None
-        check_answer(what, out, answer, server.store, first_get, need)
+        check_answer(what, out, answer, server.store, first_get, logged_out, need)
         if first_get:
             fence = (answer or {}).get("fence", "")
+        logged_out = logged_out or what.endswith("/InvalidateToken")
     failures += [f"the README's commands never call {name} successfully"
                  for name in EXPECTED_CALLS if name not in called]
+    validates = called.count(f"{SERVICE}/Validate")
+    provider_calls = appwrite.validations(README_TOKEN) - asked
+    if provider_calls != validates:
+        failures.append(f"{validates} Validates made {provider_calls} calls to the identity provider "
+                        f"(GET {ACCOUNT}), not one each")
     assert failures == [], f"{len(commands)} README commands run against {server.store}"
 

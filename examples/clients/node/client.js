@@ -5,16 +5,29 @@
 // that the server answers as the API promises. The proto is loaded at start-up from
 // ../../../proto (google/protobuf imports come with proto-loader), so nothing is generated.
 //
-//   node client.js HOST:PORT                 # the caller flow (exit 0 when all is as expected)
-//   node client.js HOST:PORT --store-down    # the flow while the server's Redis is down
+//   node client.js HOST:PORT --validate TOKEN  # the one-call flow (server with --idp)
+//   node client.js HOST:PORT                   # the Get/Set flow (exit 0 when all is as expected)
+//   node client.js HOST:PORT --store-down      # the Get/Set flow while the server's Redis is down
 //
-// The flow: Get misses and hands out a fence; the caller validates the token with the
-// identity provider and Sets the session with that fence; Get hits; InvalidateUser (a
-// password change) hides the session; a Set whose validation began before the password
-// change is refused as STALE; InvalidateToken (a logout) deletes the session and refuses
-// a late Set as REVOKED. `lookup()` is the helper a real service would call on every
-// request: it treats UNAVAILABLE, DISABLED and an unreachable cache as "ask the identity
-// provider". Any unexpected answer is printed and the exit status is 1.
+// The one-call flow, the recommended way: `validate()` is the helper a real service calls
+// on every request. It sends Validate(token); the server answers from its cache or, on a
+// miss, asks the identity provider it was started with (--idp) and caches the answer.
+// VALID gives the user; INVALID means answer 401 to the end user; UNAVAILABLE, or the
+// cache unreachable, means answer 503 (retryable): never treat the token as valid. With
+// --validate TOKEN (a session the server's identity provider honours) the client checks:
+// Validate -> VALID with the user; again -> VALID (from the cache); an unknown token ->
+// INVALID, twice (the second from the negative cache); `logout()` (the session signed out
+// at Appwrite when --appwrite-endpoint is given, then InvalidateToken) -> Validate answers
+// INVALID.
+//
+// The Get/Set flow, for callers that validate with the identity provider themselves: Get
+// misses and hands out a fence; the caller validates the token with the identity provider
+// and Sets the session with that fence; Get hits; InvalidateUser (a password change) hides
+// the session; a Set whose validation began before the password change is refused as
+// STALE; InvalidateToken (a logout) deletes the session and refuses a late Set as REVOKED.
+// `lookup()` is the helper such a service would call on every request: it treats
+// UNAVAILABLE, DISABLED and an unreachable cache as "ask the identity provider". Any
+// unexpected answer is printed and the exit status is 1.
 'use strict';
 
 const crypto = require('node:crypto');
@@ -57,7 +70,91 @@ const timestamp = (date) => ({ seconds: String(Math.floor(date.getTime() / 1000)
 const sameTimestamp = (a, b) =>
   a != null && b != null && String(a.seconds) === String(b.seconds) && (a.nanos || 0) === (b.nanos || 0);
 
-// --- the identity provider, simulated ---------------------------------------------------
+// --- the one-call flow: what a service does on each request -------------------------------
+
+// The token is no valid session: answer the end user 401.
+class Unauthenticated extends Error {}
+
+// Nobody could say whether the token is valid (the identity provider or the cache could
+// not answer): answer the end user 503, a retryable error. Never let the request through.
+class RetryLater extends Error {}
+
+// Who the session token belongs to, in one call: session-cache answers from its cache or
+// asks the identity provider it is configured with (--idp).
+//
+// VALID resolves to { user, sessionExpire }. INVALID (the provider refused the token, now
+// or within --negative-ttl-seconds) rejects with Unauthenticated: 401. UNAVAILABLE (the
+// provider could not be asked), an unknown outcome and a failed call (the cache
+// unreachable, or FAILED_PRECONDITION: the server has no --idp) reject with RetryLater:
+// 503. A token the server refuses as malformed (INVALID_ARGUMENT: empty, over 4 KiB) is
+// no session either: Unauthenticated.
+async function validate(client, token) {
+  let answer;
+  try {
+    answer = await call(client, 'Validate', { token });
+  } catch (err) {
+    if (err.code === grpc.status.INVALID_ARGUMENT) throw new Unauthenticated(`Validate refused the token: ${err.details}`);
+    throw new RetryLater(`Validate failed: ${codeName(err.code)}`);
+  }
+  if (answer.outcome === 'VALIDATE_OUTCOME_VALID') return { user: answer.user, sessionExpire: answer.session_expire };
+  if (answer.outcome === 'VALIDATE_OUTCOME_INVALID') throw new Unauthenticated(answer.outcome);
+  throw new RetryLater(String(answer.outcome));
+}
+
+// validate() as an HTTP handler uses it: { status: 200, user }, { status: 401 } or { status: 503 }.
+async function statusFor(client, token) {
+  try {
+    return { status: 200, user: (await validate(client, token)).user };
+  } catch (err) {
+    if (err instanceof Unauthenticated) return { status: 401 };
+    if (err instanceof RetryLater) return { status: 503 };
+    throw err;
+  }
+}
+
+// DELETE /account/sessions/current as the session's owner; 401 means Appwrite no longer
+// knows the session, which is what was wanted.
+async function signOutAtAppwrite(token, appwrite) {
+  const response = await fetch(`${appwrite.endpoint.replace(/\/+$/, '')}/account/sessions/current`, {
+    method: 'DELETE',
+    headers: { 'X-Appwrite-Project': appwrite.project, 'X-Appwrite-Session': token, 'Content-Type': 'application/json' },
+    signal: AbortSignal.timeout(CALL_TIMEOUT_MS),
+  });
+  if (!response.ok && response.status !== 401) {
+    throw new Error(`Appwrite answered the sign-out with HTTP ${response.status}: ${await response.text()}`);
+  }
+}
+
+// Logs a session out: at the identity provider (appwrite: { endpoint, project }, when
+// given), then InvalidateToken, retried on gRPC UNAVAILABLE (the store did not acknowledge
+// it). The cache is invalidated even when the provider could not be reached (that error is
+// thrown after). Resolves to InvalidateToken's answer.
+async function logout(client, token, appwrite, attempts = 3) {
+  let failure = null;
+  if (appwrite) {
+    try {
+      await signOutAtAppwrite(token, appwrite);
+    } catch (err) {
+      failure = err;
+    }
+  }
+  let gone;
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      gone = await call(client, 'InvalidateToken', { token });
+      break;
+    } catch (err) {
+      if (err.code !== grpc.status.UNAVAILABLE || attempt >= attempts) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+    }
+  }
+  if (failure) throw failure;
+  return gone;
+}
+
+// --- the Get/Set flow: for callers that validate with the identity provider themselves ---
+// The identity provider, simulated, then what such a service does on each request.
+
 
 // Stands in for Appwrite or similar: validating a token costs a round trip there.
 // Every token it is asked about belongs to the user it was built with.
@@ -82,8 +179,6 @@ class IdentityProvider {
     return { user: this.user, sessionExpire: this.sessionExpire };
   }
 }
-
-// --- what a service does on each request -------------------------------------------------
 
 // Finds the user of a session token: from the cache when it has it, else from the identity
 // provider, caching the answer with the fence from the Get.
@@ -140,7 +235,90 @@ async function invalidateUser(client, userId, attempts = 3) {
   }
 }
 
-// --- the checks ---------------------------------------------------------------------------
+// --- the checks: the one-call flow ------------------------------------------------------
+
+const REPEATS = 3; // Validates of the known token after the first, all from the cache
+
+const future = (stamp) => stamp != null && Number(stamp.seconds) * 1000 > Date.now();
+
+// Validate against a server with --idp; `token` is a session its provider honours.
+async function oneCallFlow(client, token, expectUser, appwrite) {
+  const got = await call(client, 'Validate', { token });
+  expect(
+    'Validate of a known token is VALID with the user',
+    got.outcome === 'VALIDATE_OUTCOME_VALID' && got.user && got.user.id !== '' &&
+      (expectUser == null || got.user.id === expectUser) && future(got.session_expire),
+    `got ${show(got)}`,
+  );
+  console.log(`     user ${got.user.id} <${got.user.email}> tier '${got.user.tier}', session until ${new Date(Number(got.session_expire.seconds) * 1000).toISOString()}`);
+  for (let i = 0; i < REPEATS; i += 1) {
+    const again = await validate(client, token);
+    expect(
+      'validate() of it again is VALID, the same user and expiry (from the cache)',
+      sameUser(again.user, got.user) && sameTimestamp(again.sessionExpire, got.session_expire),
+      `got ${show(again)}`,
+    );
+  }
+  const ok = await statusFor(client, token);
+  expect('statusFor() of it is 200 with the user', ok.status === 200 && sameUser(ok.user, got.user), `got ${show(ok)}`);
+
+  const unknown = `node-unknown-${crypto.randomBytes(6).toString('hex')}`;
+  for (const attempt of ['', ' again (from the negative cache)']) {
+    const answer = await call(client, 'Validate', { token: unknown });
+    expect(
+      `Validate of an unknown token${attempt} is INVALID, with no user`,
+      answer.outcome === 'VALIDATE_OUTCOME_INVALID' && answer.user == null,
+      `got ${show(answer)}`,
+    );
+  }
+  const refused = await statusFor(client, unknown);
+  expect('statusFor() of the unknown token is 401', refused.status === 401, `got ${show(refused)}`);
+
+  const where = appwrite ? 'at Appwrite and in the cache' : 'in the cache';
+  const gone = await logout(client, token, appwrite);
+  expect(`logout() signs the session out ${where}; InvalidateToken deletes the cached entry`, gone.deleted === true, `got ${show(gone)}`);
+  const after = await call(client, 'Validate', { token });
+  expect('Validate after the logout is INVALID', after.outcome === 'VALIDATE_OUTCOME_INVALID', `got ${show(after)}`);
+  let thrown = null;
+  try {
+    await validate(client, token);
+  } catch (err) {
+    thrown = err;
+  }
+  expect('validate() after the logout rejects with Unauthenticated (401)', thrown instanceof Unauthenticated, `got ${thrown}`);
+}
+
+// A stand-in client whose Validate answers one outcome, to show validate() on answers a
+// healthy server with a healthy provider does not give.
+function fakeValidate(outcome) {
+  return { Validate: (_request, _options, callback) => callback(null, { outcome, user: null, session_expire: null }) };
+}
+
+async function unavailableIsRetryable(SessionCache) {
+  for (const outcome of ['VALIDATE_OUTCOME_UNAVAILABLE', 'VALIDATE_OUTCOME_UNSPECIFIED']) {
+    const answer = await statusFor(fakeValidate(outcome), 'node-token-fallback');
+    expect(`validate() on ${outcome} rejects with RetryLater (503), never a user`, answer.status === 503, `got ${show(answer)}`);
+  }
+  const port = await closedLoopbackPort();
+  const unreachable = new SessionCache(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+  try {
+    let thrown = null;
+    try {
+      await validate(unreachable, 'node-token-fallback');
+    } catch (err) {
+      thrown = err;
+    }
+    expect(
+      'validate() with the cache unreachable rejects with RetryLater (503)',
+      thrown instanceof RetryLater && thrown.message === 'Validate failed: UNAVAILABLE',
+      `got ${thrown}`,
+    );
+  } finally {
+    unreachable.close();
+  }
+}
+
+// --- the checks: the Get/Set flow ---------------------------------------------------------
 
 function sameUser(a, b) {
   return (
@@ -310,16 +488,46 @@ function waitForReady(client) {
   );
 }
 
+// Flags that take a value, and whether the flag was given.
+function parseArgs(argv) {
+  const valued = ['--proto-dir', '--validate', '--expect-user', '--appwrite-endpoint', '--appwrite-project'];
+  const options = { positional: [] };
+  for (let i = 0; i < argv.length; i += 1) {
+    const arg = argv[i];
+    if (valued.includes(arg)) {
+      if (i + 1 >= argv.length) throw new Error(`${arg} needs a value`);
+      options[arg] = argv[(i += 1)];
+    } else if (arg === '--store-down') {
+      options[arg] = true;
+    } else if (arg.startsWith('--')) {
+      throw new Error(`unknown flag ${arg}`);
+    } else {
+      options.positional.push(arg);
+    }
+  }
+  return options;
+}
+
+const USAGE =
+  'usage: node client.js HOST:PORT [--validate TOKEN [--expect-user ID] [--appwrite-endpoint URL --appwrite-project ID]]\n' +
+  '                                [--store-down] [--proto-dir DIR]';
+
 async function main() {
-  const args = process.argv.slice(2);
-  const storeDownMode = args.includes('--store-down');
-  const protoFlag = args.indexOf('--proto-dir');
-  const protoDir = protoFlag >= 0 ? path.resolve(args[protoFlag + 1]) : DEFAULT_PROTO_DIR;
-  const address = args.find((a, i) => !a.startsWith('--') && (protoFlag < 0 || i !== protoFlag + 1));
-  if (!address) {
-    console.error('usage: node client.js HOST:PORT [--store-down] [--proto-dir DIR]');
+  let options;
+  try {
+    options = parseArgs(process.argv.slice(2));
+    if (options.positional.length !== 1) throw new Error('give one HOST:PORT');
+    if (options['--validate'] !== undefined && options['--store-down']) throw new Error('--validate and --store-down are different flows: give one');
+    if (!options['--appwrite-endpoint'] !== !options['--appwrite-project']) throw new Error('--appwrite-endpoint and --appwrite-project go together');
+  } catch (err) {
+    console.error(`client.js: ${err.message}\n${USAGE}`);
     return 2;
   }
+  const [address] = options.positional;
+  const storeDownMode = options['--store-down'] === true;
+  const token = options['--validate'];
+  const appwrite = options['--appwrite-endpoint'] ? { endpoint: options['--appwrite-endpoint'], project: options['--appwrite-project'] } : null;
+  const protoDir = options['--proto-dir'] ? path.resolve(options['--proto-dir']) : DEFAULT_PROTO_DIR;
 
   const SessionCache = loadService(protoDir);
   const client = new SessionCache(address, grpc.credentials.createInsecure());
@@ -330,7 +538,10 @@ async function main() {
       console.log(`FAIL: no session-cache at ${address} within ${CALL_TIMEOUT_MS / 1000}s`);
       return 1;
     }
-    if (storeDownMode) {
+    if (token !== undefined) {
+      await oneCallFlow(client, token, options['--expect-user'], appwrite);
+      await unavailableIsRetryable(SessionCache);
+    } else if (storeDownMode) {
       await storeDown(client);
     } else {
       await flow(client);
@@ -338,13 +549,15 @@ async function main() {
     }
   } catch (err) {
     if (err instanceof Unexpected) console.log(`FAIL: ${err.message}`);
-    else if (err.code !== undefined) console.log(`FAIL: a call failed: ${codeName(err.code)}: ${err.details}`);
+    else if (err instanceof Unauthenticated || err instanceof RetryLater) console.log(`FAIL: ${err.constructor.name}: ${err.message}`);
+    else if (err.code !== undefined && err.details !== undefined) console.log(`FAIL: a call failed: ${codeName(err.code)}: ${err.details}`);
     else console.log(`FAIL: ${err.stack || err}`);
     return 1;
   } finally {
     client.close();
   }
-  console.log(`all checks passed against ${address}${storeDownMode ? ' (store down)' : ''}`);
+  const mode = token !== undefined ? ' (one-call flow)' : storeDownMode ? ' (store down)' : '';
+  console.log(`all checks passed against ${address}${mode}`);
   return 0;
 }
 

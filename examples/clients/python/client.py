@@ -5,16 +5,29 @@ Shows how a service puts session-cache in front of its identity provider, and ch
 that the server answers as the API promises. The stubs are generated from
 ../../../proto at start-up into a temporary directory, so nothing generated is kept.
 
-    python client.py HOST:PORT                 # the caller flow (exit 0 when all is as expected)
-    python client.py HOST:PORT --store-down    # the flow while the server's Redis is down
+    python client.py HOST:PORT --validate TOKEN  # the one-call flow (server with --idp)
+    python client.py HOST:PORT                   # the Get/Set flow (exit 0 when all is as expected)
+    python client.py HOST:PORT --store-down      # the Get/Set flow while the server's Redis is down
 
-The flow: Get misses and hands out a fence; the caller validates the token with the
-identity provider and Sets the session with that fence; Get hits; InvalidateUser (a
-password change) hides the session; a Set whose validation began before the password
-change is refused as STALE; InvalidateToken (a logout) deletes the session and refuses
-a late Set as REVOKED. `lookup()` is the helper a real service would call on every
-request: it treats UNAVAILABLE, DISABLED and an unreachable cache as "ask the identity
-provider". Any unexpected answer is printed and the exit status is 1.
+The one-call flow, the recommended way: `validate()` is the helper a real service
+calls on every request. It sends Validate(token); the server answers from its cache or,
+on a miss, asks the identity provider it was started with (--idp) and caches the answer.
+VALID gives the user; INVALID means answer 401 to the end user; UNAVAILABLE, or the
+cache unreachable, means answer 503 (retryable): never treat the token as valid. With
+--validate TOKEN (a session the server's identity provider honours) the client checks:
+Validate -> VALID with the user; again -> VALID (from the cache); an unknown token ->
+INVALID, twice (the second from the negative cache); `logout()` (the session signed out
+at Appwrite when --appwrite-endpoint is given, then InvalidateToken) -> Validate answers
+INVALID.
+
+The Get/Set flow, for callers that validate with the identity provider themselves: Get
+misses and hands out a fence; the caller validates the token with the identity provider
+and Sets the session with that fence; Get hits; InvalidateUser (a password change) hides
+the session; a Set whose validation began before the password change is refused as
+STALE; InvalidateToken (a logout) deletes the session and refuses a late Set as REVOKED.
+`lookup()` is the helper such a service would call on every request: it treats
+UNAVAILABLE, DISABLED and an unreachable cache as "ask the identity provider". Any
+unexpected answer is printed and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +109,107 @@ def ts(moment: dt.datetime) -> Timestamp:
     return stamp
 
 
-# --- the identity provider, simulated -------------------------------------------------
+# --- the one-call flow: what a service does on each request ---------------------------
+
+
+class Unauthenticated(Exception):
+    """The token is no valid session: answer the end user 401."""
+
+
+class RetryLater(Exception):
+    """Nobody could say whether the token is valid (the identity provider or the cache
+    could not answer): answer the end user 503, a retryable error. Never let the request
+    through."""
+
+
+@dataclass
+class Validated:
+    user: object
+    session_expire: Timestamp
+
+
+def validate(stub, token: str) -> Validated:
+    """Who the session token belongs to, in one call: session-cache answers from its
+    cache or asks the identity provider it is configured with (--idp).
+
+    VALID returns the user. INVALID (the provider refused the token, now or within
+    --negative-ttl-seconds) raises Unauthenticated: 401. UNAVAILABLE (the provider could
+    not be asked), an unknown outcome and a failed call (the cache unreachable, or
+    FAILED_PRECONDITION: the server has no --idp) raise RetryLater: 503. A token the
+    server refuses as malformed (INVALID_ARGUMENT: empty, over 4 KiB) is no session
+    either: Unauthenticated."""
+    try:
+        answer = stub.Validate(pb.ValidateRequest(token=token), timeout=CALL_TIMEOUT_S)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise Unauthenticated(f"Validate refused the token: {err.details()}") from err
+        raise RetryLater(f"Validate failed: {err.code().name}") from err
+    if answer.outcome == pb.VALIDATE_OUTCOME_VALID:
+        return Validated(answer.user, answer.session_expire)
+    if answer.outcome == pb.VALIDATE_OUTCOME_INVALID:
+        raise Unauthenticated("VALIDATE_OUTCOME_INVALID")
+    raise RetryLater(outcome_name(pb.ValidateOutcome, answer.outcome))
+
+
+def status_for(stub, token: str) -> tuple[int, object]:
+    """validate() as an HTTP handler uses it: (200, user), (401, None) or (503, None)."""
+    try:
+        return 200, validate(stub, token).user
+    except Unauthenticated:
+        return 401, None
+    except RetryLater:
+        return 503, None
+
+
+@dataclass
+class Appwrite:
+    """Where the service's Appwrite is, for signing a session out there at logout."""
+
+    endpoint: str  # https://cloud.appwrite.io/v1
+    project: str
+
+
+def sign_out_at_appwrite(token: str, appwrite: Appwrite) -> None:
+    """DELETE /account/sessions/current as the session's owner; 401 means Appwrite no
+    longer knows the session, which is what was wanted."""
+    request = urllib.request.Request(
+        f"{appwrite.endpoint.rstrip('/')}/account/sessions/current", method="DELETE",
+        headers={"X-Appwrite-Project": appwrite.project, "X-Appwrite-Session": token,
+                 "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=CALL_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as err:
+        if err.code != 401:
+            raise
+
+
+def logout(stub, token: str, appwrite: Appwrite | None, attempts: int = 3):
+    """Logs a session out: at the identity provider (when given), then InvalidateToken,
+    retried on gRPC UNAVAILABLE (the store did not acknowledge it). The cache is
+    invalidated even when the provider could not be reached (that error is raised
+    after). Returns InvalidateToken's answer."""
+    failure = None
+    if appwrite is not None:
+        try:
+            sign_out_at_appwrite(token, appwrite)
+        except OSError as err:  # urllib's HTTPError and URLError
+            failure = err
+    for attempt in range(1, attempts + 1):
+        try:
+            gone = stub.InvalidateToken(pb.InvalidateTokenRequest(token=token), timeout=CALL_TIMEOUT_S)
+            break
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
+    if failure is not None:
+        raise failure
+    return gone
+
+
+# --- the Get/Set flow: for callers that validate with the identity provider themselves -
+# The identity provider, simulated, then what such a service does on each request.
 
 
 class IdentityProvider:
@@ -118,9 +233,6 @@ class IdentityProvider:
     def validate(self, token: str):
         self.calls += 1
         return self.user, self.session_expire
-
-
-# --- what a service does on each request ---------------------------------------------
 
 
 @dataclass
@@ -182,7 +294,86 @@ def invalidate_user(stub, user_id: str, attempts: int = 3):
             time.sleep(0.1 * attempt)
 
 
-# --- the checks -----------------------------------------------------------------------
+# --- the checks: the one-call flow ------------------------------------------------------
+
+REPEATS = 3  # Validates of the known token after the first, all from the cache
+
+
+def future(stamp: Timestamp) -> bool:
+    return stamp.ToDatetime(dt.timezone.utc) > dt.datetime.now(dt.timezone.utc)
+
+
+def one_call_flow(stub, token: str, expect_user: str | None, appwrite: Appwrite | None) -> None:
+    """Validate against a server with --idp; `token` is a session its provider honours."""
+    got = stub.Validate(pb.ValidateRequest(token=token), timeout=CALL_TIMEOUT_S)
+    expect("Validate of a known token is VALID with the user",
+           got.outcome == pb.VALIDATE_OUTCOME_VALID and got.user.id != ""
+           and (expect_user is None or got.user.id == expect_user) and future(got.session_expire),
+           f"got {outcome_name(pb.ValidateOutcome, got.outcome)}, user {got.user.id!r}, "
+           f"session_expire {got.session_expire.ToJsonString()}")
+    print(f"     user {got.user.id} <{got.user.email}> tier {got.user.tier!r}, "
+          f"session until {got.session_expire.ToJsonString()}")
+    for _ in range(REPEATS):
+        again = validate(stub, token)
+        expect("validate() of it again is VALID, the same user and expiry (from the cache)",
+               same_user(again.user, got.user) and again.session_expire == got.session_expire,
+               f"got {again}")
+    expect("status_for() of it is 200 with the user", status_for(stub, token) == (200, got.user),
+           f"got {status_for(stub, token)}")
+
+    unknown = f"py-unknown-{uuid.uuid4().hex[:12]}"
+    for attempt in ("", " again (from the negative cache)"):
+        answer = stub.Validate(pb.ValidateRequest(token=unknown), timeout=CALL_TIMEOUT_S)
+        expect(f"Validate of an unknown token{attempt} is INVALID, with no user",
+               answer.outcome == pb.VALIDATE_OUTCOME_INVALID and not answer.HasField("user"),
+               f"got {outcome_name(pb.ValidateOutcome, answer.outcome)}")
+    expect("status_for() of the unknown token is 401", status_for(stub, unknown) == (401, None),
+           f"got {status_for(stub, unknown)}")
+
+    where = "at Appwrite and in the cache" if appwrite else "in the cache"
+    gone = logout(stub, token, appwrite)
+    expect(f"logout() signs the session out {where}; InvalidateToken deletes the cached entry",
+           gone.deleted, f"got {gone}")
+    answer = stub.Validate(pb.ValidateRequest(token=token), timeout=CALL_TIMEOUT_S)
+    expect("Validate after the logout is INVALID", answer.outcome == pb.VALIDATE_OUTCOME_INVALID,
+           f"got {outcome_name(pb.ValidateOutcome, answer.outcome)}")
+    try:
+        validate(stub, token)
+        raise Unexpected("validate() after the logout returned a user")
+    except Unauthenticated:
+        expect("validate() after the logout raises Unauthenticated (401)", True, "")
+
+
+class FakeValidate:
+    """A stand-in stub whose Validate answers one outcome, to show validate() on answers
+    a healthy server with a healthy provider does not give."""
+
+    def __init__(self, outcome: int):
+        self.outcome = outcome
+
+    def Validate(self, request, timeout=None):
+        return pb.ValidateResponse(outcome=self.outcome)
+
+
+def unavailable_is_retryable() -> None:
+    for outcome in (pb.VALIDATE_OUTCOME_UNAVAILABLE, pb.VALIDATE_OUTCOME_UNSPECIFIED):
+        name = pb.ValidateOutcome.Name(outcome)
+        expect(f"validate() on {name} raises RetryLater (503), never a user",
+               status_for(FakeValidate(outcome), "py-token-fallback") == (503, None),
+               f"got {status_for(FakeValidate(outcome), 'py-token-fallback')}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    with grpc.insecure_channel(closed) as channel:
+        try:
+            validate(pb_grpc.SessionCacheStub(channel), "py-token-fallback")
+            raise Unexpected("validate() with the cache unreachable returned a user")
+        except RetryLater as err:
+            expect("validate() with the cache unreachable raises RetryLater (503)",
+                   str(err) == "Validate failed: UNAVAILABLE", f"got {err}")
+
+
+# --- the checks: the Get/Set flow -------------------------------------------------------
 
 
 def same_user(a, b) -> bool:
@@ -342,11 +533,25 @@ def main() -> int:
     global pb, pb_grpc
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("address", help="HOST:PORT of a session-cache server")
+    parser.add_argument("--validate", metavar="TOKEN",
+                        help="run the one-call flow (Validate) with TOKEN, a session the server's "
+                             "identity provider honours; the server needs --idp")
+    parser.add_argument("--expect-user", metavar="ID",
+                        help="with --validate: the user id TOKEN belongs to")
+    parser.add_argument("--appwrite-endpoint", metavar="URL",
+                        help="with --validate: Appwrite's endpoint (with /v1), where logout() signs "
+                             "the session out before InvalidateToken")
+    parser.add_argument("--appwrite-project", metavar="ID", help="with --appwrite-endpoint: the project ID")
     parser.add_argument("--store-down", action="store_true",
-                        help="expect the server's store (Redis) to be down")
+                        help="expect the server's store (Redis) to be down (the Get/Set flow)")
     parser.add_argument("--proto-dir", type=Path, default=DEFAULT_PROTO_DIR,
                         help="the directory holding sessioncache/v1/session_cache.proto")
     args = parser.parse_args()
+    if args.validate is not None and args.store_down:
+        parser.error("--validate and --store-down are different flows: give one")
+    if bool(args.appwrite_endpoint) != bool(args.appwrite_project):
+        parser.error("--appwrite-endpoint and --appwrite-project go together")
+    appwrite = Appwrite(args.appwrite_endpoint, args.appwrite_project) if args.appwrite_endpoint else None
     pb, pb_grpc = load_stubs(args.proto_dir)
 
     with grpc.insecure_channel(args.address) as channel:
@@ -357,18 +562,22 @@ def main() -> int:
             return 1
         stub = pb_grpc.SessionCacheStub(channel)
         try:
-            if args.store_down:
+            if args.validate is not None:
+                one_call_flow(stub, args.validate, args.expect_user, appwrite)
+                unavailable_is_retryable()
+            elif args.store_down:
                 store_down(stub)
             else:
                 flow(stub)
                 unavailable_is_a_miss()
-        except Unexpected as err:
-            print(f"FAIL: {err}")
+        except (Unexpected, Unauthenticated, RetryLater, OSError) as err:
+            print(f"FAIL: {type(err).__name__}: {err}")
             return 1
         except grpc.RpcError as err:
             print(f"FAIL: a call failed: {err.code().name}: {err.details()}")
             return 1
-    print(f"all checks passed against {args.address}" + (" (store down)" if args.store_down else ""))
+    mode = " (one-call flow)" if args.validate is not None else " (store down)" if args.store_down else ""
+    print(f"all checks passed against {args.address}{mode}")
     return 0
 
 
