@@ -13,6 +13,7 @@ use prost_types::Timestamp;
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     auth::{Admitted, Authenticator, Keys, Role},
@@ -189,6 +190,12 @@ impl<S: Store> SessionCacheService<S> {
             rpc.grpc.status_code = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        // The caller's W3C trace context, if it sent one, is the span's parent. The
+        // span is disabled unless something records it (--otlp-endpoint, or debug
+        // logs), and then the headers are not even looked at.
+        if !span.is_disabled() {
+            let _ = span.set_parent(crate::telemetry::parent_from(request.metadata()));
+        }
         let result = async {
             let _slot = self.slot()?;
             let caller = self.admit(&request, rpc.role())?;
