@@ -6,10 +6,18 @@ mod support;
 
 use std::{
     collections::hash_map::RandomState,
+    future::Future,
     hash::{BuildHasher, Hasher},
+    pin::Pin,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
+};
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::{
+    error::OTelSdkResult,
+    trace::{SdkTracerProvider, SimpleSpanProcessor, SpanData, SpanExporter},
 };
 
 use opentelemetry_proto::tonic::{
@@ -20,10 +28,19 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value::Value},
     trace::v1::{ResourceSpans, Span, span::SpanKind},
 };
-use session_cache::pb::{self, session_cache_client::SessionCacheClient};
+use session_cache::{
+    entry::{Session, User},
+    idp::{Answer, IdpError, Provider},
+    keys::TokenHasher,
+    pb::{self, session_cache_client::SessionCacheClient},
+    store::{Lookup, MemoryStore, Store, traced::Traced},
+    validate::{Departure, Validator, Verdict},
+};
 use support::{PATIENCE, free_port, in_an_hour, user};
 use tokio::{sync::oneshot, time::Instant};
 use tonic::{Request, Response, Status, transport::Channel};
+use tracing::Instrument;
+use tracing_subscriber::layer::SubscriberExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
 
@@ -227,8 +244,9 @@ fn texts(value: &AnyValue, out: &mut Vec<String>) {
 
 /// A Get and a Set that carry a caller's `traceparent` reach the collector within SPEC
 /// §10's 10 s as server spans of the caller's trace, children of the caller's span,
-/// with the RPC semantic conventions' attributes and a `store` child each; no
-/// attribute, event or name carries the token.
+/// with the RPC semantic conventions' attributes and a `store` child each; a caller's
+/// trace that is not sampled is not exported; no attribute, event or name carries the
+/// token.
 #[tokio::test]
 async fn spans_reach_the_collector_in_the_callers_trace() {
     let collector = Collector::start().await;
@@ -242,6 +260,17 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
     let parent_id = random_hex(8);
     let traceparent = format!("00-{trace_id}-{parent_id}-01");
     let token = format!("tok-never-exported-{}", random_hex(8));
+    // First a call whose caller did not sample its trace: the service must not either.
+    let unsampled = random_hex(16);
+    client
+        .get(traced(
+            pb::GetRequest {
+                token: token.clone(),
+            },
+            &format!("00-{unsampled}-{parent_id}-00"),
+        ))
+        .await
+        .unwrap();
     let get = client
         .get(traced(
             pb::GetRequest {
@@ -355,6 +384,15 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
         );
     }
 
+    // The unsampled call ended before the others, so it would be in the same batch.
+    assert!(
+        collector
+            .spans()
+            .iter()
+            .all(|(_, span)| hex(&span.trace_id) != unsampled),
+        "a span of an unsampled trace was exported"
+    );
+
     // No name, attribute or event anywhere carries the token.
     let mut everything = Vec::new();
     for (resource, span) in collector.spans() {
@@ -456,5 +494,119 @@ async fn overhead() {
         );
         process.terminate();
         process.wait(PATIENCE).await;
+    }
+}
+
+/// Records the spans a tracer provider ends, as they end.
+#[derive(Clone, Debug, Default)]
+struct Ended(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanExporter for Ended {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        self.0.lock().unwrap().extend(batch);
+        std::future::ready(Ok(()))
+    }
+}
+
+/// An identity provider that vouches for every token.
+struct Vouching;
+
+impl Provider for Vouching {
+    fn name(&self) -> &'static str {
+        "vouching"
+    }
+
+    fn validate<'a>(
+        &'a self,
+        _token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Answer, IdpError>> + Send + 'a>> {
+        let now = chrono::Utc::now();
+        let session = Session {
+            user: User {
+                id: "u-idp".into(),
+                email: "u@example.com".into(),
+                name: "U".into(),
+                email_verified: true,
+                tier: "free".into(),
+                created_at: now,
+                updated_at: now,
+            },
+            session_expire: now + chrono::Duration::hours(1),
+        };
+        Box::pin(async move { Ok(Answer::Valid(session)) })
+    }
+}
+
+/// Validate's provider call is an `idp` span with the provider's name and its result,
+/// in the trace of the Validate that started the flight, and the Set that caches the
+/// answer a `store.set` span of the same trace; neither carries the token.
+#[tokio::test]
+async fn the_provider_call_is_a_span_of_the_validates_trace() {
+    let ended = Ended::default();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(SimpleSpanProcessor::new(ended.clone()))
+        .build();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    // The test's runtime has one thread, so the flight's task sees this subscriber too.
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let config = session_cache::Config::load_from(["session-cache"]).unwrap();
+    let store = Arc::new(Traced(Arc::new(MemoryStore::new(
+        config.limits(),
+        config.memory_bounds(),
+    ))));
+    let token = format!("tok-never-exported-{}", random_hex(8));
+    let hash = TokenHasher::Sha256.hash(&token);
+    let validator = Validator::new(Arc::new(Vouching), 4);
+    let rpc = tracing::debug_span!("rpc", otel.kind = "server");
+    let verdict = async {
+        let Ok(Lookup::Miss(fence)) = store.get(&hash).await else {
+            panic!("a new token is a miss");
+        };
+        let began = Instant::now();
+        validator
+            .ask(&token, &hash, began, || Departure {
+                store: store.clone(),
+                caching: true,
+                fence: Some(fence),
+            })
+            .await
+    }
+    .instrument(rpc.clone())
+    .await;
+    assert!(matches!(verdict, Verdict::Valid(_)), "{verdict:?}");
+    drop(rpc);
+    provider.force_flush().unwrap();
+
+    let spans = ended.0.lock().unwrap().clone();
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
+    };
+    let (rpc, idp, set) = (named("rpc"), named("idp"), named("store.set"));
+    for child in [idp, set] {
+        assert_eq!(child.span_context.trace_id(), rpc.span_context.trace_id());
+        assert_eq!(child.parent_span_id, rpc.span_context.span_id());
+    }
+    let value = |span: &SpanData, key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    assert_eq!(value(idp, "idp.provider").as_deref(), Some("vouching"));
+    assert_eq!(value(idp, "idp.result").as_deref(), Some("valid"));
+    assert_eq!(idp.span_kind, opentelemetry::trace::SpanKind::Client);
+    for span in &spans {
+        for kv in &span.attributes {
+            assert!(
+                !kv.value.to_string().contains(&token),
+                "{}: the token was exported",
+                span.name
+            );
+        }
     }
 }
