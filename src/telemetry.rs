@@ -81,8 +81,10 @@ impl Telemetry {
             .build();
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
+            // OTEL_RESOURCE_ATTRIBUTES (k8s.pod.name=..., from the downward API) and the
+            // SDK's own attributes, with service.name from the flag.
             .with_resource(
-                Resource::builder_empty()
+                Resource::builder()
                     .with_service_name(service_name.to_owned())
                     .build(),
             )
