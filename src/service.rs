@@ -189,6 +189,7 @@ impl<S: Store> SessionCacheService<S> {
             rpc.method = rpc.name(),
             rpc.grpc.status_code = tracing::field::Empty,
             outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         // The caller's W3C trace context, if it sent one, is the span's parent. The
         // span is disabled unless something records it (--otlp-endpoint, or debug
@@ -209,6 +210,9 @@ impl<S: Store> SessionCacheService<S> {
         };
         span.record("outcome", label);
         span.record("rpc.grpc.status_code", code as i32);
+        if crate::telemetry::is_server_error(code) {
+            span.record("otel.status_code", "ERROR");
+        }
         metrics::call(rpc.name(), started, label);
         result.map(Response::new)
     }

@@ -124,6 +124,17 @@ impl Telemetry {
     }
 }
 
+/// Whether a server span that answered `code` failed, by OpenTelemetry's gRPC
+/// conventions: the server's faults are; a caller's mistake (`INVALID_ARGUMENT`,
+/// `UNAUTHENTICATED`, `RESOURCE_EXHAUSTED`...) leaves the status unset.
+pub fn is_server_error(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    )
+}
+
 /// The caller's trace context from its W3C `traceparent` and `tracestate` headers; an
 /// empty context when it sent none or a malformed one.
 pub fn parent_from(metadata: &MetadataMap) -> Context {
@@ -154,6 +165,17 @@ mod tests {
     use opentelemetry::trace::TraceContextExt;
 
     use super::*;
+
+    /// Only the server's own faults mark a server span as failed.
+    #[test]
+    fn server_errors() {
+        assert!(is_server_error(tonic::Code::Unavailable));
+        assert!(is_server_error(tonic::Code::Internal));
+        assert!(!is_server_error(tonic::Code::Ok));
+        assert!(!is_server_error(tonic::Code::InvalidArgument));
+        assert!(!is_server_error(tonic::Code::ResourceExhausted));
+        assert!(!is_server_error(tonic::Code::PermissionDenied));
+    }
 
     /// A W3C `traceparent` header becomes the parent; a malformed one is ignored.
     #[test]

@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::{
         trace_service_server::{TraceService, TraceServiceServer},
     },
     common::v1::{AnyValue, KeyValue, any_value::Value},
-    trace::v1::{ResourceSpans, Span, span::SpanKind},
+    trace::v1::{ResourceSpans, Span, span::SpanKind, status::StatusCode},
 };
 use session_cache::{
     entry::{Session, User},
@@ -282,6 +282,12 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
         .unwrap()
         .into_inner();
     assert_eq!(get.outcome(), pb::GetOutcome::Miss);
+    // A caller's mistake: recorded with its status code, not marked as a failure.
+    let refused = client
+        .get(traced(pb::GetRequest::default(), &traceparent))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let set = client
         .set(traced(
             pb::SetRequest {
@@ -332,7 +338,14 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
             .map(|(r, s)| (r.clone(), s.clone()))
             .unwrap()
     };
-    let (resource, get_span) = server("Get");
+    // Two Gets: the one that missed, and the refused one.
+    let (resource, get_span) = spans
+        .iter()
+        .find(|(_, s)| {
+            s.name == "Get" && string(&s.attributes, "outcome").as_deref() == Some("miss")
+        })
+        .cloned()
+        .expect("the Get that missed");
     assert_eq!(
         string(&resource, "service.name").as_deref(),
         Some("session-cache")
@@ -355,6 +368,25 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
         Some(&Value::IntValue(0))
     );
     assert_eq!(string(attrs, "outcome").as_deref(), Some("miss"));
+
+    let invalid = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "Get" && s.span_id != get_span.span_id)
+        .expect("the refused Get's span");
+    assert_eq!(
+        attribute(&invalid.attributes, "rpc.grpc.status_code"),
+        Some(&Value::IntValue(3))
+    );
+    assert_eq!(
+        string(&invalid.attributes, "outcome").as_deref(),
+        Some("invalid_argument")
+    );
+    assert_ne!(
+        invalid.status.as_ref().map(|s| s.code),
+        Some(StatusCode::Error as i32),
+        "a caller's mistake is not the server's failure"
+    );
 
     let (_, set_span) = server("Set");
     assert_eq!(hex(&set_span.parent_span_id), parent_id);
