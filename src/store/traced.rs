@@ -25,9 +25,19 @@ impl<S: Store> Traced<S> {
             "store",
             otel.name = name,
             otel.kind = "client",
-            db.system = self.0.kind(),
+            db.system = db_system(self.0.kind()),
             db.operation = operation,
         )
+    }
+}
+
+/// OpenTelemetry's `db.system` for a store kind: `redis` for every Redis topology (the
+/// kind says `redis-sentinel` or `redis-cluster`), `memory` for the embedded store.
+fn db_system(kind: &'static str) -> &'static str {
+    if kind.starts_with("redis") {
+        "redis"
+    } else {
+        kind
     }
 }
 
