@@ -106,6 +106,10 @@ impl Telemetry {
             .with_location(false)
             .with_threads(false)
             .with_target(false)
+            // Nothing here reads OpenTelemetry's current context, and busy/idle times
+            // are not worth their bookkeeping on every poll of every call: both off.
+            .with_context_activation(false)
+            .with_tracked_inactivity(false)
             .with_filter(filter_fn(|meta| {
                 meta.is_span()
                     && *meta.level() <= Level::DEBUG
