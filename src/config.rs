@@ -199,6 +199,20 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// OpenTelemetry collector to send traces to over OTLP/gRPC (http://host:4317); off
+    /// when not given. Spans leave in batches off the request path, within about 10 s;
+    /// while the collector is down they are dropped, and calls do not wait for it.
+    #[arg(long, env = "SESSION_CACHE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The service.name the traces are reported under.
+    #[arg(
+        long,
+        env = "SESSION_CACHE_OTLP_SERVICE_NAME",
+        default_value = "session-cache"
+    )]
+    pub otlp_service_name: String,
+
     /// How often the store is pinged to drive health, in milliseconds.
     #[arg(long, env = "SESSION_CACHE_HEALTH_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -286,6 +300,18 @@ fn parse_host_port(text: &str) -> Result<HostPort, String> {
         host: host.to_owned(),
         port,
     })
+}
+
+/// Whether `text` is a URL the OTLP/gRPC exporter can dial: http://, a host, no path
+/// beyond `/`. TLS to the collector is not offered (a node-local collector or agent is
+/// the usual set-up), so https:// is refused rather than half-supported.
+fn otlp_endpoint_ok(text: &str) -> bool {
+    let Ok(uri) = text.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    uri.scheme_str() == Some("http")
+        && uri.host().is_some_and(|host| !host.is_empty())
+        && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
 }
 
 /// Where the store lives, from the topology flags (SPEC §8).
@@ -424,6 +450,18 @@ impl Config {
             }
         }
         self.idp.validate().map_err(ConfigError)?;
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !otlp_endpoint_ok(endpoint)
+        {
+            return Err(ConfigError(
+                "--otlp-endpoint is not a valid http:// URL of an OTLP/gRPC collector \
+                 (http://host:4317)"
+                    .into(),
+            ));
+        }
+        if self.otlp_service_name.trim().is_empty() {
+            return Err(ConfigError("--otlp-service-name must not be empty".into()));
+        }
         if !self.listen.ip().is_loopback()
             && self.api_keys_file.is_none()
             && !self.allow_unauthenticated
@@ -665,6 +703,17 @@ mod tests {
             ),
             (&["--redis-url", "http://secret@host"], "--redis-url"),
             (&["--listen", "0.0.0.0:50051"], "--allow-unauthenticated"),
+            (&["--otlp-endpoint", "127.0.0.1:4317"], "--otlp-endpoint"),
+            (&["--otlp-endpoint", "http://"], "--otlp-endpoint"),
+            (
+                &["--otlp-endpoint", "https://collector:4317"],
+                "--otlp-endpoint",
+            ),
+            (
+                &["--otlp-endpoint", "http://collector:4317/v1/traces"],
+                "--otlp-endpoint",
+            ),
+            (&["--otlp-service-name", " "], "--otlp-service-name"),
         ];
         for (args, flag) in cases {
             let error = parse(args).expect_err(&format!("{args:?} should be refused"));
@@ -676,5 +725,12 @@ mod tests {
         let error = parse(&["--tls-cert", "c.pem"]).unwrap_err();
         assert!(error.contains("--tls-key"), "{error}");
         assert!(!parse(&["--enabled", "false"]).unwrap().enabled);
+        let traced = parse(&["--otlp-endpoint", "http://127.0.0.1:4317"]).unwrap();
+        assert_eq!(
+            traced.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(traced.otlp_service_name, "session-cache");
+        assert!(parse(&["--otlp-endpoint", "http://otel-collector.monitoring:4317/"]).is_ok());
     }
 }

@@ -21,6 +21,7 @@ pub mod server;
 pub mod service;
 pub mod signal;
 pub mod store;
+pub mod telemetry;
 mod tls;
 mod transport;
 pub mod validate;

@@ -28,6 +28,7 @@ use crate::{
     store::{
         MemoryStore, RedisStore, Store,
         redis::{Credentials, RedisConfig, RedisTopology, SentinelConfig},
+        traced::Traced,
     },
     transport::{self, Bounds, Connections, Track},
     validate::Validator,
@@ -345,7 +346,9 @@ async fn serve_with<S: Store>(
     let kind = store.kind();
     let authenticated = auth.is_enabled();
     let auth = crate::auth::keys(auth);
-    let service = SessionCacheService::new(store.clone(), config.enabled, status.clone())
+    // The service's calls are traced; the health loop's pings are not (see store::traced).
+    let traced = Arc::new(Traced(store.clone()));
+    let service = SessionCacheService::new(traced, config.enabled, status.clone())
         .with_auth(auth.clone())
         .with_hasher(hasher)
         .with_max_in_flight(config.max_in_flight as usize);

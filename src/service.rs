@@ -13,6 +13,7 @@ use prost_types::Timestamp;
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     auth::{Admitted, Authenticator, Keys, Role},
@@ -188,7 +189,14 @@ impl<S: Store> SessionCacheService<S> {
             rpc.method = rpc.name(),
             rpc.grpc.status_code = tracing::field::Empty,
             outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
+        // The caller's W3C trace context, if it sent one, is the span's parent. The
+        // span is disabled unless something records it (--otlp-endpoint, or debug
+        // logs), and then the headers are not even looked at.
+        if !span.is_disabled() {
+            let _ = span.set_parent(crate::telemetry::parent_from(request.metadata()));
+        }
         let result = async {
             let _slot = self.slot()?;
             let caller = self.admit(&request, rpc.role())?;
@@ -202,6 +210,9 @@ impl<S: Store> SessionCacheService<S> {
         };
         span.record("outcome", label);
         span.record("rpc.grpc.status_code", code as i32);
+        if crate::telemetry::is_server_error(code) {
+            span.record("otel.status_code", "ERROR");
+        }
         metrics::call(rpc.name(), started, label);
         result.map(Response::new)
     }

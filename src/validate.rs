@@ -34,7 +34,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, watch},
     time::Instant,
 };
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::{
     entry::Session,
@@ -194,9 +194,12 @@ impl Validator {
         };
         let flights = self.flights.clone();
         let started = flight.clone();
+        // The flight's spans belong to the trace of the Validate that started it; the
+        // handle is let go when the flight lands, before anyone hears the answer.
+        let parent = tracing::Span::current();
         tokio::spawn(async move {
             let hash = trip.hash.clone();
-            let landed = trip.fly().await;
+            let landed = trip.fly().instrument(parent).await;
             // Off the board before anyone hears the answer: whoever comes next starts
             // a flight that took off after the answer was given.
             {
@@ -228,12 +231,26 @@ impl<S: Store> Trip<S> {
     async fn fly(self) -> Landed {
         let name = self.provider.name();
         let started = Instant::now();
-        let answer = self.provider.validate(&self.token).await;
+        // The provider's name and what it answered; never the token.
+        let span = tracing::debug_span!(
+            "idp",
+            otel.kind = "client",
+            idp.provider = name,
+            idp.result = tracing::field::Empty,
+        );
+        let answer = self
+            .provider
+            .validate(&self.token)
+            .instrument(span.clone())
+            .await;
         let result = match &answer {
             Ok(Answer::Valid(_)) => "valid",
             Ok(Answer::Invalid) => "invalid",
             Err(e) => e.result_label(),
         };
+        span.record("idp.result", result);
+        // Ends the span here: the Set that caches the answer is the store's span.
+        drop(span);
         metrics::idp_call(name, result, started.elapsed());
         self.breaker.record(answer.is_ok());
         let Departure {

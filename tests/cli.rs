@@ -99,6 +99,8 @@ fn bad_configuration_exits_64() {
             "--redis-sentinel-username",
         ),
         (&["--revocation-replicas", "1"], "--revocation-replicas"),
+        (&["--otlp-endpoint", "collector:4317"], "--otlp-endpoint"),
+        (&["--otlp-endpoint", "http://[::1"], "--otlp-endpoint"),
         (
             &["--redis-url", "redis://127.0.0.1:6379", "--redis-tls"],
             "--redis-tls",
@@ -187,10 +189,13 @@ fn help_documents_every_flag() {
         "--introspection-client-id",
         "--introspection-client-secret-file",
         "--introspection-tier-claim",
+        "--otlp-endpoint",
+        "--otlp-service-name",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
     assert!(help.contains("SESSION_CACHE_REDIS_URL"));
+    assert!(help.contains("SESSION_CACHE_OTLP_ENDPOINT"));
     assert!(help.contains("SESSION_CACHE_INTROSPECTION_CLIENT_SECRET"));
 }
 

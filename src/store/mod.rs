@@ -16,6 +16,7 @@ use crate::{
 
 pub mod memory;
 pub mod redis;
+pub mod traced;
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
