@@ -57,6 +57,19 @@ impl Rpc {
         }
     }
 
+    /// The full method name, `sessioncache.v1.SessionCache/Get`: a server span's name
+    /// under OpenTelemetry's RPC conventions.
+    pub fn path(self) -> &'static str {
+        match self {
+            Rpc::Get => "sessioncache.v1.SessionCache/Get",
+            Rpc::Set => "sessioncache.v1.SessionCache/Set",
+            Rpc::InvalidateToken => "sessioncache.v1.SessionCache/InvalidateToken",
+            Rpc::InvalidateUser => "sessioncache.v1.SessionCache/InvalidateUser",
+            Rpc::Health => "sessioncache.v1.SessionCache/Health",
+            Rpc::Validate => "sessioncache.v1.SessionCache/Validate",
+        }
+    }
+
     /// The role a caller needs (SPEC §7, §9): readers may look up, writers may also
     /// write. Validate is a reader's: what it caches comes from the identity provider,
     /// never from the caller.
@@ -101,6 +114,7 @@ mod tests {
     fn names_round_trip() {
         for rpc in Rpc::ALL {
             assert_eq!(Rpc::from_method(rpc.name()), Some(rpc));
+            assert_eq!(rpc.path(), format!("{SERVICE}/{}", rpc.name()));
         }
         assert_eq!(Rpc::from_method("Watch"), None);
     }

@@ -182,7 +182,7 @@ impl<S: Store> SessionCacheService<S> {
         let started = Instant::now();
         let span = tracing::debug_span!(
             "rpc",
-            otel.name = rpc.name(),
+            otel.name = rpc.path(),
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = crate::rpc::SERVICE,

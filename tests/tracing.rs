@@ -42,6 +42,10 @@ use tonic::{Request, Response, Status, transport::Channel};
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 
+/// Server spans are named by the full method, as OpenTelemetry's RPC conventions say.
+const GET: &str = "sessioncache.v1.SessionCache/Get";
+const SET: &str = "sessioncache.v1.SessionCache/Set";
+
 const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
 
 /// How long the collector may wait for spans: SPEC §10's 10 s, plus slack for a busy
@@ -313,10 +317,7 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
             .filter(|(_, span)| ours(span))
             .collect();
         let has = |name: &str| spans.iter().any(|(_, s)| s.name == name);
-        if ["Get", "Set", "store.get", "store.set"]
-            .iter()
-            .all(|n| has(n))
-        {
+        if [GET, SET, "store.get", "store.set"].iter().all(|n| has(n)) {
             break spans;
         }
         assert!(
@@ -341,9 +342,7 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
     // Two Gets: the one that missed, and the refused one.
     let (resource, get_span) = spans
         .iter()
-        .find(|(_, s)| {
-            s.name == "Get" && string(&s.attributes, "outcome").as_deref() == Some("miss")
-        })
+        .find(|(_, s)| s.name == GET && string(&s.attributes, "outcome").as_deref() == Some("miss"))
         .cloned()
         .expect("the Get that missed");
     assert_eq!(
@@ -372,7 +371,7 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
     let invalid = spans
         .iter()
         .map(|(_, s)| s)
-        .find(|s| s.name == "Get" && s.span_id != get_span.span_id)
+        .find(|s| s.name == GET && s.span_id != get_span.span_id)
         .expect("the refused Get's span");
     assert_eq!(
         attribute(&invalid.attributes, "rpc.grpc.status_code"),
@@ -388,7 +387,7 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
         "a caller's mistake is not the server's failure"
     );
 
-    let (_, set_span) = server("Set");
+    let (_, set_span) = server(SET);
     assert_eq!(hex(&set_span.parent_span_id), parent_id);
     assert_eq!(set_span.kind, SpanKind::Server as i32);
     assert_eq!(
