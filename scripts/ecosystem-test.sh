@@ -8,7 +8,8 @@
 #     the Python and Node.js example clients (the Validate flow, counting the stand-in's
 #     calls, and the Get/Set flow), the grpc.health.v1 checker, the Python service's
 #     shared Redis layout, the clients once Redis is stopped, the deploy/ manifests'
-#     fields, and the dashboard's and alerts' metric names against a live /metrics;
+#     fields, the dashboard's and alerts' metric names against a live /metrics, and
+#     the spans a stand-in OTLP collector receives (and a dead collector's cost);
 #   - buf lint of the proto; promtool check/test of deploy/prometheus/;
 #     kubernetes-validate --strict of deploy/kubernetes/.
 # It installs what is missing: the Python packages (scripts/python-env.sh, a venv in
@@ -85,14 +86,14 @@ build() {
   timeout 1500 cargo build --bin session-cache
 }
 
-# debian_tools: redis-server (the package, as .ci/run installs it) and promtool, when
-# missing. promtool is the one binary taken from Debian's prometheus package into
+# debian_tools: redis-server (the package, as .ci/run installs it), h2load (the
+# nghttp2-client package) and promtool, when missing. promtool is the one binary taken from Debian's prometheus package into
 # WORK/bin: installing the package would also install (and on a systemd host start) a
 # Prometheus server, for a 48 MB binary that needs only libc.
 debian_tools() {
   local sudo=() deb=$WORK/deb
   [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-  if ! command -v redis-server >/dev/null 2>&1 \
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v h2load >/dev/null 2>&1 \
     || { ! command -v promtool >/dev/null 2>&1 && ! apt-cache show prometheus >/dev/null 2>&1; }; then
     timeout 300 "${sudo[@]}" apt-get update -qq || return 1
   fi
@@ -100,13 +101,17 @@ debian_tools() {
     timeout 600 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
       apt-get install -y -qq redis-server || return 1
   fi
+  if ! command -v h2load >/dev/null 2>&1; then
+    timeout 600 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq nghttp2-client || return 1
+  fi
   if ! command -v promtool >/dev/null 2>&1; then
     rm -rf "$deb" && mkdir -p "$deb" "$WORK/bin" || return 1
     (cd "$deb" && timeout 300 apt-get download prometheus) || return 1
     dpkg-deb -x "$deb"/prometheus_*.deb "$deb/root" || return 1
     cp "$deb/root/usr/bin/promtool" "$WORK/bin/promtool" && rm -rf "$deb" || return 1
   fi
-  redis-server --version && promtool --version
+  redis-server --version && h2load --version | head -1 && promtool --version
 }
 
 ecosystem_tests() {
@@ -135,11 +140,11 @@ step "npm packages (examples/clients/node)" npm_packages
 NPM_READY=$?
 step "cargo build --bin session-cache" build
 BUILT=$?
-step "Debian tools: redis-server, promtool" debian_tools
+step "Debian tools: redis-server, h2load, promtool" debian_tools
 TOOLS_READY=$?
 
 if [ "$PY_READY$NPM_READY$BUILT$TOOLS_READY" = 0000 ]; then
-  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, Validate, health, Redis down, manifests, metrics)" \
+  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, Validate, health, Redis down, tracing, manifests, metrics)" \
     ecosystem_tests "$@"
 else
   skip "pytest tests/ecosystem" "a set-up step failed"
