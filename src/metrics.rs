@@ -259,6 +259,8 @@ pub(crate) fn idp_exported(provider: &'static str) {
         counter!("session_cache_idp_shed_total", "provider" => provider, "reason" => reason)
             .absolute(0);
     }
+    // Registered, so that its buckets are exported at 0 before the first call.
+    let _ = histogram!("session_cache_idp_call_duration_seconds", "provider" => provider);
 }
 
 /// Records one call to the identity provider.
