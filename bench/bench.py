@@ -354,6 +354,63 @@ def seed_equivalent(port, lookups):
             "p999": None, "cpu_us": None, "redis_us": None, "rss": None}
 
 
+# --- the issue's targets ----------------------------------------------------------
+
+def targets(rows, floors):
+    """Issue 15's targets, from this run's rows: (figure, value, target, met or None
+    when the run lacks a row it needs)."""
+    by = {(name, f): r for name, f, r in rows}
+
+    def ratio(name, key, in_flight=500):
+        r, floor = by.get((name, in_flight)), floors.get(in_flight)
+        if not r or not floor or not r.get(key) or not floor.get(key):
+            return None
+        return r[key] / floor[key]
+
+    out = []
+
+    def at_most(figure, value, bound, text=None):
+        out.append((figure, text or fmt(value) + "x", f"<= {bound}x",
+                    None if value is None else value <= bound))
+
+    at_most("Get hit on Redis, server CPU per call vs the floor",
+            ratio("redis: Get hit", "cpu_us"), 1.3)
+    rps = ratio("redis: Get hit", "rps")
+    out.append(("Get hit on Redis, throughput vs the floor", fmt(rps) + "x", ">= 0.65x",
+                None if rps is None else rps >= 0.65))
+    at_most("Get hit on memory, server CPU per call vs the floor",
+            ratio("memory: Get hit", "cpu_us"), 1.15)
+    for rpc in ("Set", "InvalidateUser"):
+        at_most(f"{rpc} on Redis, server CPU per call vs the floor",
+                ratio(f"redis: {rpc}", "cpu_us"), 1.6)
+    hit1, floor1 = by.get(("redis: Get hit", 1)), floors.get(1)
+    get1 = by.get(("floor: redis-benchmark GET", 1))
+    if hit1 and floor1 and get1:
+        over_us = (hit1["p50"] - floor1["p50"] - get1["p50"]) * 1000
+        out.append(("Get hit on Redis at 1 in flight, p50",
+                    f"floor + Redis GET + {over_us:.0f} us", "floor + Redis GET + 10 us",
+                    over_us <= 10))
+    redis_us = (by.get(("redis: Get hit", 500)) or {}).get("redis_us")
+    out.append(("Redis CPU per Get hit (INFO cpu over the scenario)",
+                f"{fmt(redis_us, 1)} us", "<= 1.5 us",
+                None if redis_us is None else redis_us <= 1.5))
+    rss = [r["rss"] for name, _, r in rows
+           if r.get("rss") and not name.startswith("floor")]
+    peak = max(rss) if rss else None
+    out.append(("Peak RSS under the full benchmark (the service, any store)",
+                f"{fmt(peak, 1)} MiB", "<= 32 MiB", None if peak is None else peak <= 32))
+    return out
+
+
+def print_targets(rows, floors):
+    print()
+    print("| figure | this run | target | |")
+    print("|---|---:|---:|---|")
+    for figure, value, target, met in targets(rows, floors):
+        verdict = "-" if met is None else ("met" if met else "not met")
+        print(f"| {figure} | {value} | {target} | {verdict} |")
+
+
 # --- the run -----------------------------------------------------------------------
 
 def fmt(value, digits=2):
@@ -490,6 +547,7 @@ def main():
               f"{fmt(r['p99'], 3)} | {fmt(r['p999'], 3)} | {fmt(r['cpu_us'], 1)} | "
               f"{fmt(r['redis_us'], 1)} | {fmt(r['rss'], 1)} | {fmt(ratio('rps'))} | "
               f"{fmt(ratio('cpu_us'))} | {fmt(ratio('p99'))} |")
+    print_targets(rows, floors)
     seed = rows[-1][2]["rps"]
     hits = [r["rps"] for name, f, r in rows if name == "redis: Get hit" and f == 500]
     if hits:
