@@ -324,6 +324,7 @@ def measure(port, pid, redis_ports, method, body, requests, in_flight, workdir):
 
 def redis_benchmark(port, test, requests, in_flight):
     clients, pipeline = (50, 10) if in_flight == 500 else (1, 1)
+    cpu0 = redis_cpu_seconds([port])
     out = subprocess.run(
         ["redis-benchmark", "-p", str(port), "-t", test, "-n", str(requests), "-c",
          str(clients), "-P", str(pipeline), "--csv"],
@@ -331,8 +332,11 @@ def redis_benchmark(port, test, requests, in_flight):
     row = next(line for line in out.splitlines() if line.startswith('"' + test.upper()))
     cells = [c.strip('"') for c in row.split(",")]
     # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    # Redis's CPU per command: what a plain GET costs it at this concurrency, the floor
+    # of a lookup's Redis CPU (a hit reads two keys).
+    redis_us = (redis_cpu_seconds([port]) - cpu0) / requests * 1e6
     return {"rps": float(cells[1]), "p50": float(cells[4]), "p99": float(cells[6]),
-            "p999": None, "cpu_us": None, "redis_us": None, "rss": None}
+            "p999": None, "cpu_us": None, "redis_us": redis_us, "rss": None}
 
 
 def seed_equivalent(port, lookups):
