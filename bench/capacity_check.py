@@ -16,7 +16,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (a sibling script, not a package)
+import bench
 
 CLIENTS = 50  # h2load --rps is per client; 50 connections, as bench.py
 
@@ -90,7 +90,7 @@ def main():
                  + rates["InvalidateUser"] * args.invalidate_us) / 1e6
     predicted_redis = (rates["Get"] * args.redis_get_us + rates["Set"] * args.redis_set_us
                        + rates["InvalidateUser"] * args.redis_invalidate_us) / 1e6
-    print(f"calls/s achieved: " + ", ".join(f"{m} {r:,.0f}" for m, r in rates.items()))
+    print("calls/s achieved: " + ", ".join(f"{m} {r:,.0f}" for m, r in rates.items()))
     print("| | measured cores | predicted cores | measured / predicted |")
     print("|---|---:|---:|---:|")
     print(f"| service | {cores:.3f} | {predicted:.3f} | {cores / predicted:.2f} |")
