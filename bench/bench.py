@@ -18,6 +18,7 @@ import argparse
 import http.server
 import json
 import os
+import shlex
 import socket
 import struct
 import subprocess
@@ -324,6 +325,7 @@ def measure(port, pid, redis_ports, method, body, requests, in_flight, workdir):
 
 def redis_benchmark(port, test, requests, in_flight):
     clients, pipeline = (50, 10) if in_flight == 500 else (1, 1)
+    cpu0 = redis_cpu_seconds([port])
     out = subprocess.run(
         ["redis-benchmark", "-p", str(port), "-t", test, "-n", str(requests), "-c",
          str(clients), "-P", str(pipeline), "--csv"],
@@ -331,8 +333,11 @@ def redis_benchmark(port, test, requests, in_flight):
     row = next(line for line in out.splitlines() if line.startswith('"' + test.upper()))
     cells = [c.strip('"') for c in row.split(",")]
     # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    # Redis's CPU per command: what a plain GET costs it at this concurrency, the floor
+    # of a lookup's Redis CPU (a hit reads two keys).
+    redis_us = (redis_cpu_seconds([port]) - cpu0) / requests * 1e6
     return {"rps": float(cells[1]), "p50": float(cells[4]), "p99": float(cells[6]),
-            "p999": None, "cpu_us": None, "redis_us": None, "rss": None}
+            "p999": None, "cpu_us": None, "redis_us": redis_us, "rss": None}
 
 
 def seed_equivalent(port, lookups):
@@ -354,6 +359,67 @@ def seed_equivalent(port, lookups):
             "p999": None, "cpu_us": None, "redis_us": None, "rss": None}
 
 
+# --- the issue's targets ----------------------------------------------------------
+
+def targets(rows, floors, floor_of):
+    """Issue 15's targets, from this run's rows: (figure, value, target, met or None
+    when the run lacks a row it needs). Each row is held against the floor measured
+    just before its store's scenarios (`floor_of`), else the run's first."""
+    by = {(name, f): r for name, f, r in rows}
+
+    def floor_for(name, in_flight):
+        return floor_of.get((name, in_flight)) or floors.get(in_flight)
+
+    def ratio(name, key, in_flight=500):
+        r, floor = by.get((name, in_flight)), floor_for(name, in_flight)
+        if not r or not floor or not r.get(key) or not floor.get(key):
+            return None
+        return r[key] / floor[key]
+
+    out = []
+
+    def at_most(figure, value, bound, text=None):
+        out.append((figure, text or fmt(value) + "x", f"<= {bound}x",
+                    None if value is None else value <= bound))
+
+    at_most("Get hit on Redis, server CPU per call vs the floor",
+            ratio("redis: Get hit", "cpu_us"), 1.3)
+    rps = ratio("redis: Get hit", "rps")
+    out.append(("Get hit on Redis, throughput vs the floor", fmt(rps) + "x", ">= 0.65x",
+                None if rps is None else rps >= 0.65))
+    at_most("Get hit on memory, server CPU per call vs the floor",
+            ratio("memory: Get hit", "cpu_us"), 1.15)
+    for rpc in ("Set", "InvalidateUser"):
+        at_most(f"{rpc} on Redis, server CPU per call vs the floor",
+                ratio(f"redis: {rpc}", "cpu_us"), 1.6)
+    hit1, floor1 = by.get(("redis: Get hit", 1)), floor_for("redis: Get hit", 1)
+    get1 = by.get(("floor: redis-benchmark GET", 1))
+    if hit1 and floor1 and get1:
+        over_us = (hit1["p50"] - floor1["p50"] - get1["p50"]) * 1000
+        out.append(("Get hit on Redis at 1 in flight, p50",
+                    f"floor + Redis GET + {over_us:.0f} us", "floor + Redis GET + 10 us",
+                    over_us <= 10))
+    redis_us = (by.get(("redis: Get hit", 500)) or {}).get("redis_us")
+    out.append(("Redis CPU per Get hit (INFO cpu over the scenario)",
+                f"{fmt(redis_us, 1)} us", "<= 1.5 us",
+                None if redis_us is None else redis_us <= 1.5))
+    rss = [r["rss"] for name, _, r in rows
+           if r.get("rss") and not name.startswith("floor")]
+    peak = max(rss) if rss else None
+    out.append(("Peak RSS under the full benchmark (the service, any store)",
+                f"{fmt(peak, 1)} MiB", "<= 32 MiB", None if peak is None else peak <= 32))
+    return out
+
+
+def print_targets(rows, floors, floor_of):
+    print()
+    print("| figure | this run | target | |")
+    print("|---|---:|---:|---|")
+    for figure, value, target, met in targets(rows, floors, floor_of):
+        verdict = "-" if met is None else ("met" if met else "not met")
+        print(f"| {figure} | {value} | {target} | {verdict} |")
+
+
 # --- the run -----------------------------------------------------------------------
 
 def fmt(value, digits=2):
@@ -369,6 +435,8 @@ def main():
                         help="calls per scenario at 500 in flight")
     parser.add_argument("--bin-dir", default=RELEASE,
                         help="where the session-cache and examples/constant_server binaries are")
+    parser.add_argument("--service-args", default="",
+                        help="more flags for every session-cache subject, e.g. '--redis-lookup script'")
     args = parser.parse_args()
     bin_dir = os.path.abspath(args.bin_dir)
     many = 3_000 if args.quick else args.requests
@@ -410,6 +478,7 @@ def main():
                 # Debug binaries on a busy CI machine: give Redis time, so that every
                 # reply is the hit the smoke checks for.
                 cmd += ["--store-timeout-ms", "2000"]
+            cmd += shlex.split(args.service_args)
             env = dict(os.environ, RUST_LOG="warn")
             subjects[store] = (port, procs.start(cmd, env=env))
             wait_port(port)
@@ -435,8 +504,18 @@ def main():
                 rows.append((f"floor: redis-benchmark {test.upper()}", in_flight,
                              redis_benchmark(redis_port, test, requests, in_flight)))
 
+        floor_of = {}
         for store, (port, proc) in subjects.items():
             rport = redis_ports[store]
+            # The floor again, right before this store's scenarios: the host's speed
+            # drifts within a run, and a ratio is only as good as its floor.
+            beside = {}
+            for in_flight, requests in ((500, many), (1, few)):
+                beside[in_flight] = measure(floor_port, floor.pid, [], "Get", hit_body, requests,
+                                            in_flight, workdir)
+                rows.append((f"floor: constant server, Get (before {store})", in_flight,
+                             beside[in_flight]))
+            first_row = len(rows)
             for in_flight, requests in ((500, many), (1, few)):
                 check(port, "Set", set_request("bench-token", "bench-user"), 1)
                 size = check(port, "Get", hit_body, 1)
@@ -466,6 +545,8 @@ def main():
                 body = invalidate_user_request("bench-invalidated-user")
                 rows.append((f"{store}: InvalidateUser", in_flight, measure(
                     port, proc.pid, rport, "InvalidateUser", body, requests, 500, workdir)))
+            for name, in_flight, _ in rows[first_row:]:
+                floor_of[(name, in_flight)] = beside[in_flight]
 
         rows.append(("seed-equivalent: redis-py GET+parse+GET", 1,
                      seed_equivalent(redis_port, few)))
@@ -481,7 +562,7 @@ def main():
           "| Redis CPU us/call | peak RSS MiB | calls/s vs floor | CPU vs floor | p99 vs floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, in_flight, r in rows:
-        floor = floors.get(in_flight, {})
+        floor = floor_of.get((name, in_flight)) or floors.get(in_flight, {})
 
         def ratio(key, r=r, floor=floor):
             return (r[key] / floor[key]) if r.get(key) and floor.get(key) else None
@@ -490,6 +571,7 @@ def main():
               f"{fmt(r['p99'], 3)} | {fmt(r['p999'], 3)} | {fmt(r['cpu_us'], 1)} | "
               f"{fmt(r['redis_us'], 1)} | {fmt(r['rss'], 1)} | {fmt(ratio('rps'))} | "
               f"{fmt(ratio('cpu_us'))} | {fmt(ratio('p99'))} |")
+    print_targets(rows, floors, floor_of)
     seed = rows[-1][2]["rps"]
     hits = [r["rps"] for name, f, r in rows if name == "redis: Get hit" and f == 500]
     if hits:

@@ -119,6 +119,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub redis_connections: u32,
 
+    /// How a lookup reads Redis outside Cluster: `commands` (GET and TIME, then the
+    /// marker of a live entry), `script` (one Lua call), or `mixed` (the script for a
+    /// lone lookup, commands for a batch). Hidden: kept only to measure the ways side
+    /// by side (BENCHMARKS.md).
+    #[arg(long, env = "SESSION_CACHE_REDIS_LOOKUP", value_enum, default_value_t = RedisLookup::Mixed,
+          hide = true)]
+    pub redis_lookup: RedisLookup,
+
     /// Most sessions the in-memory store holds; past it the least useful are dropped.
     /// Invalidations and logouts are never dropped (see --memory-max-markers).
     #[arg(long, env = "SESSION_CACHE_MEMORY_MAX_ENTRIES", default_value_t = 1_000_000,
@@ -733,4 +741,12 @@ mod tests {
         assert_eq!(traced.otlp_service_name, "session-cache");
         assert!(parse(&["--otlp-endpoint", "http://otel-collector.monitoring:4317/"]).is_ok());
     }
+}
+
+/// `--redis-lookup` (see `store::redis::LookupMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisLookup {
+    Commands,
+    Script,
+    Mixed,
 }

@@ -27,7 +27,7 @@ use crate::{
     service::SessionCacheService,
     store::{
         MemoryStore, RedisStore, Store,
-        redis::{Credentials, RedisConfig, RedisTopology, SentinelConfig},
+        redis::{Credentials, LookupMode, RedisConfig, RedisTopology, SentinelConfig},
         traced::Traced,
     },
     transport::{self, Bounds, Connections, Track},
@@ -277,6 +277,11 @@ pub fn redis_config(config: &Config) -> Result<Option<RedisConfig>, Error> {
         ca_pem,
         allow_evicting: config.allow_evicting_redis,
         revocation_replicas: config.revocation_replicas(),
+        lookup: match config.redis_lookup {
+            crate::config::RedisLookup::Commands => LookupMode::Commands,
+            crate::config::RedisLookup::Script => LookupMode::Script,
+            crate::config::RedisLookup::Mixed => LookupMode::Mixed,
+        },
     }))
 }
 

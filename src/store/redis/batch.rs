@@ -1,14 +1,33 @@
-//! Coalesces concurrent Get lookups into Redis pipelines.
+//! Get lookups outside Cluster: how one reads Redis, and how concurrent ones are
+//! coalesced into pipelines.
 //!
-//! Sent one by one, each Get's EVALSHA costs its own socket write on the service and
-//! its own read and write on Redis, and a wake-up of the connection's driver for each;
-//! on 2 cores with 500 calls in flight those system calls and context switches, not
-//! the script, were most of what a Redis lookup added over a constant reply. Here the
-//! lookups that are ready at the same moment go out as one pipeline: the batcher takes
-//! the first, yields once so that every handler already scheduled can add its own, and
-//! sends what has gathered. Under load that is dozens per write. A lookup that starts
-//! while no other is in progress does not come here at all (see `RedisStore::lookup`):
-//! with nothing to coalesce, the batcher's extra hop would only add latency.
+//! # Reading
+//! Two ways, and by default each where it wins (`Mixed`): the script for a lone lookup,
+//! where a round trip is what counts, commands for a batch, where Redis's CPU is. The
+//! hidden `--redis-lookup` forces one, to measure them side by side (BENCHMARKS.md):
+//! - `Script`: one `EVALSHA` of `scripts/get.lua` per lookup (TIME, GET the entry, GET
+//!   its user's marker): one round trip, but Redis spends 6-8 us on the Lua call.
+//! - `Commands`: `TIME` and `GET entry` in one pipeline, then `GET marker` only for the
+//!   entries that decode as live, judged here with the same rules (`judge_cached`). The
+//!   marker is read after the entry, which is the safe order (SPEC §8: a marker only
+//!   moves forward); Cluster lookups take this shape anyway. Plain GETs are answered by
+//!   a replica too, which the scripts' shebang refuses (SPEC §8: lookups go to a
+//!   writable primary only); so each pipeline ends with [`PRIMARY_CHECK`], a write that
+//!   a replica refuses (`READONLY`) and a primary short of replicas too (`NOREPLICAS`),
+//!   and the pipeline's lookups fail when it is refused. It comes after the reads: a
+//!   node that took it was a primary when it read them, unless it was promoted in
+//!   between, and then what it read is what it holds as the primary.
+//!
+//! # Coalescing
+//! Sent one by one, each lookup costs its own socket write on the service and its own
+//! read and write on Redis, and a wake-up of the connection's driver for each; on 2
+//! cores with 500 calls in flight those system calls and context switches were most of
+//! what a Redis lookup added over a constant reply. Here the lookups that are ready at
+//! the same moment go out as one pipeline: the batcher takes the first, yields once so
+//! that every handler already scheduled can add its own, and sends what has gathered.
+//! Under load that is dozens per write. A lookup that starts while no other is in
+//! progress does not come here at all (see `RedisStore::lookup`): with nothing to
+//! coalesce, the batcher's extra hop would only add latency.
 //!
 //! Callers keep their own deadline: a caller that gave up is skipped if its lookup has
 //! not been sent, and ignored when its reply arrives.
@@ -16,19 +35,249 @@
 use std::sync::Arc;
 
 use bb8::Pool;
-use bb8_redis::redis::{self, FromRedisValue, Script, ServerErrorKind, Value};
+use bb8_redis::redis::{self, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{checkout, connection::Manager};
-use crate::store::StoreError;
+use super::{
+    checkout,
+    connection::{Handle, Manager},
+};
+use crate::{
+    clock::Micros,
+    entry,
+    keys::marker_key,
+    store::{StoreError, Verdict, judge, judge_cached, read_marker},
+};
 
-/// What the Get script returns: the entry, the marker, and the store's clock.
-pub(super) type Reply = (Option<Vec<u8>>, Option<Vec<u8>>, i64);
+/// How lookups read Redis (see above).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LookupMode {
+    /// One Lua script per lookup.
+    Script,
+    /// Plain commands: the entry and the clock, then the marker of a live entry.
+    Commands,
+    /// The script for a lone lookup (one round trip), commands for a batch.
+    #[default]
+    Mixed,
+}
+
+/// A write that a replica, or a primary short of `min-replicas-to-write`, refuses, and
+/// that changes nothing anywhere else: the key is never written (entry keys end in 32
+/// hex digits), and deleting a missing key is neither replicated nor denied for want
+/// of memory. It is in the service's key family, so the documented ACL allows it.
+pub(super) const PRIMARY_CHECK: &str = "session_cache:primary-check";
+
+/// What a lookup found: the raw entry (for the removal of a dead one), the store's
+/// clock, and the verdict.
+pub(super) struct Looked {
+    pub raw: Option<Vec<u8>>,
+    pub now: Micros,
+    pub verdict: Verdict,
+}
+
+/// How lookups read Redis, shared by the batcher and the lone lookup.
+pub(super) struct Reader {
+    pub mode: LookupMode,
+    /// `scripts/get.lua`, for `LookupMode::Script`.
+    pub script: Script,
+    /// The clock-skew margin of `judge` (SPEC §8).
+    pub margin: Micros,
+}
+
+type Outcome = Result<Looked, StoreError>;
+
+impl Reader {
+    /// Looks up `keys` over one connection; one outcome per key, in order. `lone`: a
+    /// lookup with no other in progress, not batched.
+    pub(super) async fn read(
+        &self,
+        handle: &mut Handle,
+        keys: &[&str],
+        lone: bool,
+    ) -> Vec<Outcome> {
+        match (self.mode, lone) {
+            (LookupMode::Script, _) | (LookupMode::Mixed, true) => {
+                self.by_script(handle, keys).await
+            }
+            (LookupMode::Commands, _) | (LookupMode::Mixed, false) => {
+                match self.by_commands(handle, keys).await {
+                    Ok(outcomes) => outcomes,
+                    Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+                }
+            }
+        }
+    }
+
+    async fn by_script(&self, handle: &mut Handle, keys: &[&str]) -> Vec<Outcome> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for key in keys {
+            pipe.cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(1)
+                .arg(key)
+                .arg(super::READ_MARKER);
+        }
+        let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
+            Ok(values) => values,
+            Err(e) => {
+                let e = handle.failed(e);
+                return keys.iter().map(|_| Err(e.clone())).collect();
+            }
+        };
+        let mut outcomes = Vec::with_capacity(keys.len());
+        for (key, value) in keys.iter().zip(values) {
+            let reply = match value {
+                // Redis lost its script cache (a restart, SCRIPT FLUSH): load it again
+                // through the plain path, which retries with the script itself.
+                Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => self
+                    .script
+                    .key(*key)
+                    .arg(super::READ_MARKER)
+                    .invoke_async(&mut handle.conn)
+                    .await
+                    .map_err(|e| handle.failed(e)),
+                Value::ServerError(e) => {
+                    handle.refused(e.code());
+                    Err(StoreError::Failed(format!("the get script failed: {e}")))
+                }
+                value => <(Option<Vec<u8>>, Option<Vec<u8>>, i64)>::from_redis_value(value)
+                    .map_err(|e| StoreError::Failed(format!("the get script answered {e}"))),
+            };
+            outcomes.push(reply.map(|(raw, marker, now)| {
+                let now = Micros(now);
+                let verdict = judge(raw.as_deref(), marker.as_deref(), now, self.margin);
+                Looked { raw, now, verdict }
+            }));
+        }
+        outcomes
+    }
+
+    async fn by_commands(
+        &self,
+        handle: &mut Handle,
+        keys: &[&str],
+    ) -> Result<Vec<Outcome>, StoreError> {
+        // The store's clock, the entries, the check.
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        for key in keys {
+            pipe.cmd("GET").arg(*key);
+        }
+        let mut values = self.query(handle, pipe).await?.into_iter();
+        let now = values
+            .next()
+            .ok_or_else(|| StoreError::Failed("TIME was not answered".into()))
+            .and_then(|time| match time {
+                Value::ServerError(e) => Err(StoreError::Failed(format!("TIME failed: {e}"))),
+                time => <(i64, i64)>::from_redis_value(time)
+                    .map(|(seconds, micros)| Micros(seconds * 1_000_000 + micros))
+                    .map_err(|e| StoreError::Failed(format!("TIME answered {e}"))),
+            })?;
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(keys.len());
+        // The live entries, whose markers are read next: (index, entry).
+        let mut live = Vec::new();
+        for value in values.take(keys.len()) {
+            let looked = |raw, verdict| Ok(Looked { raw, now, verdict });
+            match value {
+                Value::Nil => outcomes.push(looked(None, Verdict::Miss)),
+                Value::ServerError(e) => {
+                    outcomes.push(Err(StoreError::Failed(format!("GET failed: {e}"))));
+                }
+                value => {
+                    let raw = match Vec::<u8>::from_redis_value(value) {
+                        Ok(raw) => raw,
+                        Err(e) => {
+                            outcomes.push(Err(StoreError::Failed(format!("GET answered {e}"))));
+                            continue;
+                        }
+                    };
+                    match entry::decode(&raw) {
+                        Err(_) => outcomes.push(looked(
+                            Some(raw),
+                            Verdict::Remove(crate::store::Lookup::Corrupt),
+                        )),
+                        Ok(cached)
+                            if Micros::from_datetime(cached.session.session_expire) < now =>
+                        {
+                            let verdict = judge_cached(cached, None, now, self.margin);
+                            outcomes.push(looked(Some(raw), verdict));
+                        }
+                        Ok(cached) => {
+                            live.push((outcomes.len(), cached));
+                            // A placeholder, judged once the marker is in.
+                            outcomes.push(looked(Some(raw), Verdict::Miss));
+                        }
+                    }
+                }
+            }
+        }
+        if live.is_empty() {
+            return Ok(outcomes);
+        }
+        let mut pipe = redis::pipe();
+        for (_, cached) in &live {
+            pipe.cmd("GET").arg(marker_key(&cached.session.user.id));
+        }
+        let markers = match self.query(handle, pipe).await {
+            Ok(markers) => markers,
+            Err(e) => {
+                // Never a hit without the marker's check.
+                for (index, _) in live {
+                    outcomes[index] = Err(e.clone());
+                }
+                return Ok(outcomes);
+            }
+        };
+        for ((index, cached), marker) in live.into_iter().zip(markers) {
+            let marker = match marker {
+                Value::Nil => None,
+                Value::ServerError(e) => {
+                    outcomes[index] = Err(StoreError::Failed(format!("GET failed: {e}")));
+                    continue;
+                }
+                // Anything that is not an instant's text counts as a revocation.
+                marker => Some(
+                    Vec::<u8>::from_redis_value(marker)
+                        .ok()
+                        .and_then(|raw| read_marker(&raw)),
+                ),
+            };
+            if let Ok(looked) = &mut outcomes[index] {
+                looked.verdict = judge_cached(cached, marker, now, self.margin);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Sends `pipe` with [`PRIMARY_CHECK`] behind it; the replies of `pipe`'s commands,
+    /// or the check's refusal.
+    async fn query(
+        &self,
+        handle: &mut Handle,
+        mut pipe: Pipeline,
+    ) -> Result<Vec<Value>, StoreError> {
+        pipe.cmd("DEL").arg(PRIMARY_CHECK);
+        pipe.ignore_errors();
+        let mut values: Vec<Value> = pipe
+            .query_async(&mut handle.conn)
+            .await
+            .map_err(|e| handle.failed(e))?;
+        match values.pop() {
+            Some(Value::ServerError(e)) => {
+                handle.refused(e.code());
+                Err(StoreError::Failed(format!("Redis refused the lookup: {e}")))
+            }
+            Some(_) => Ok(values),
+            None => Err(StoreError::Failed("the lookup was not answered".into())),
+        }
+    }
+}
 
 /// One lookup waiting for its batch.
 pub(super) struct Job {
     pub key: String,
-    pub reply: oneshot::Sender<Result<Reply, StoreError>>,
+    pub reply: oneshot::Sender<Outcome>,
 }
 
 /// Most lookups in one pipeline; more wait for the next.
@@ -36,13 +285,13 @@ const MAX_BATCH: usize = 256;
 
 /// Starts the batcher; it ends when the returned sender is dropped. The channel needs no
 /// bound of its own: `--max-in-flight` bounds the calls that can be waiting in it.
-pub(super) fn spawn(pool: Pool<Manager>, script: Script) -> mpsc::UnboundedSender<Job> {
+pub(super) fn spawn(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::UnboundedSender<Job> {
     let (jobs, queue) = mpsc::unbounded_channel();
-    tokio::spawn(gather(queue, pool, Arc::new(script)));
+    tokio::spawn(gather(queue, pool, reader));
     jobs
 }
 
-async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, script: Arc<Script>) {
+async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, reader: Arc<Reader>) {
     while let Some(first) = queue.recv().await {
         // Let the handlers that are already runnable enqueue their lookups too.
         tokio::task::yield_now().await;
@@ -61,7 +310,7 @@ async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, sc
             // Sent from a task of its own, so that gathering goes on while this batch
             // waits for its reply.
             Ok(handle) => {
-                tokio::spawn(send(handle, script.clone(), batch));
+                tokio::spawn(send(handle, reader.clone(), batch));
             }
             Err(e) => {
                 for job in batch {
@@ -72,43 +321,10 @@ async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, sc
     }
 }
 
-async fn send(mut handle: super::connection::Handle, script: Arc<Script>, batch: Vec<Job>) {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for job in &batch {
-        pipe.cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(1)
-            .arg(&job.key)
-            .arg(super::READ_MARKER);
-    }
-    let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
-        Ok(values) => values,
-        Err(e) => {
-            let e = handle.failed(e);
-            for job in batch {
-                let _ = job.reply.send(Err(e.clone()));
-            }
-            return;
-        }
-    };
-    for (job, value) in batch.into_iter().zip(values) {
-        let result = match value {
-            // Redis lost its script cache (a restart, SCRIPT FLUSH): load it again
-            // through the plain path, which retries with the script itself.
-            Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => script
-                .key(&job.key)
-                .arg(super::READ_MARKER)
-                .invoke_async(&mut handle.conn)
-                .await
-                .map_err(|e| handle.failed(e)),
-            Value::ServerError(e) => {
-                handle.refused(e.code());
-                Err(StoreError::Failed(format!("the get script failed: {e}")))
-            }
-            value => Reply::from_redis_value(value)
-                .map_err(|e| StoreError::Failed(format!("the get script answered {e}"))),
-        };
-        let _ = job.reply.send(result);
+async fn send(mut handle: Handle, reader: Arc<Reader>, batch: Vec<Job>) {
+    let keys: Vec<&str> = batch.iter().map(|job| job.key.as_str()).collect();
+    let outcomes = reader.read(&mut handle, &keys, false).await;
+    for (job, outcome) in batch.into_iter().zip(outcomes) {
+        let _ = job.reply.send(outcome);
     }
 }

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Interleaved A/B of two session-cache servers on one Redis, same load as bench.py.
+
+Each side is a command line (a binary and its flags; `{redis}` stands for the Redis URL),
+so one binary with two settings, or two builds, can be compared. Both servers run at
+once beside one Redis; the scenarios run A, B, A, B, ... for the given number of pairs,
+so that a busy host slows both alike, and the table gives B/A within each pair.
+
+    bench/ab.py --a 'target/release/session-cache --redis-url {redis} --redis-lookup script' \\
+                --b 'target/release/session-cache --redis-url {redis} --redis-lookup commands'
+"""
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench
+
+SCENARIOS = {
+    "get-hit": ("Get", bench.get_request("bench-token"), 1),
+    "get-miss": ("Get", bench.get_request("bench-miss"), 2),
+    "set": ("Set", bench.set_request("bench-set", "bench-set-user"), 1),
+    "invalidate-user": ("InvalidateUser", bench.invalidate_user_request("bench-invalidated-user"), None),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--a", required=True, help="side A's command line")
+    parser.add_argument("--b", required=True, help="side B's command line")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=200_000, help="calls at 500 in flight")
+    parser.add_argument("--few", type=int, default=10_000, help="calls at 1 in flight")
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                        help="scenarios to run (default get-hit)")
+    parser.add_argument("--in-flight", action="append", type=int, choices=(1, 500),
+                        help="load levels (default both)")
+    args = parser.parse_args()
+    scenarios = args.scenario or ["get-hit"]
+    levels = args.in_flight or [500, 1]
+
+    procs = bench.Procs()
+    workdir = tempfile.mkdtemp(prefix="session-cache-ab-")
+    results = []  # (scenario, in_flight, pair, side, result)
+    try:
+        redis_port = bench.free_port()
+        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                     "--save", "", "--appendonly", "no", "--dir", workdir])
+        bench.wait_port(redis_port)
+        sides = {}
+        for side, line in (("A", args.a), ("B", args.b)):
+            port = bench.free_port()
+            cmd = [part.replace("{redis}", f"redis://127.0.0.1:{redis_port}") for part in shlex.split(line)]
+            cmd += ["--listen", f"127.0.0.1:{port}"]
+            uses_redis = any("{redis}" in part for part in shlex.split(line))
+            sides[side] = (port, procs.start(cmd, env=dict(os.environ, RUST_LOG="warn")),
+                           [redis_port] if uses_redis else [])
+            bench.wait_port(port)
+        time.sleep(1.5)  # the first health ping turns the store SERVING
+        for port, _, _ in sides.values():
+            bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
+            bench.call_once(port, "Set", bench.set_request("bench-set", "bench-set-user"), workdir)
+        for scenario in scenarios:
+            method, body, outcome = SCENARIOS[scenario]
+            for in_flight in levels:
+                requests = args.requests if in_flight == 500 else args.few
+                for pair in range(args.pairs):
+                    for side in ("A", "B"):
+                        port, proc, rports = sides[side]
+                        reply, _ = bench.call_once(port, method, body, workdir)
+                        if outcome is not None and bench.first_varint_field(reply) != outcome:
+                            raise SystemExit(f"{side} {scenario}: not the expected outcome")
+                        r = bench.measure(port, proc.pid, rports, method, body, requests, in_flight,
+                                          workdir)
+                        if r["ok"] != requests:
+                            raise SystemExit(f"{side} {scenario}: {r['ok']} of {requests} ok")
+                        results.append((scenario, in_flight, pair, side, r))
+                        print(f"{scenario} {in_flight} pair {pair + 1} {side}: {r['rps']:,.0f}/s "
+                              f"p50 {r['p50']:.3f} ms, {r['cpu_us']:.1f} us/call, Redis "
+                              f"{bench.fmt(r['redis_us'], 2)} us/call", file=sys.stderr, flush=True)
+    finally:
+        procs.stop()
+
+    print(f"\nA: {args.a}\nB: {args.b}\n")
+    print("| scenario | in flight | pair | calls/s A / B | p50 ms A / B | server CPU us/call A / B "
+          "| Redis CPU us/call A / B | B/A calls/s | B/A server CPU | B/A p50 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    by = {(s, f, p, side): r for s, f, p, side, r in results}
+    for scenario in scenarios:
+        for in_flight in levels:
+            for pair in range(args.pairs):
+                a, b = by[(scenario, in_flight, pair, "A")], by[(scenario, in_flight, pair, "B")]
+                print(f"| {scenario} | {in_flight} | {pair + 1} | {a['rps']:,.0f} / {b['rps']:,.0f} | "
+                      f"{a['p50']:.3f} / {b['p50']:.3f} | {a['cpu_us']:.1f} / {b['cpu_us']:.1f} | "
+                      f"{bench.fmt(a['redis_us'], 2)} / {bench.fmt(b['redis_us'], 2)} | "
+                      f"{b['rps'] / a['rps']:.2f} | {b['cpu_us'] / a['cpu_us']:.2f} | "
+                      f"{b['p50'] / a['p50']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

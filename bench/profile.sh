@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# CPU profile of the service under bench.py's Get-hit load (500 in flight), on one Redis
+# and on the memory store: perf record (cpu-clock: this VM has no hardware counters, and
+# DWARF unwinding: release builds keep no frame pointers), folded and drawn with inferno
+# (`cargo install inferno`), and the top costs printed by bench/top_costs.py.
+#
+#   bench/profile.sh [out-dir] [seconds]     default /tmp/session-cache-profile, 8 s
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/session-cache-profile}
+seconds=${2:-8}
+mkdir -p "$out"
+for tool in perf h2load redis-server inferno-collapse-perf inferno-flamegraph; do
+  command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
+done
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+pids+=($!)
+sleep 0.5
+python3 - "$out" <<'EOF'
+import sys, os
+sys.path.insert(0, "bench")
+import bench
+for name, body in (("get", bench.get_request("bench-token")),
+                   ("set", bench.set_request("bench-token", "bench-user"))):
+    open(os.path.join(sys.argv[1], name + ".bin"), "wb").write(body)
+EOF
+
+for store in redis memory; do
+  port=$(free_port)
+  args=(--listen "127.0.0.1:$port")
+  [ "$store" = redis ] && args+=(--redis-url "redis://127.0.0.1:$redis_port")
+  RUST_LOG=warn target/release/session-cache "${args[@]}" >/dev/null 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  sleep 1.5
+  h2() { h2load "$@" -H 'content-type: application/grpc' -H 'te: trailers' >/dev/null; }
+  h2 -n 1 -c 1 --data "$out/set.bin" "http://127.0.0.1:$port/sessioncache.v1.SessionCache/Set"
+  # Load for longer than the recording, which starts once the load has settled.
+  h2 -D $((seconds + 3)) -c 50 -m 10 -t 1 --data "$out/get.bin" \
+    "http://127.0.0.1:$port/sessioncache.v1.SessionCache/Get" &
+  load=$!
+  sleep 1
+  perf record -q -e cpu-clock -F 499 --call-graph dwarf,8192 -p "$pid" -o "$out/$store.data" \
+    -- sleep "$seconds" 2>/dev/null
+  wait "$load"
+  perf script -i "$out/$store.data" 2>/dev/null | inferno-collapse-perf --all >"$out/$store.folded"
+  inferno-flamegraph --title "session-cache Get hit, $store store, 500 in flight" \
+    <"$out/$store.folded" >"$out/$store.svg"
+  echo "== $store: $out/$store.svg"
+  python3 bench/top_costs.py "$out/$store.folded"
+done
