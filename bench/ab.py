@@ -47,10 +47,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="session-cache-ab-")
     results = []  # (scenario, in_flight, pair, side, result)
     try:
-        redis_port = bench.free_port()
-        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", workdir])
-        bench.wait_port(redis_port)
+        redis_port = bench.start_redis(procs, workdir)
         sides = {}
         for side, line in (("A", args.a), ("B", args.b)):
             port = bench.free_port()

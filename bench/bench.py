@@ -227,6 +227,16 @@ def redis_cpu_seconds(ports):
     return total
 
 
+def start_redis(procs, workdir, *extra):
+    """A redis-server of the run's own on a free loopback port, without persistence;
+    returns its port once it accepts connections."""
+    port = free_port()
+    procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", workdir, *extra])
+    wait_port(port)
+    return port
+
+
 def start_cluster(procs, workdir, primaries=3):
     """Three cluster-enabled redis-servers joined by redis-cli; returns their ports once
     every node says cluster_state:ok."""
@@ -446,10 +456,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="session-cache-bench-")
     rows = []
     try:
-        redis_port = free_port()
-        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", workdir])
-        wait_port(redis_port)
+        redis_port = start_redis(procs, workdir)
 
         cluster_ports = start_cluster(procs, workdir)
 

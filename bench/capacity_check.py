@@ -58,10 +58,7 @@ def main():
     procs = bench.Procs()
     workdir = tempfile.mkdtemp(prefix="session-cache-capacity-")
     try:
-        redis_port = bench.free_port()
-        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", workdir])
-        bench.wait_port(redis_port)
+        redis_port = bench.start_redis(procs, workdir)
         port = bench.free_port()
         service = procs.start([os.path.join(bench.RELEASE, "session-cache"),
                                "--listen", f"127.0.0.1:{port}",

@@ -34,10 +34,7 @@ def main():
     procs = bench.Procs()
     workdir = tempfile.mkdtemp(prefix="session-cache-memory-")
     try:
-        redis_port = bench.free_port()
-        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", workdir])
-        bench.wait_port(redis_port)
+        redis_port = bench.start_redis(procs, workdir)
         port = bench.free_port()
         procs.start([os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
                      "--redis-url", f"redis://127.0.0.1:{redis_port}"])

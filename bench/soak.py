@@ -90,11 +90,8 @@ def main():
     procs = bench.Procs()
     workdir = tempfile.mkdtemp(prefix="session-cache-soak-")
     try:
-        redis_port = bench.free_port()
-        procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", workdir,
-                     "--maxmemory", "256mb", "--maxmemory-policy", "noeviction"])
-        bench.wait_port(redis_port)
+        redis_port = bench.start_redis(procs, workdir, "--maxmemory", "256mb",
+                                       "--maxmemory-policy", "noeviction")
         port = bench.free_port()
         service = procs.start(
             [os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
