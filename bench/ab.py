@@ -78,7 +78,8 @@ def main():
                         results.append((scenario, in_flight, pair, side, r))
                         print(f"{scenario} {in_flight} pair {pair + 1} {side}: {r['rps']:,.0f}/s "
                               f"p50 {r['p50']:.3f} ms, {r['cpu_us']:.1f} us/call, Redis "
-                              f"{bench.fmt(r['redis_us'], 2)} us/call", file=sys.stderr, flush=True)
+                              f"{bench.fmt(r['redis_us'], 2)} us/call, {bench.fmt(r['redis_commands'], 2)} commands "
+                              f"and {bench.fmt(r['redis_reads'], 3)} reads/call", file=sys.stderr, flush=True)
     finally:
         procs.stop()
 

@@ -227,6 +227,17 @@ def redis_cpu_seconds(ports):
     return total
 
 
+def redis_io(ports):
+    """Commands Redis has run and socket reads it has made, summed over `ports`."""
+    commands = reads = 0
+    for port in ports:
+        info = redis_cli(port, "info", "stats")
+        values = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        commands += int(values["total_commands_processed"])
+        reads += int(values["total_reads_processed"])
+    return commands, reads
+
+
 def start_redis(procs, workdir, *extra):
     """A redis-server of the run's own on a free loopback port, without persistence;
     returns its port once it accepts connections."""
@@ -325,10 +336,15 @@ def measure(port, pid, redis_ports, method, body, requests, in_flight, workdir):
     connections, streams = (50, 10) if in_flight == 500 else (1, 1)
     cpu0 = cpu_seconds(pid)
     rcpu0 = redis_cpu_seconds(redis_ports)
+    commands0, reads0 = redis_io(redis_ports)
     result = h2load(port, method, body, requests, connections, streams, workdir)
     result["cpu_us"] = (cpu_seconds(pid) - cpu0) / requests * 1e6
     result["redis_us"] = ((redis_cpu_seconds(redis_ports) - rcpu0) / requests * 1e6
                           if redis_ports else None)
+    commands, reads = redis_io(redis_ports)
+    # What Redis did per call: commands run, and socket reads (a pipeline's worth each).
+    result["redis_commands"] = (commands - commands0) / requests if redis_ports else None
+    result["redis_reads"] = (reads - reads0) / requests if redis_ports else None
     result["rss"] = peak_rss_mib(pid)
     return result
 

@@ -322,7 +322,7 @@ async fn redis_acl_user_over_tls() {
     let port = support::free_port();
     let acl = "user default off\n\
                user cache on >s3cret-pass ~session_cache:* ~user_invalidated:* ~session_revoked:* ~session_refused:* \
-               -@all +evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info\n";
+               -@all +evalsha +eval +script|load +ping +get +mget +set +del +exists +pttl +time +info\n";
     let args = vec![
         "--port".to_string(),
         "0".into(),
@@ -397,6 +397,99 @@ async fn redis_acl_user_over_tls() {
         "the ACL limits the service's user to its own keys"
     );
     drop(redis);
+}
+
+/// Batched lookups read with one `MGET` a round. An ACL written before they did (the
+/// README's list without `+mget`) refuses it; then lookups read key by key, and every
+/// answer is still right: a hit, and INVALIDATED once the user's marker is set.
+#[tokio::test]
+async fn batched_lookups_read_key_by_key_where_the_acl_refuses_mget() {
+    const ACL: &str = "~session_cache:* ~user_invalidated:* ~session_revoked:* ~session_refused:* \
+                       -@all +evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info";
+    for mget in [true, false] {
+        let dir = Dir::new();
+        let acl = format!(
+            "user default on nopass ~* +@all\nuser cache on >s3cret-pass {ACL}{}\n",
+            if mget { " +mget" } else { "" }
+        );
+        let acl_file = dir.write("users.acl", acl);
+        let redis = Redis::start_with(&["--aclfile", &acl_file]).await;
+        let url = redis
+            .url()
+            .replace("redis://", "redis://cache:s3cret-pass@");
+        // Every lookup as plain commands, so that the first one already tries MGET.
+        let server = Server::start(&["--redis-url", &url, "--redis-lookup", "commands"]).await;
+        server
+            .wait_health("sessioncache.v1.SessionCache", ServingStatus::Serving)
+            .await;
+        let mut client = server.client().await;
+        let miss = client.get(get_request("tok")).await.unwrap().into_inner();
+        assert_eq!(miss.outcome(), GetOutcome::Miss);
+        let set = client
+            .set(pb::SetRequest {
+                fence: miss.fence,
+                ..set_request("tok")
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(set.outcome(), SetOutcome::Stored);
+        let mut get = async || {
+            client
+                .get(get_request("tok"))
+                .await
+                .unwrap()
+                .into_inner()
+                .outcome()
+        };
+        for _ in 0..3 {
+            assert_eq!(get().await, GetOutcome::Hit, "mget {mget}");
+        }
+        client
+            .invalidate_user(pb::InvalidateUserRequest {
+                user_id: "u1".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            client
+                .get(get_request("tok"))
+                .await
+                .unwrap()
+                .into_inner()
+                .outcome(),
+            GetOutcome::Invalidated,
+            "mget {mget}"
+        );
+
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut redis.conn().await)
+            .await
+            .unwrap();
+        let calls = |command: &str, field: &str| -> u64 {
+            stats
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+                .and_then(|line| {
+                    line.split(',')
+                        .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
+                })
+                .map_or(0, |n| n.parse().unwrap())
+        };
+        if mget {
+            assert!(
+                calls("mget", "calls") >= 5,
+                "lookups read with MGET: {stats}"
+            );
+            assert_eq!(calls("mget", "rejected_calls"), 0);
+        } else {
+            // Refused once, then never sent again; the reads went key by key.
+            assert_eq!(calls("mget", "rejected_calls"), 1, "{stats}");
+            assert_eq!(calls("mget", "calls"), 0);
+            assert!(calls("get", "calls") >= 5, "lookups read with GET: {stats}");
+        }
+    }
 }
 
 /// With --token-hmac-secret-file, entry keys are HMAC-SHA256 of the token under the

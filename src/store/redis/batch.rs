@@ -7,8 +7,11 @@
 //! hidden `--redis-lookup` forces one, to measure them side by side (BENCHMARKS.md):
 //! - `Script`: one `EVALSHA` of `scripts/get.lua` per lookup (TIME, GET the entry, GET
 //!   its user's marker): one round trip, but Redis spends 6-8 us on the Lua call.
-//! - `Commands`: `TIME` and `GET entry` in one pipeline, then `GET marker` only for the
-//!   entries that decode as live, judged here with the same rules (`judge_cached`). The
+//! - `Commands`: `TIME` and `MGET` of the entries in one pipeline, then `MGET` of the
+//!   markers of the entries that decode as live, judged here with the same rules
+//!   (`judge_cached`). One `MGET` costs Redis less than a `GET` per key (13-20% of its CPU
+//!   per hit, BENCHMARKS.md); where the ACL refuses it (`NOPERM`, an ACL written before
+//!   lookups used it) the reads go key by key, from that batch on. The
 //!   marker is read after the entry, which is the safe order (SPEC §8: a marker only
 //!   moves forward); Cluster lookups take this shape anyway. Plain GETs are answered by
 //!   a replica too, which the scripts' shebang refuses (SPEC §8: lookups go to a
@@ -32,11 +35,15 @@
 //! Callers keep their own deadline: a caller that gave up is skipped if its lookup has
 //! not been sent, and ignored when its reply arrives.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use bb8::Pool;
 use bb8_redis::redis::{self, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
 
 use super::{
     checkout,
@@ -82,6 +89,9 @@ pub(super) struct Reader {
     pub script: Script,
     /// The clock-skew margin of `judge` (SPEC §8).
     pub margin: Micros,
+    /// Whether batched lookups read with `MGET` (one command a round, which costs Redis
+    /// less than a `GET` per key); turned off for good when the ACL refuses it.
+    pub mget: AtomicBool,
 }
 
 type Outcome = Result<Looked, StoreError>;
@@ -100,9 +110,27 @@ impl Reader {
                 self.by_script(handle, keys).await
             }
             (LookupMode::Commands, _) | (LookupMode::Mixed, false) => {
-                match self.by_commands(handle, keys).await {
-                    Ok(outcomes) => outcomes,
-                    Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+                let mut mget = self.mget.load(Ordering::Relaxed);
+                loop {
+                    match self.by_commands(handle, keys, mget).await {
+                        Ok(outcomes) => return outcomes,
+                        Err(Failure::MgetDenied) if mget => {
+                            if self.mget.swap(false, Ordering::Relaxed) {
+                                warn!(
+                                    "the Redis user may not run MGET: lookups read key by key \
+                                     (add +mget to its ACL)"
+                                );
+                            }
+                            mget = false;
+                        }
+                        Err(Failure::MgetDenied) => {
+                            let e = StoreError::Failed("Redis refused MGET".into());
+                            return keys.iter().map(|_| Err(e.clone())).collect();
+                        }
+                        Err(Failure::Store(e)) => {
+                            return keys.iter().map(|_| Err(e.clone())).collect();
+                        }
+                    }
                 }
             }
         }
@@ -153,17 +181,17 @@ impl Reader {
         outcomes
     }
 
+    /// `mget`: each round reads its keys with one `MGET`, else a `GET` per key.
     async fn by_commands(
         &self,
         handle: &mut Handle,
         keys: &[&str],
-    ) -> Result<Vec<Outcome>, StoreError> {
+        mget: bool,
+    ) -> Result<Vec<Outcome>, Failure> {
         // The store's clock, the entries, the check.
         let mut pipe = redis::pipe();
         pipe.cmd("TIME");
-        for key in keys {
-            pipe.cmd("GET").arg(*key);
-        }
+        read_keys(&mut pipe, keys.iter().copied(), mget);
         let mut values = self.query(handle, pipe).await?.into_iter();
         let now = values
             .next()
@@ -174,10 +202,11 @@ impl Reader {
                     .map(|(seconds, micros)| Micros(seconds * 1_000_000 + micros))
                     .map_err(|e| StoreError::Failed(format!("TIME answered {e}"))),
             })?;
+        let entries = replies(values, keys.len(), mget)?;
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(keys.len());
         // The live entries, whose markers are read next: (index, entry).
         let mut live = Vec::new();
-        for value in values.take(keys.len()) {
+        for value in entries {
             let looked = |raw, verdict| Ok(Looked { raw, now, verdict });
             match value {
                 Value::Nil => outcomes.push(looked(None, Verdict::Miss)),
@@ -215,13 +244,20 @@ impl Reader {
         if live.is_empty() {
             return Ok(outcomes);
         }
+        let marker_keys: Vec<String> = live
+            .iter()
+            .map(|(_, cached)| marker_key(&cached.session.user.id))
+            .collect();
         let mut pipe = redis::pipe();
-        for (_, cached) in &live {
-            pipe.cmd("GET").arg(marker_key(&cached.session.user.id));
-        }
-        let markers = match self.query(handle, pipe).await {
+        read_keys(&mut pipe, marker_keys.iter().map(String::as_str), mget);
+        let markers = match self
+            .query(handle, pipe)
+            .await
+            .and_then(|markers| replies(markers.into_iter(), live.len(), mget))
+        {
             Ok(markers) => markers,
-            Err(e) => {
+            Err(Failure::MgetDenied) => return Err(Failure::MgetDenied),
+            Err(Failure::Store(e)) => {
                 // Never a hit without the marker's check.
                 for (index, _) in live {
                     outcomes[index] = Err(e.clone());
@@ -252,11 +288,7 @@ impl Reader {
 
     /// Sends `pipe` with [`PRIMARY_CHECK`] behind it; the replies of `pipe`'s commands,
     /// or the check's refusal.
-    async fn query(
-        &self,
-        handle: &mut Handle,
-        mut pipe: Pipeline,
-    ) -> Result<Vec<Value>, StoreError> {
+    async fn query(&self, handle: &mut Handle, mut pipe: Pipeline) -> Result<Vec<Value>, Failure> {
         pipe.cmd("DEL").arg(PRIMARY_CHECK);
         pipe.ignore_errors();
         let mut values: Vec<Value> = pipe
@@ -266,11 +298,61 @@ impl Reader {
         match values.pop() {
             Some(Value::ServerError(e)) => {
                 handle.refused(e.code());
-                Err(StoreError::Failed(format!("Redis refused the lookup: {e}")))
+                Err(StoreError::Failed(format!("Redis refused the lookup: {e}")).into())
             }
             Some(_) => Ok(values),
-            None => Err(StoreError::Failed("the lookup was not answered".into())),
+            None => Err(StoreError::Failed("the lookup was not answered".into()).into()),
         }
+    }
+}
+
+/// Why a commands lookup gave no outcomes.
+enum Failure {
+    /// The Redis user may not run `MGET` (an ACL from before lookups used it): read again
+    /// key by key.
+    MgetDenied,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+/// Adds the reads of `keys` to `pipe`: one `MGET`, or a `GET` each.
+fn read_keys<'a>(pipe: &mut Pipeline, keys: impl Iterator<Item = &'a str>, mget: bool) {
+    if mget {
+        let cmd = pipe.cmd("MGET");
+        for key in keys {
+            cmd.arg(key);
+        }
+    } else {
+        for key in keys {
+            pipe.cmd("GET").arg(key);
+        }
+    }
+}
+
+/// The values of `count` keys read by [`read_keys`], from the replies that follow.
+fn replies(
+    mut values: impl Iterator<Item = Value>,
+    count: usize,
+    mget: bool,
+) -> Result<Vec<Value>, Failure> {
+    if !mget {
+        let values: Vec<Value> = values.take(count).collect();
+        return match values.len() == count {
+            true => Ok(values),
+            false => Err(StoreError::Failed("a GET was not answered".into()).into()),
+        };
+    }
+    match values.next() {
+        Some(Value::Array(values)) if values.len() == count => Ok(values),
+        Some(Value::ServerError(e)) if e.code() == "NOPERM" => Err(Failure::MgetDenied),
+        Some(Value::ServerError(e)) => Err(StoreError::Failed(format!("MGET failed: {e}")).into()),
+        Some(_) => Err(StoreError::Failed("MGET answered another shape".into()).into()),
+        None => Err(StoreError::Failed("MGET was not answered".into()).into()),
     }
 }
 

@@ -40,7 +40,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -326,6 +326,7 @@ impl RedisStore {
             mode: config.lookup,
             script: get.clone(),
             margin: config.limits.clock_skew,
+            mget: AtomicBool::new(true),
         });
         Ok(RedisStore {
             kind,
