@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 
 /// An instant in whole microseconds since the Unix epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -101,16 +101,33 @@ pub fn parse_iso(text: &str) -> Option<DateTime<Utc>> {
 /// when there are any, and a `+00:00` offset. Python 3.7+ reads it back with
 /// `datetime.fromisoformat`.
 pub fn format_iso(t: DateTime<Utc>) -> String {
-    if t.timestamp_subsec_micros() == 0 {
-        t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
-    } else {
-        t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
-    }
+    // RFC 3339's writer, not `format`: a strftime string is parsed again on every call.
+    let digits = match t.timestamp_subsec_micros() {
+        0 => SecondsFormat::Secs,
+        _ => SecondsFormat::Micros,
+    };
+    t.to_rfc3339_opts(digits, false)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Python's `isoformat()` for an aware UTC datetime, over the years a session may name.
+    #[test]
+    fn formats_as_python_does() {
+        for (text, python) in [
+            ("2024-01-15T10:30:00Z", "2024-01-15T10:30:00+00:00"),
+            ("2024-01-15T10:30:00.5Z", "2024-01-15T10:30:00.500000+00:00"),
+            ("2024-01-15T10:30:00.000001Z", "2024-01-15T10:30:00.000001+00:00"),
+            ("2024-01-15T10:30:00.0000019Z", "2024-01-15T10:30:00.000001+00:00"),
+            ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00+00:00"),
+            ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999999+00:00"),
+        ] {
+            let t = DateTime::parse_from_rfc3339(text).unwrap().to_utc();
+            assert_eq!(format_iso(t), python, "{text}");
+        }
+    }
 
     /// Markers in every form `str(time.time())` takes read to the same microseconds.
     #[test]
