@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# CPU profile of the service under bench.py's Get-hit load (500 in flight), on one Redis
-# and on the memory store: perf record (cpu-clock: this VM has no hardware counters, and
+# CPU profile of the service under one of bench.py's loads at 500 in flight (Get hit by
+# default, or Set, or InvalidateUser), on one Redis and on the memory store: perf record (cpu-clock: this VM has no hardware counters, and
 # DWARF unwinding: release builds keep no frame pointers), folded and drawn with inferno
 # (`cargo install inferno`), and the top costs printed by bench/top_costs.py.
 #
-#   bench/profile.sh [out-dir] [seconds]     default /tmp/session-cache-profile, 8 s
+#   bench/profile.sh [out-dir] [seconds] [get|set|invalidate-user]
+#                                  default /tmp/session-cache-profile, 8 s, get
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/session-cache-profile}
 seconds=${2:-8}
+scenario=${3:-get}
+case "$scenario" in
+  get) method=Get ;;
+  set) method=Set ;;
+  invalidate-user) method=InvalidateUser ;;
+  *) echo "unknown scenario: $scenario" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 for tool in perf h2load redis-server inferno-collapse-perf inferno-flamegraph; do
   command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
@@ -28,7 +36,9 @@ import sys, os
 sys.path.insert(0, "bench")
 import bench
 for name, body in (("get", bench.get_request("bench-token")),
-                   ("set", bench.set_request("bench-token", "bench-user"))):
+                   ("seed", bench.set_request("bench-token", "bench-user")),
+                   ("set", bench.set_request("bench-set", "bench-set-user")),
+                   ("invalidate-user", bench.invalidate_user_request("bench-invalidated-user"))):
     open(os.path.join(sys.argv[1], name + ".bin"), "wb").write(body)
 EOF
 
@@ -41,18 +51,18 @@ for store in redis memory; do
   pids+=("$pid")
   sleep 1.5
   h2() { h2load "$@" -H 'content-type: application/grpc' -H 'te: trailers' >/dev/null; }
-  h2 -n 1 -c 1 --data "$out/set.bin" "http://127.0.0.1:$port/sessioncache.v1.SessionCache/Set"
+  h2 -n 1 -c 1 --data "$out/seed.bin" "http://127.0.0.1:$port/sessioncache.v1.SessionCache/Set"
   # Load for longer than the recording, which starts once the load has settled.
-  h2 -D $((seconds + 3)) -c 50 -m 10 -t 1 --data "$out/get.bin" \
-    "http://127.0.0.1:$port/sessioncache.v1.SessionCache/Get" &
+  h2 -D $((seconds + 3)) -c 50 -m 10 -t 1 --data "$out/$scenario.bin" \
+    "http://127.0.0.1:$port/sessioncache.v1.SessionCache/$method" &
   load=$!
   sleep 1
-  perf record -q -e cpu-clock -F 499 --call-graph dwarf,8192 -p "$pid" -o "$out/$store.data" \
+  perf record -q -e cpu-clock -F 499 --call-graph dwarf,8192 -p "$pid" -o "$out/$scenario-$store.data" \
     -- sleep "$seconds" 2>/dev/null
   wait "$load"
-  perf script -i "$out/$store.data" 2>/dev/null | inferno-collapse-perf --all >"$out/$store.folded"
-  inferno-flamegraph --title "session-cache Get hit, $store store, 500 in flight" \
-    <"$out/$store.folded" >"$out/$store.svg"
-  echo "== $store: $out/$store.svg"
-  python3 bench/top_costs.py "$out/$store.folded"
+  perf script -i "$out/$scenario-$store.data" 2>/dev/null | inferno-collapse-perf --all >"$out/$scenario-$store.folded"
+  inferno-flamegraph --title "session-cache $method, $store store, 500 in flight" \
+    <"$out/$scenario-$store.folded" >"$out/$scenario-$store.svg"
+  echo "== $scenario, $store: $out/$scenario-$store.svg"
+  python3 bench/top_costs.py "$out/$scenario-$store.folded"
 done

@@ -393,4 +393,41 @@ async fn flushed_scripts_are_loaded_again() {
         SetOutcome::Stored
     );
     assert!(h.invalidate_user("u1").await.is_ok());
+
+    // Concurrent writes go out batched in pipelines: each call answered NOSCRIPT
+    // inside one is sent again with its script loaded.
+    let _: () = bb8_redis::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = (0..64).map(|i| {
+        let mut client = h.client.clone();
+        async move {
+            let set = client
+                .set(pb::SetRequest {
+                    token: format!("flushed-{i}"),
+                    user: Some(user(&format!("user-{i}"))),
+                    session_expire: Some(in_an_hour()),
+                    fence: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let invalidated = client
+                .invalidate_user(pb::InvalidateUserRequest {
+                    user_id: format!("other-{i}"),
+                })
+                .await;
+            (set.outcome(), invalidated.is_ok())
+        }
+    });
+    for (i, (set, invalidated)) in futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(set, SetOutcome::Stored, "Set {i}");
+        assert!(invalidated, "InvalidateUser {i}");
+    }
 }

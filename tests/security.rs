@@ -243,6 +243,25 @@ async fn mutual_tls() {
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args).await;
+    // The store is ready once its first ping has passed; calls before that are refused.
+    let mut health = HealthClient::new(tls_channel(&server, &ca, None).await.unwrap());
+    let ready = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: "sessioncache.v1.SessionCache".into(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        if matches!(status, Ok(ServingStatus::Serving)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < ready,
+            "the store stayed {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let gateway = ca.client("gateway.internal");
     let mut client =

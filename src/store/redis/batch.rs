@@ -41,12 +41,14 @@ use std::sync::{
 };
 
 use bb8::Pool;
-use bb8_redis::redis::{self, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
+use bb8_redis::redis::{
+    self, Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::{
-    checkout,
+    Lua, checkout,
     connection::{Handle, Manager},
 };
 use crate::{
@@ -362,20 +364,85 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Outcome>,
 }
 
-/// Most lookups in one pipeline; more wait for the next.
+/// One script call waiting for its batch: its `EVALSHA`, and the script, for a Redis
+/// that has lost it.
+pub(super) struct Call {
+    pub cmd: Cmd,
+    pub script: Arc<Lua>,
+    pub reply: oneshot::Sender<Result<Value, StoreError>>,
+}
+
+/// What waits in a batcher's queue.
+pub(super) trait Waiting: Send + 'static {
+    /// The caller has given up.
+    fn gone(&self) -> bool;
+    fn fail(self, e: StoreError);
+}
+
+impl Waiting for Job {
+    fn gone(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn fail(self, e: StoreError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+impl Waiting for Call {
+    fn gone(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn fail(self, e: StoreError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+/// Most calls in one pipeline; more wait for the next.
 const MAX_BATCH: usize = 256;
 
-/// Starts the batcher; it ends when the returned sender is dropped. The channel needs no
-/// bound of its own: `--max-in-flight` bounds the calls that can be waiting in it.
-pub(super) fn spawn(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::UnboundedSender<Job> {
+/// Starts the lookups' batcher; it ends when the returned sender is dropped. The
+/// channel needs no bound of its own: `--max-in-flight` bounds the calls that can be
+/// waiting in it.
+pub(super) fn lookups(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::UnboundedSender<Job> {
+    spawn(pool, move |mut handle, batch: Vec<Job>| {
+        let reader = reader.clone();
+        async move {
+            let keys: Vec<&str> = batch.iter().map(|job| job.key.as_str()).collect();
+            let outcomes = reader.read(&mut handle, &keys, false).await;
+            for (job, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = job.reply.send(outcome);
+            }
+        }
+    })
+}
+
+/// Starts the script calls' batcher (Sets and revocations that wait for no replica);
+/// it ends when the returned sender is dropped.
+pub(super) fn calls(pool: Pool<Manager>) -> mpsc::UnboundedSender<Call> {
+    spawn(pool, run_calls)
+}
+
+fn spawn<J, F, Fut>(pool: Pool<Manager>, send: F) -> mpsc::UnboundedSender<J>
+where
+    J: Waiting,
+    F: Fn(Handle, Vec<J>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let (jobs, queue) = mpsc::unbounded_channel();
-    tokio::spawn(gather(queue, pool, reader));
+    tokio::spawn(gather(queue, pool, send));
     jobs
 }
 
-async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, reader: Arc<Reader>) {
+async fn gather<J, F, Fut>(mut queue: mpsc::UnboundedReceiver<J>, pool: Pool<Manager>, send: F)
+where
+    J: Waiting,
+    F: Fn(Handle, Vec<J>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     while let Some(first) = queue.recv().await {
-        // Let the handlers that are already runnable enqueue their lookups too.
+        // Let the handlers that are already runnable enqueue their calls too.
         tokio::task::yield_now().await;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -384,7 +451,7 @@ async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, re
                 Err(_) => break,
             }
         }
-        batch.retain(|job| !job.reply.is_closed());
+        batch.retain(|job| !job.gone());
         if batch.is_empty() {
             continue;
         }
@@ -392,21 +459,78 @@ async fn gather(mut queue: mpsc::UnboundedReceiver<Job>, pool: Pool<Manager>, re
             // Sent from a task of its own, so that gathering goes on while this batch
             // waits for its reply.
             Ok(handle) => {
-                tokio::spawn(send(handle, reader.clone(), batch));
+                tokio::spawn(send(handle, batch));
             }
             Err(e) => {
                 for job in batch {
-                    let _ = job.reply.send(Err(e.clone()));
+                    job.fail(e.clone());
                 }
             }
         }
     }
 }
 
-async fn send(mut handle: Handle, reader: Arc<Reader>, batch: Vec<Job>) {
-    let keys: Vec<&str> = batch.iter().map(|job| job.key.as_str()).collect();
-    let outcomes = reader.read(&mut handle, &keys, false).await;
-    for (job, outcome) in batch.into_iter().zip(outcomes) {
-        let _ = job.reply.send(outcome);
+/// Sends a batch of script calls as one pipeline; a call whose script Redis has lost
+/// (a restart, a failover, SCRIPT FLUSH) is sent again with the script loaded.
+async fn run_calls(mut handle: Handle, batch: Vec<Call>) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut waiting = Vec::with_capacity(batch.len());
+    for call in batch {
+        pipe.add_command(call.cmd);
+        waiting.push((call.script, call.reply));
+    }
+    let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
+        Ok(values) => values,
+        Err(e) => {
+            let e = handle.failed(e);
+            for (_, reply) in waiting {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    for ((cmd, (script, reply)), value) in pipe.cmd_iter().zip(waiting).zip(values) {
+        let outcome = match value {
+            Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => {
+                reload(&mut handle, &script, cmd).await
+            }
+            Value::ServerError(e) => Err(handle.failed(e.into())),
+            value => Ok(value),
+        };
+        let _ = reply.send(outcome);
+    }
+}
+
+/// Runs one script call (`cmd`, an `EVALSHA` of `script`) on `handle`.
+pub(super) async fn evalsha(
+    handle: &mut Handle,
+    script: &Lua,
+    cmd: &Cmd,
+) -> Result<Value, StoreError> {
+    match cmd.query_async::<Value>(&mut handle.conn).await {
+        Ok(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript) => {
+            reload(handle, script, cmd).await
+        }
+        Ok(Value::ServerError(e)) => Err(handle.failed(e.into())),
+        Ok(value) => Ok(value),
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            reload(handle, script, cmd).await
+        }
+        Err(e) => Err(handle.failed(e)),
+    }
+}
+
+/// Loads `script` and sends `cmd` again.
+async fn reload(handle: &mut Handle, script: &Lua, cmd: &Cmd) -> Result<Value, StoreError> {
+    script
+        .script
+        .load_async(&mut handle.conn)
+        .await
+        .map_err(|e| handle.failed(e))?;
+    match cmd.query_async::<Value>(&mut handle.conn).await {
+        Ok(Value::ServerError(e)) => Err(handle.failed(e.into())),
+        Ok(value) => Ok(value),
+        Err(e) => Err(handle.failed(e)),
     }
 }

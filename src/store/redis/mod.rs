@@ -25,8 +25,10 @@
 //! Concurrent Gets do not go to Redis one by one: `batch` sends the lookups that are
 //! ready at the same moment as one pipeline of plain commands (GET and TIME, then the
 //! markers of the live entries), which cost Redis a third of the Get script's CPU. A
-//! lone Get takes the script, one round trip instead of two; it and the rarer Sets and
-//! invalidations go straight.
+//! lone Get takes the script, one round trip instead of two, and goes straight. Sets
+//! and revocations (those that wait for no replica) are batched the same way, each
+//! still its own script: a pipeline of `EVALSHA`s, one socket write and one wake-up of
+//! the connection's driver for the lot; a lone one goes straight too.
 //!
 //! # Cluster
 //! Every script touches the keys of one slot: the entry and its tombstone, whose hash
@@ -168,6 +170,11 @@ pub struct RedisStore {
     revocation_replicas: u32,
     /// Get lookups, coalesced into pipelines (see `batch`).
     gets: mpsc::UnboundedSender<batch::Job>,
+    /// Sets and revocations (those that wait for no replica), coalesced the same way
+    /// outside Cluster.
+    calls: mpsc::UnboundedSender<batch::Call>,
+    /// Script calls in progress: one with no other beside it goes straight to Redis.
+    calling: AtomicUsize,
     /// How a lookup reads Redis outside Cluster.
     reader: Arc<batch::Reader>,
     /// Lookups in progress: a lookup with no other beside it goes straight to Redis,
@@ -183,9 +190,9 @@ pub struct RedisStore {
 
 struct Scripts {
     get: Script,
-    set: Script,
-    invalidate_token: Lua,
-    invalidate_user: Lua,
+    set: Arc<Lua>,
+    invalidate_token: Arc<Lua>,
+    invalidate_user: Arc<Lua>,
     remove_if: Script,
     ping: Lua,
 }
@@ -193,7 +200,8 @@ struct Scripts {
 /// A script with its text, for where it goes as `EVAL`: inside the pipeline of a
 /// revocation that waits for replicas, where a primary that lost its script cache (a
 /// failover) could not be answered `NOSCRIPT` and retried, and to every Cluster primary
-/// at once for a ping.
+/// at once for a ping; and for `SCRIPT LOAD` where a batched call is answered
+/// `NOSCRIPT`.
 struct Lua {
     script: Script,
     code: String,
@@ -211,6 +219,21 @@ impl Lua {
     fn eval(&self, keys: &[String], args: &[String]) -> Cmd {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(&self.code).arg(keys.len()).arg(keys).arg(args);
+        cmd
+    }
+
+    /// `EVALSHA` of this script with these keys and arguments, as a command of its own
+    /// (for the batcher; see `batch::evalsha` for the `NOSCRIPT` that may answer it).
+    fn evalsha(&self, keys: &[String], args: &[String]) -> Cmd {
+        let mut cmd = self.evalsha_of(keys.len());
+        cmd.arg(keys).arg(args);
+        cmd
+    }
+
+    /// `EVALSHA` of this script, to be given its `keys` keys and then its arguments.
+    fn evalsha_of(&self, keys: usize) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(keys);
         cmd
     }
 
@@ -332,7 +355,9 @@ impl RedisStore {
             kind,
             cluster,
             primaries: cluster::Primaries::default(),
-            gets: batch::spawn(shared.clone(), reader.clone()),
+            gets: batch::lookups(shared.clone(), reader.clone()),
+            calls: batch::calls(shared.clone()),
+            calling: AtomicUsize::new(0),
             reader,
             lookups: AtomicUsize::new(0),
             pool: shared,
@@ -343,9 +368,9 @@ impl RedisStore {
             allow_evicting: config.allow_evicting,
             scripts: Scripts {
                 get,
-                set: script!(SHEBANG, "set.lua"),
-                invalidate_token: Lua::new(lua!(SHEBANG, "invalidate_token.lua")),
-                invalidate_user: Lua::new(lua!(SHEBANG, "invalidate_user.lua")),
+                set: Arc::new(Lua::new(lua!(SHEBANG, "set.lua"))),
+                invalidate_token: Arc::new(Lua::new(lua!(SHEBANG, "invalidate_token.lua"))),
+                invalidate_user: Arc::new(Lua::new(lua!(SHEBANG, "invalidate_user.lua"))),
                 remove_if: script!(SHEBANG_ALLOW_OOM, "remove_if.lua"),
                 ping: Lua::new(lua!(SHEBANG_ALLOW_OOM, "ping.lua")),
             },
@@ -375,6 +400,42 @@ impl RedisStore {
             .unwrap_or(Err(StoreError::Timeout))
     }
 
+    /// Runs one script call (`cmd`, an `EVALSHA` of `script`) within `deadline`: outside
+    /// Cluster, through the batcher when another call is in progress (see `batch`), else
+    /// straight away.
+    async fn call<T: FromRedisValue>(
+        &self,
+        deadline: Instant,
+        script: &Arc<Lua>,
+        cmd: Cmd,
+    ) -> Result<T, StoreError> {
+        let counted = Counted::enter(&self.calling);
+        let value = if self.cluster || counted.alone {
+            let call = async {
+                let mut handle = self.connection().await?;
+                batch::evalsha(&mut handle, script, &cmd).await
+            };
+            timeout_at(deadline, call)
+                .await
+                .unwrap_or(Err(StoreError::Timeout))?
+        } else {
+            let (reply, replied) = oneshot::channel();
+            let call = batch::Call {
+                cmd,
+                script: script.clone(),
+                reply,
+            };
+            self.calls
+                .send(call)
+                .map_err(|_| StoreError::Failed("the call batcher has stopped".into()))?;
+            timeout_at(deadline, replied)
+                .await
+                .map_err(|_| StoreError::Timeout)?
+                .map_err(|_| StoreError::Failed("the call batcher dropped a call".into()))??
+        };
+        T::from_redis_value(value).map_err(|e| StoreError::Failed(e.to_string()))
+    }
+
     /// Runs one command within `deadline`.
     async fn query<T: FromRedisValue>(
         &self,
@@ -397,13 +458,13 @@ impl RedisStore {
     /// retry one that was not acknowledged.
     async fn revoke<T: FromRedisValue>(
         &self,
-        lua: &Lua,
+        lua: &Arc<Lua>,
         keys: &[String],
         args: &[String],
     ) -> Result<T, StoreError> {
         let deadline = self.deadline();
         let Some(durable) = &self.durable else {
-            return self.run(deadline, &lua.invocation(keys, args)).await;
+            return self.call(deadline, lua, lua.evalsha(keys, args)).await;
         };
         let call = async {
             let pooled = durable.get().await.map_err(pool_error)?;
@@ -668,8 +729,7 @@ impl Store for RedisStore {
     ) -> Result<Stored, StoreError> {
         let deadline = self.deadline();
         let expire = Micros::from_datetime(session.session_expire);
-        let mut invocation = self.scripts.set.key(token.entry_key());
-        invocation.key(token.tombstone_key());
+        let mut keys = vec![token.entry_key(), token.tombstone_key()];
         if self.cluster {
             // The marker is in another slot: checked first, here. A marker written
             // between this read and the script's write postdates the fence, so the Get
@@ -690,22 +750,18 @@ impl Store for RedisStore {
                 }
             }
         } else {
-            invocation
-                .key(marker_key(&session.user.id))
-                .key(token.legacy_tombstone_key());
+            keys.extend([marker_key(&session.user.id), token.legacy_tombstone_key()]);
         }
-        let (outcome, ttl): (String, u32) = self
-            .run(
-                deadline,
-                invocation
-                    .arg(entry::encode_head(session))
-                    .arg(expire.0)
-                    .arg(fence.map(|f| f.to_string()).unwrap_or_default())
-                    .arg(self.limits.ttl_seconds)
-                    .arg(self.limits.clock_skew.0)
-                    .arg(self.limits.marker_ttl_seconds),
-            )
-            .await?;
+        let script = &self.scripts.set;
+        let mut cmd = script.evalsha_of(keys.len());
+        cmd.arg(keys)
+            .arg(entry::encode_head(session))
+            .arg(expire.0)
+            .arg(fence.map(|f| f.to_string()).unwrap_or_default())
+            .arg(self.limits.ttl_seconds)
+            .arg(self.limits.clock_skew.0)
+            .arg(self.limits.marker_ttl_seconds);
+        let (outcome, ttl): (String, u32) = self.call(deadline, script, cmd).await?;
         match outcome.as_str() {
             "stored" => Ok(Stored::Stored { ttl_seconds: ttl }),
             "revoked" => Ok(Stored::Revoked),
