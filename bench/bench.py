@@ -390,7 +390,7 @@ def seed_equivalent(port, lookups):
 def targets(rows, floors, floor_of):
     """Issue 15's targets, from this run's rows: (figure, value, target, met or None
     when the run lacks a row it needs). Each row is held against the floor measured
-    just before its store's scenarios (`floor_of`), else the run's first."""
+    just before it (`floor_of`), else the run's first."""
     by = {(name, f): r for name, f, r in rows}
 
     def floor_for(name, in_flight):
@@ -527,49 +527,55 @@ def main():
                 rows.append((f"floor: redis-benchmark {test.upper()}", in_flight,
                              redis_benchmark(redis_port, test, requests, in_flight)))
 
+        # Each scenario is held against the floor measured right before it, at the same
+        # load: the host's speed drifts within a run (20-40% over minutes on a shared
+        # host), and a ratio is only as good as its floor.
         floor_of = {}
+
+        def beside(name, in_flight, requests, run):
+            floor_of[(name, in_flight)] = measure(floor_port, floor.pid, [], "Get", hit_body,
+                                                  requests, in_flight, workdir)
+            r = run()
+            rows.append((name, in_flight, r))
+            return r
+
         for store, (port, proc) in subjects.items():
             rport = redis_ports[store]
-            # The floor again, right before this store's scenarios: the host's speed
-            # drifts within a run, and a ratio is only as good as its floor.
-            beside = {}
             for in_flight, requests in ((500, many), (1, few)):
-                beside[in_flight] = measure(floor_port, floor.pid, [], "Get", hit_body, requests,
-                                            in_flight, workdir)
                 rows.append((f"floor: constant server, Get (before {store})", in_flight,
-                             beside[in_flight]))
-            first_row = len(rows)
+                             measure(floor_port, floor.pid, [], "Get", hit_body, requests,
+                                     in_flight, workdir)))
             for in_flight, requests in ((500, many), (1, few)):
+                def subject(method, body, in_flight=in_flight, requests=requests,
+                            port=port, pid=proc.pid, rport=rport):
+                    return lambda: measure(port, pid, rport, method, body, requests,
+                                           in_flight, workdir)
+
                 check(port, "Set", set_request("bench-token", "bench-user"), 1)
                 size = check(port, "Get", hit_body, 1)
                 assert size == hit_bytes, f"a hit is {size} bytes, the floor's {hit_bytes}"
-                r = measure(port, proc.pid, rport, "Get", hit_body, requests, in_flight, workdir)
+                r = beside(f"{store}: Get hit", in_flight, requests, subject("Get", hit_body))
                 if abs(r["bytes_per_reply"] - hit_bytes) > 0.5 or r["ok"] != requests:
                     raise SystemExit(f"{store} Get hit: {r['ok']} ok, "
                                      f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {hit_bytes}")
-                rows.append((f"{store}: Get hit", in_flight, r))
                 # Validate of a token the provider vouched for once: a hit, no provider call.
                 body = validate_request(VALIDATE_TOKEN)
                 size = check(port, "Validate", body, 1)
-                r = measure(port, proc.pid, rport, "Validate", body, requests, in_flight, workdir)
+                r = beside(f"{store}: Validate hit", in_flight, requests, subject("Validate", body))
                 if abs(r["bytes_per_reply"] - size) > 0.5 or r["ok"] != requests:
                     raise SystemExit(f"{store} Validate hit: {r['ok']} ok, "
                                      f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {size}")
-                rows.append((f"{store}: Validate hit", in_flight, r))
                 if in_flight == 1:
                     continue
                 check(port, "Get", get_request("bench-miss"), 2)
-                rows.append((f"{store}: Get miss", in_flight, measure(
-                    port, proc.pid, rport, "Get", get_request("bench-miss"), requests, 500, workdir)))
-                check(port, "Set", set_request("bench-set", "bench-set-user"), 1)
-                rows.append((f"{store}: Set", in_flight, measure(
-                    port, proc.pid, rport, "Set", set_request("bench-set", "bench-set-user"),
-                    requests, 500, workdir)))
+                beside(f"{store}: Get miss", in_flight, requests,
+                       subject("Get", get_request("bench-miss")))
+                body = set_request("bench-set", "bench-set-user")
+                check(port, "Set", body, 1)
+                beside(f"{store}: Set", in_flight, requests, subject("Set", body))
                 body = invalidate_user_request("bench-invalidated-user")
-                rows.append((f"{store}: InvalidateUser", in_flight, measure(
-                    port, proc.pid, rport, "InvalidateUser", body, requests, 500, workdir)))
-            for name, in_flight, _ in rows[first_row:]:
-                floor_of[(name, in_flight)] = beside[in_flight]
+                beside(f"{store}: InvalidateUser", in_flight, requests,
+                       subject("InvalidateUser", body))
 
         rows.append(("seed-equivalent: redis-py GET+parse+GET", 1,
                      seed_equivalent(redis_port, few)))
@@ -582,8 +588,13 @@ def main():
           f"{os.cpu_count()} cores")
     print()
     print("| scenario | in flight | calls/s | p50 ms | p99 ms | p999 ms | server CPU us/call "
-          "| Redis CPU us/call | peak RSS MiB | calls/s vs floor | CPU vs floor | p99 vs floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| Redis CPU us/call | peak RSS MiB | floor beside: calls/s, CPU us/call "
+          "| calls/s vs floor | CPU vs floor | p99 vs floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def beside_text(name, in_flight):
+        floor = floor_of.get((name, in_flight))
+        return f"{fmt(floor['rps'], 0)}, {fmt(floor['cpu_us'], 1)}" if floor else "-"
+
     for name, in_flight, r in rows:
         floor = floor_of.get((name, in_flight)) or floors.get(in_flight, {})
 
@@ -592,7 +603,8 @@ def main():
 
         print(f"| {name} | {in_flight} | {fmt(r['rps'], 0)} | {fmt(r['p50'], 3)} | "
               f"{fmt(r['p99'], 3)} | {fmt(r['p999'], 3)} | {fmt(r['cpu_us'], 1)} | "
-              f"{fmt(r['redis_us'], 1)} | {fmt(r['rss'], 1)} | {fmt(ratio('rps'))} | "
+              f"{fmt(r['redis_us'], 1)} | {fmt(r['rss'], 1)} | "
+              f"{beside_text(name, in_flight)} | {fmt(ratio('rps'))} | "
               f"{fmt(ratio('cpu_us'))} | {fmt(ratio('p99'))} |")
     print_targets(rows, floors, floor_of)
     seed = rows[-1][2]["rps"]
