@@ -12,6 +12,10 @@ number of lookups.
 h2load counts any HTTP 200 as a success, gRPC errors included, so each subject is checked
 twice: a sample call through curl must decode to the expected outcome, and the bytes per
 reply under load must equal the sample's.
+
+Each row runs `--pairs` times (3 by default), alternating with the floor at the same load,
+so that the host's drift within a run hits both alike: the row gives each figure's median,
+and its ratios against the floor are the medians of the pairs' ratios.
 """
 
 import argparse
@@ -20,6 +24,7 @@ import json
 import os
 import shlex
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -385,6 +390,23 @@ def seed_equivalent(port, lookups):
             "p999": None, "cpu_us": None, "redis_us": None, "rss": None}
 
 
+def median_result(results):
+    """One result of several runs of a scenario: each figure's median; the fewest calls
+    that succeeded, and the highest peak RSS."""
+    out = {}
+    for key in results[0]:
+        values = [r[key] for r in results]
+        if key == "ok":
+            out[key] = min(values)
+        elif key == "rss":
+            out[key] = max((v for v in values if v is not None), default=None)
+        elif all(isinstance(v, (int, float)) for v in values):
+            out[key] = statistics.median(values)
+        else:
+            out[key] = values[0]
+    return out
+
+
 # --- the issue's targets ----------------------------------------------------------
 
 def targets(rows, floors, floor_of):
@@ -398,6 +420,8 @@ def targets(rows, floors, floor_of):
 
     def ratio(name, key, in_flight=500):
         r, floor = by.get((name, in_flight)), floor_for(name, in_flight)
+        if r and "vs_floor" in r:
+            return r["vs_floor"][key]
         if not r or not floor or not r.get(key) or not floor.get(key):
             return None
         return r[key] / floor[key]
@@ -461,9 +485,13 @@ def main():
                         help="calls per scenario at 500 in flight")
     parser.add_argument("--bin-dir", default=RELEASE,
                         help="where the session-cache and examples/constant_server binaries are")
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="floor and scenario alternate this many times per row")
     parser.add_argument("--service-args", default="",
                         help="more flags for every session-cache subject, e.g. '--redis-lookup script'")
     args = parser.parse_args()
+    if args.quick:
+        args.pairs = 1
     bin_dir = os.path.abspath(args.bin_dir)
     many = 3_000 if args.quick else args.requests
     few = 300 if args.quick else max(2_000, args.requests // 20)
@@ -533,9 +561,16 @@ def main():
         floor_of = {}
 
         def beside(name, in_flight, requests, run):
-            floor_of[(name, in_flight)] = measure(floor_port, floor.pid, [], "Get", hit_body,
-                                                  requests, in_flight, workdir)
-            r = run()
+            # Floor and scenario alternate `--pairs` times; the row shows each figure's
+            # median, and its ratios are the medians of the pairs' ratios.
+            pairs = []
+            for _ in range(args.pairs):
+                pairs.append((measure(floor_port, floor.pid, [], "Get", hit_body, requests,
+                                      in_flight, workdir), run()))
+            floor_of[(name, in_flight)] = median_result([f for f, _ in pairs])
+            r = median_result([r for _, r in pairs])
+            r["vs_floor"] = {key: statistics.median(r_[key] / f[key] for f, r_ in pairs)
+                             for key in ("rps", "cpu_us", "p99")}
             rows.append((name, in_flight, r))
             return r
 
@@ -599,6 +634,8 @@ def main():
         floor = floor_of.get((name, in_flight)) or floors.get(in_flight, {})
 
         def ratio(key, r=r, floor=floor):
+            if "vs_floor" in r:
+                return r["vs_floor"][key]
             return (r[key] / floor[key]) if r.get(key) and floor.get(key) else None
 
         print(f"| {name} | {in_flight} | {fmt(r['rps'], 0)} | {fmt(r['p50'], 3)} | "
