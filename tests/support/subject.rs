@@ -136,7 +136,15 @@ impl Subject {
     /// Starts the store and the service with these flags, reached by `path`.
     pub async fn start(backend: Backend, path: Path, args: &[&str]) -> Subject {
         if path == Path::Network {
-            let harness = Harness::start(backend, args).await;
+            // With replicas (Sentinel, Cluster) every revocation waits for one (WAIT,
+            // within the store timeout); 100 ms is short for a replica on a test machine
+            // busy with other topologies, and these tests are about answers, not speed.
+            let mut args = args.to_vec();
+            let replicated = matches!(backend, Backend::Sentinel | Backend::Cluster);
+            if replicated && !args.contains(&"--store-timeout-ms") {
+                args.extend(["--store-timeout-ms", "1000"]);
+            }
+            let harness = Harness::start(backend, &args).await;
             return Subject {
                 caller: Caller::Network(harness.client.clone()),
                 backend,
