@@ -577,10 +577,6 @@ def main():
         for store, (port, proc) in subjects.items():
             rport = redis_ports[store]
             for in_flight, requests in ((500, many), (1, few)):
-                rows.append((f"floor: constant server, Get (before {store})", in_flight,
-                             measure(floor_port, floor.pid, [], "Get", hit_body, requests,
-                                     in_flight, workdir)))
-            for in_flight, requests in ((500, many), (1, few)):
                 def subject(method, body, in_flight=in_flight, requests=requests,
                             port=port, pid=proc.pid, rport=rport):
                     return lambda: measure(port, pid, rport, method, body, requests,

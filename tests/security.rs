@@ -65,6 +65,21 @@ fn get_request(token: &str) -> pb::GetRequest {
     }
 }
 
+/// A Get of `token` misses, and a Set with the fence it returned stores it.
+async fn miss_then_store(client: &mut SessionCacheClient<Channel>, token: &str) {
+    let miss = client.get(get_request(token)).await.unwrap().into_inner();
+    assert_eq!(miss.outcome(), GetOutcome::Miss);
+    let set = client
+        .set(pb::SetRequest {
+            fence: miss.fence,
+            ..set_request(token)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.outcome(), SetOutcome::Stored);
+}
+
 /// With a keys file: no key and unknown keys are UNAUTHENTICATED, a reader may Get but
 /// not Set or invalidate (PERMISSION_DENIED), a writer may do all, and health and
 /// reflection stay open.
@@ -366,17 +381,7 @@ async fn redis_acl_user_over_tls() {
         .wait_health("sessioncache.v1.SessionCache", ServingStatus::Serving)
         .await;
     let mut client = server.client().await;
-    let miss = client.get(get_request("tok")).await.unwrap().into_inner();
-    assert_eq!(miss.outcome(), GetOutcome::Miss);
-    let set = client
-        .set(pb::SetRequest {
-            fence: miss.fence,
-            ..set_request("tok")
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(set.outcome(), SetOutcome::Stored);
+    miss_then_store(&mut client, "tok").await;
     assert_eq!(
         client
             .get(get_request("tok"))
@@ -442,17 +447,7 @@ async fn batched_lookups_read_key_by_key_where_the_acl_refuses_mget() {
             .wait_health("sessioncache.v1.SessionCache", ServingStatus::Serving)
             .await;
         let mut client = server.client().await;
-        let miss = client.get(get_request("tok")).await.unwrap().into_inner();
-        assert_eq!(miss.outcome(), GetOutcome::Miss);
-        let set = client
-            .set(pb::SetRequest {
-                fence: miss.fence,
-                ..set_request("tok")
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(set.outcome(), SetOutcome::Stored);
+        miss_then_store(&mut client, "tok").await;
         let mut get = async || {
             client
                 .get(get_request("tok"))
