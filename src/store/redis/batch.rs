@@ -470,34 +470,70 @@ where
     }
 }
 
-/// Sends a batch of script calls as one pipeline; a call whose script Redis has lost
-/// (a restart, a failover, SCRIPT FLUSH) is sent again with the script loaded.
+/// Sends a batch of script calls as one pipeline. The calls whose script Redis has lost
+/// (a restart, a failover, SCRIPT FLUSH) are sent again in a second pipeline, behind a
+/// `SCRIPT LOAD` of each script they need: two round trips for the batch, however many
+/// calls were refused.
 async fn run_calls(mut handle: Handle, batch: Vec<Call>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    let mut waiting = Vec::with_capacity(batch.len());
+    let mut scripts = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
     for call in batch {
         pipe.add_command(call.cmd);
-        waiting.push((call.script, call.reply));
+        scripts.push(call.script);
+        replies.push(call.reply);
     }
     let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
         Ok(values) => values,
         Err(e) => {
             let e = handle.failed(e);
-            for (_, reply) in waiting {
+            for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
             return;
         }
     };
-    for ((cmd, (script, reply)), value) in pipe.cmd_iter().zip(waiting).zip(values) {
+    let mut again = redis::pipe();
+    again.ignore_errors();
+    let mut loaded: Vec<&str> = Vec::new();
+    let mut refused = Vec::new();
+    let calls = pipe.cmd_iter().zip(&scripts).zip(replies).zip(values);
+    for (((cmd, script), reply), value) in calls {
         let outcome = match value {
             Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => {
-                reload(&mut handle, &script, cmd).await
+                let hash = script.script.get_hash();
+                if !loaded.contains(&hash) {
+                    loaded.push(hash);
+                    again.cmd("SCRIPT").arg("LOAD").arg(&script.code).ignore();
+                }
+                again.add_command(cmd.clone());
+                refused.push(reply);
+                continue;
             }
             Value::ServerError(e) => Err(handle.failed(e.into())),
             value => Ok(value),
         };
+        let _ = reply.send(outcome);
+    }
+    if refused.is_empty() {
+        return;
+    }
+    let outcomes: Vec<Result<Value, StoreError>> =
+        match again.query_async::<Vec<Value>>(&mut handle.conn).await {
+            Ok(values) => values
+                .into_iter()
+                .map(|value| match value {
+                    Value::ServerError(e) => Err(handle.failed(e.into())),
+                    value => Ok(value),
+                })
+                .collect(),
+            Err(e) => {
+                let e = handle.failed(e);
+                refused.iter().map(|_| Err(e.clone())).collect()
+            }
+        };
+    for (reply, outcome) in refused.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }
 }
