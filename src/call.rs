@@ -11,7 +11,7 @@
 //! transport's own accounting (`crate::transport::Track`): a request whose message is
 //! slow to arrive holds an open call, as it should, but no slot of the calls being
 //! served. Handlers below it only answer: they find the caller's name in the request's
-//! extensions ([`Caller`]) and put their answer's outcome in the response's
+//! extensions ([`CallerName`]) and put their answer's outcome in the response's
 //! ([`Outcome`]).
 
 use std::{
@@ -46,7 +46,7 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(2);
 /// The authenticated caller of a call, for the handlers' logs; `None` when the service
 /// authenticates no one.
 #[derive(Clone, Debug)]
-pub struct Caller(pub Option<String>);
+pub struct CallerName(pub Option<String>);
 
 /// Largest request message accepted, in bytes; a larger one is refused with
 /// OUT_OF_RANGE before any handler runs. A Set with a 4 KiB token and a generous user
@@ -145,7 +145,7 @@ where
                 }
             }
         };
-        request.extensions_mut().insert(Caller(caller));
+        request.extensions_mut().insert(CallerName(caller));
         request.extensions_mut().insert(rpc);
         let answer = self.inner.call(request).instrument(span);
         Box::pin(async move {

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
-    call::Caller,
+    call::CallerName,
     clock::Micros,
     entry::{Session, User},
     health::StoreStatus,
@@ -129,8 +129,8 @@ fn answer<R: Labelled>(result: Result<R, Status>) -> Result<Response<R>, Status>
 fn caller<T>(request: &Request<T>) -> Option<String> {
     request
         .extensions()
-        .get::<Caller>()
-        .and_then(|Caller(name)| name.clone())
+        .get::<CallerName>()
+        .and_then(|CallerName(name)| name.clone())
 }
 
 #[tonic::async_trait]

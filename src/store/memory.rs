@@ -26,7 +26,7 @@ use moka::{Expiry, sync::Cache};
 use tracing::warn;
 
 use super::{
-    Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, fence_in_range, judge_cached,
+    Fence, Judgement, Limits, Lookup, Store, StoreError, Stored, fence_in_range, judge_cached,
     marker_revokes_fence, ttl_for,
 };
 use crate::{
@@ -374,9 +374,9 @@ impl Store for MemoryStore {
             now,
             self.limits.clock_skew,
         ) {
-            Verdict::Hit(session) => Ok(Lookup::Hit(session)),
-            Verdict::Miss => Ok(Lookup::Miss(fence)),
-            Verdict::Remove(outcome) => {
+            Judgement::Hit(session) => Ok(Lookup::Hit(session)),
+            Judgement::Miss => Ok(Lookup::Miss(fence)),
+            Judgement::Remove(outcome) => {
                 let _writes = self.lock();
                 // Only the entry judged, never one a concurrent Set wrote meanwhile.
                 if self

@@ -22,7 +22,11 @@ use bb8_redis::redis::{
 };
 use tokio::time::{Instant, sleep};
 
-use super::{CONNECT_TIMEOUT, RedisConfig, connection::Conn, connection::Handle};
+use super::{
+    connection::{Conn, Handle},
+    pool::CONNECT_TIMEOUT,
+    settings::RedisConfig,
+};
 use crate::{config::HostPort, store::StoreError};
 
 /// How long a revocation waits before it tries again on a slot that a Cluster is moving

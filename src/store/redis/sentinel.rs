@@ -26,21 +26,14 @@ use futures_util::{StreamExt, future::join_all};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{CONNECT_TIMEOUT, Credentials, connection::Primary};
-use crate::config::HostPort;
+use super::{
+    pool::CONNECT_TIMEOUT,
+    primary::Primary,
+    settings::{Credentials, SentinelConfig},
+};
 
 /// How long a watcher waits before dialling a Sentinel that it lost again.
 const REDIAL_PAUSE: Duration = Duration::from_secs(1);
-
-/// The Sentinels, the name they monitor the primary under, and how to reach both them
-/// and the data nodes.
-#[derive(Clone, Debug)]
-pub struct SentinelConfig {
-    pub sentinels: Vec<HostPort>,
-    pub master: String,
-    /// The Sentinels' own credentials.
-    pub credentials: Credentials,
-}
 
 /// TLS to the Sentinels and the data nodes, with a private CA or the system's roots.
 #[derive(Clone)]
