@@ -15,10 +15,10 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench
+import bench  # (and tests/ on the path)
+from testkit.local import free_port, wait_port
 
 SCENARIOS = {
     "get-hit": ("Get", bench.get_request("bench-token"), 1),
@@ -50,14 +50,15 @@ def main():
         redis_port = bench.start_redis(procs, workdir)
         sides = {}
         for side, line in (("A", args.a), ("B", args.b)):
-            port = bench.free_port()
+            port = free_port()
             cmd = [part.replace("{redis}", f"redis://127.0.0.1:{redis_port}") for part in shlex.split(line)]
             cmd += ["--listen", f"127.0.0.1:{port}"]
             uses_redis = any("{redis}" in part for part in shlex.split(line))
             sides[side] = (port, procs.start(cmd, env=dict(os.environ, RUST_LOG="warn")),
                            [redis_port] if uses_redis else [])
-            bench.wait_port(port)
-        time.sleep(1.5)  # the first health ping turns the store SERVING
+        for port, proc, _ in sides.values():
+            wait_port(port, proc=proc)
+            bench.wait_serving(port, workdir)
         for port, _, _ in sides.values():
             bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
             bench.call_once(port, "Set", bench.set_request("bench-set", "bench-set-user"), workdir)

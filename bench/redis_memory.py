@@ -15,10 +15,10 @@ import hashlib
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench
+import bench  # (and tests/ on the path)
+from testkit.local import free_port, wait_port
 
 
 def token_hash(token):
@@ -35,11 +35,11 @@ def main():
     workdir = tempfile.mkdtemp(prefix="session-cache-memory-")
     try:
         redis_port = bench.start_redis(procs, workdir)
-        port = bench.free_port()
-        procs.start([os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
+        port = free_port()
+        service = procs.start([os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
                      "--redis-url", f"redis://127.0.0.1:{redis_port}"])
-        bench.wait_port(port)
-        time.sleep(1.5)
+        wait_port(port, proc=service)
+        bench.wait_serving(port, workdir)
         bench.call_once(port, "Set", bench.set_request("mem-token", "mem-user-0000000001"), workdir)
         bench.call_once(port, "InvalidateUser", bench.invalidate_user_request("mem-user-0000000002"),
                         workdir)
