@@ -17,8 +17,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # (and tests/ on the path)
-from testkit.local import free_port, wait_port
+import bench
 
 SCENARIOS = {
     "get-hit": ("Get", bench.get_request("bench-token"), 1),
@@ -50,15 +49,9 @@ def main():
         redis_port = bench.start_redis(procs, workdir)
         sides = {}
         for side, line in (("A", args.a), ("B", args.b)):
-            port = free_port()
             cmd = [part.replace("{redis}", f"redis://127.0.0.1:{redis_port}") for part in shlex.split(line)]
-            cmd += ["--listen", f"127.0.0.1:{port}"]
             uses_redis = any("{redis}" in part for part in shlex.split(line))
-            sides[side] = (port, procs.start(cmd, env=dict(os.environ, RUST_LOG="warn")),
-                           [redis_port] if uses_redis else [])
-        for port, proc, _ in sides.values():
-            wait_port(port, proc=proc)
-            bench.wait_serving(port, workdir)
+            sides[side] = (*bench.start_service(procs, workdir, cmd), [redis_port] if uses_redis else [])
         for port, _, _ in sides.values():
             bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
             bench.call_once(port, "Set", bench.set_request("bench-set", "bench-set-user"), workdir)

@@ -19,6 +19,7 @@ and its ratios against the floor are the medians of the pairs' ratios.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -196,6 +197,34 @@ def start_cluster(procs, workdir, primaries=3):
                                       for port in ports)):
         raise SystemExit("the benchmark cluster did not settle")
     return ports
+
+
+def start_service(procs, workdir, command):
+    """`command` (session-cache and its flags) listening on a free loopback port, logging
+    at WARN; returns the port and the process once the service serves from its store."""
+    port = free_port()
+    proc = procs.start([*command, "--listen", f"127.0.0.1:{port}"], env=dict(os.environ, RUST_LOG="warn"))
+    wait_port(port, proc=proc)
+    wait_serving(port, workdir)
+    return port, proc
+
+
+@contextlib.contextmanager
+def service_on_redis(name, service_flags=(), redis_args=()):
+    """A Redis of the run's own (`redis_args` added) and the release session-cache on it
+    (`service_flags` added), for the scripts that measure one service: yields the work
+    directory, the Redis port, the service's port and its process, and stops both on the
+    way out."""
+    procs = Procs()
+    workdir = tempfile.mkdtemp(prefix=f"session-cache-{name}-")
+    try:
+        redis_port = start_redis(procs, workdir, *redis_args)
+        port, proc = start_service(procs, workdir, [
+            os.path.join(RELEASE, "session-cache"), "--redis-url", f"redis://127.0.0.1:{redis_port}",
+            *service_flags])
+        yield workdir, redis_port, port, proc
+    finally:
+        procs.stop()
 
 
 def wait_serving(port, workdir, deadline_s=10.0):
@@ -454,9 +483,7 @@ def main():
         subjects = {}
         redis_ports = {"redis": [redis_port], "cluster": cluster_ports, "memory": []}
         for store in ("redis", "cluster", "memory"):
-            port = free_port()
-            cmd = [os.path.join(bin_dir, "session-cache"), "--listen", f"127.0.0.1:{port}",
-                   *appwrite.flags()]
+            cmd = [os.path.join(bin_dir, "session-cache"), *appwrite.flags()]
             if store == "redis":
                 cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}"]
             if store == "cluster":
@@ -469,11 +496,7 @@ def main():
                 # reply is the hit the smoke checks for.
                 cmd += ["--store-timeout-ms", "2000"]
             cmd += shlex.split(args.service_args)
-            env = dict(os.environ, RUST_LOG="warn")
-            subjects[store] = (port, procs.start(cmd, env=env))
-        for port, proc in subjects.values():
-            wait_port(port, proc=proc)
-            wait_serving(port, workdir)
+            subjects[store] = start_service(procs, workdir, cmd)
 
         hit_body = get_request("bench-token")
         # The floor and each subject must answer the sample as expected.

@@ -12,12 +12,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # (and tests/ on the path)
-from testkit.local import free_port, wait_port
 from testkit.measure import cpu_seconds
 
 CLIENTS = 50  # h2load --rps is per client; 50 connections, as bench.py
@@ -57,17 +55,7 @@ def main():
     parser.add_argument("--redis-invalidate-us", type=float, required=True)
     args = parser.parse_args()
 
-    procs = bench.Procs()
-    workdir = tempfile.mkdtemp(prefix="session-cache-capacity-")
-    try:
-        redis_port = bench.start_redis(procs, workdir)
-        port = free_port()
-        service = procs.start([os.path.join(bench.RELEASE, "session-cache"),
-                               "--listen", f"127.0.0.1:{port}",
-                               "--redis-url", f"redis://127.0.0.1:{redis_port}"],
-                              env=dict(os.environ, RUST_LOG="warn"))
-        wait_port(port, proc=service)
-        bench.wait_serving(port, workdir)
+    with bench.service_on_redis("capacity") as (workdir, redis_port, port, service):
         bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
         cpu0, rcpu0, t0 = cpu_seconds(service.pid), bench.redis_cpu_seconds([redis_port]), time.time()
         runs = [
@@ -82,8 +70,6 @@ def main():
         elapsed = time.time() - t0
         cores = (cpu_seconds(service.pid) - cpu0) / elapsed
         redis_cores = (bench.redis_cpu_seconds([redis_port]) - rcpu0) / elapsed
-    finally:
-        procs.stop()
     rates = {m: n / elapsed for m, n in calls.items()}
     predicted = (rates["Get"] * args.get_us + rates["Set"] * args.set_us
                  + rates["InvalidateUser"] * args.invalidate_us) / 1e6

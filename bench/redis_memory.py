@@ -14,11 +14,9 @@ import argparse
 import hashlib
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # (and tests/ on the path)
-from testkit.local import free_port, wait_port
+import bench
 
 
 def token_hash(token):
@@ -31,15 +29,7 @@ def main():
     args = parser.parse_args()
     import redis
 
-    procs = bench.Procs()
-    workdir = tempfile.mkdtemp(prefix="session-cache-memory-")
-    try:
-        redis_port = bench.start_redis(procs, workdir)
-        port = free_port()
-        service = procs.start([os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
-                     "--redis-url", f"redis://127.0.0.1:{redis_port}"])
-        wait_port(port, proc=service)
-        bench.wait_serving(port, workdir)
+    with bench.service_on_redis("memory") as (workdir, redis_port, port, _):
         bench.call_once(port, "Set", bench.set_request("mem-token", "mem-user-0000000001"), workdir)
         bench.call_once(port, "InvalidateUser", bench.invalidate_user_request("mem-user-0000000002"),
                         workdir)
@@ -78,9 +68,6 @@ def main():
             print(f"| {kind} | {len(key)} | {len(value)} | {ttl // 1000} | {usage} | "
                   f"{(after - before) / args.copies:.0f} |")
             client.flushall()
-    finally:
-        procs.stop()
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,11 +11,9 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # the benchmark's helpers: messages, processes, h2load parsing (and tests/ on the path)
-from testkit.local import free_port, wait_port
 from testkit.measure import cpu_seconds, quantiles, rss_mib
 
 
@@ -55,20 +53,10 @@ def main():
     args = parser.parse_args()
     seconds = max(5, int(args.minutes * 60))
 
-    procs = bench.Procs()
-    workdir = tempfile.mkdtemp(prefix="session-cache-soak-")
-    try:
-        redis_port = bench.start_redis(procs, workdir, "--maxmemory", "256mb",
-                                       "--maxmemory-policy", "noeviction")
-        port = free_port()
-        service = procs.start(
-            [os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
-             "--redis-url", f"redis://127.0.0.1:{redis_port}",
-             # Sessions outlive the soak; TTLs are exercised, not waited for.
-             "--ttl-seconds", "3600"],
-            env=dict(os.environ, RUST_LOG="warn"))
-        wait_port(port, proc=service)
-        bench.wait_serving(port, workdir)
+    # Sessions outlive the soak; TTLs are exercised, not waited for.
+    with bench.service_on_redis("soak", service_flags=["--ttl-seconds", "3600"],
+                                redis_args=["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
+                                ) as (workdir, _, port, service):
         reply, _ = bench.call_once(port, "Set", bench.set_request("soak-token", "soak-user"), workdir)
         assert bench.first_varint_field(reply) == 1, "the soak's session is stored"
 
@@ -92,8 +80,6 @@ def main():
               f"peak {rss_mib(service.pid, peak=True):.1f} MiB; CPU {cpu:.1f} s")
         print(f"errors: {errors}; the soak's session still hits: {still_hit}")
         return 0 if errors == 0 and still_hit else 1
-    finally:
-        procs.stop()
 
 
 if __name__ == "__main__":

@@ -86,12 +86,22 @@ fn grpc_status(response: &http::Response<h2::RecvStream>) -> Option<i32> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Whether every connection task has ended; if not, how many have.
-fn all_ended(tasks: &[JoinHandle<Result<(), h2::Error>>]) -> Result<(), String> {
-    match tasks.iter().filter(|t| t.is_finished()).count() {
-        ended if ended == tasks.len() => Ok(()),
-        ended => Err(format!("{ended} of {} closed", tasks.len())),
-    }
+/// Waits (at most `patience`) until every connection task has ended, calling
+/// `meanwhile` at each look (to follow the RSS).
+async fn wait_all_closed(
+    tasks: &[JoinHandle<Result<(), h2::Error>>],
+    patience: Duration,
+    mut meanwhile: impl FnMut(),
+) {
+    let what = format!("the {} connections to be closed", tasks.len());
+    eventually(patience, what, async || {
+        meanwhile();
+        match tasks.iter().filter(|t| t.is_finished()).count() {
+            ended if ended == tasks.len() => Ok(()),
+            ended => Err(format!("{ended} closed")),
+        }
+    })
+    .await;
 }
 
 /// Connections past --max-connections are closed as soon as they are accepted; the
@@ -147,12 +157,7 @@ async fn idle_connections_are_closed_despite_pings() {
             }
         }));
     }
-    eventually(
-        Duration::from_secs(5),
-        "the 20 idle connections to be closed",
-        async || all_ended(&tasks),
-    )
-    .await;
+    wait_all_closed(&tasks, Duration::from_secs(5), || {}).await;
     eprintln!(
         "20 pinging idle connections at --idle-timeout-seconds 1: closed after {:?}",
         started.elapsed()
@@ -304,12 +309,7 @@ async fn connections_whose_answers_are_unread_are_closed() {
     let started = Instant::now();
     let (tasks, _replies) = unread_gets(h.server.addr, 8, 200).await;
     legitimate_get(&mut h, "during the unread-answer attack").await;
-    eventually(
-        Duration::from_secs(5),
-        "the 8 connections with unread answers to be closed",
-        async || all_ended(&tasks),
-    )
-    .await;
+    wait_all_closed(&tasks, Duration::from_secs(5), || {}).await;
     eprintln!(
         "8 x 200 unread Gets at --stall-timeout-seconds 1: 8 connections closed after {:?}",
         started.elapsed()
@@ -347,14 +347,9 @@ async fn unread_answers_at_the_defaults_stay_under_128_mib() {
     let opened = started.elapsed();
     let mut peak = rss_mib();
     legitimate_get(&mut h, "during the unread-answer attack").await;
-    eventually(
-        Duration::from_secs(20),
-        "the 12 connections with unread answers to be closed",
-        async || {
-            peak = peak.max(rss_mib());
-            all_ended(&tasks)
-        },
-    )
+    wait_all_closed(&tasks, Duration::from_secs(20), || {
+        peak = peak.max(rss_mib())
+    })
     .await;
     eprintln!(
         "{} unread Gets (12 x 256) sent in {opened:?}; 12 connections closed after {:?}; peak \

@@ -37,6 +37,12 @@ def log_path(name: str) -> Path:
     return LOGS / f"{name}.out"
 
 
+def spawn(argv: list[str], log_name: str) -> subprocess.Popen:
+    """`argv` started with its output in log_path(log_name)."""
+    with log_path(log_name).open("w") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
 @dataclass
 class Redis:
     """A redis-server of our own on a free loopback port, nothing persisted."""
@@ -52,12 +58,9 @@ class Redis:
     def start(self) -> Redis:
         directory = WORK / "redis" / self.name
         directory.mkdir(parents=True, exist_ok=True)
-        with log_path(f"redis-{self.name}").open("w") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(directory), "--maxmemory-policy", "noeviction"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
+        self.proc = spawn(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", str(directory), "--maxmemory-policy", "noeviction"],
+                          f"redis-{self.name}")
         try:
             wait_redis(self.port, self.proc, deadline_s=5)
         except (RuntimeError, TimeoutError) as err:
@@ -95,12 +98,9 @@ class Server:
     def start(self) -> Server:
         if not BIN.is_file():
             pytest.fail(f"no {BIN}: build it first (cargo build --bin session-cache)")
-        with log_path(f"server-{self.name}").open("w") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN), "--listen", self.address,
-                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.flags],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
+        self.proc = spawn([str(BIN), "--listen", self.address,
+                           "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.flags],
+                          f"server-{self.name}")
         return self
 
     def health(self, service: str = SERVICE) -> str:

@@ -14,7 +14,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fmt,
     net::TcpListener,
     process::{Command, Output, Stdio},
     sync::Mutex,
@@ -26,10 +25,10 @@ use tokio::{task::JoinHandle, time::Instant};
 
 use super::{
     Harness,
-    links::Links,
+    nodes::{Nodes, addresses},
     pki::Dir,
-    poll::{PATIENCE, eventually},
-    redis_server::{Options, Redis, Role, info_field, role_name},
+    poll::PATIENCE,
+    redis_server::{Options, Redis, Role, info_field},
     stored_on_primary,
 };
 
@@ -71,10 +70,8 @@ pub struct SlotRange {
 
 /// The running cluster; dropping it kills and reaps every node and removes its directory.
 pub struct ClusterTopology {
-    nodes: Vec<Redis>,
+    nodes: Nodes,
     dir: Dir,
-    /// Connections the polls reuse, dropped on any error.
-    links: Links,
     /// The slot map and each replica's primary (ports) when the cluster last settled.
     settled: Mutex<(Vec<SlotRange>, HashMap<u16, u16>)>,
 }
@@ -124,9 +121,8 @@ impl ClusterTopology {
         let started = Instant::now();
         let count = options.primaries * (1 + options.replicas_per_primary);
         let mut topology = ClusterTopology {
-            nodes: Vec::new(),
+            nodes: Nodes::default(),
             dir: Dir::new(),
-            links: Links::default(),
             settled: Mutex::default(),
         };
         for port in cluster_ports(count) {
@@ -138,7 +134,7 @@ impl ClusterTopology {
             // Every node starts at once; then each is waited for.
             topology.nodes.push(Redis::spawn(options));
         }
-        for node in &mut topology.nodes {
+        for node in topology.nodes.iter_mut() {
             node.wait_until_answers().await;
         }
         let nodes: Vec<String> = topology
@@ -172,16 +168,12 @@ impl ClusterTopology {
     /// The service's `--redis-cluster-nodes` value: every node as started,
     /// `127.0.0.1:p1,127.0.0.1:p2,…`.
     pub fn seeds(&self) -> String {
-        self.ports()
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        addresses(&self.ports())
     }
 
     /// Every node's port, running or not, in the order they were started.
     pub fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(Redis::port).collect()
+        self.nodes.ports()
     }
 
     /// The ports of the primaries that serve slots now (as a running node tells), sorted.
@@ -205,6 +197,7 @@ impl ClusterTopology {
     pub async fn primary_for_key(&self, key: &str) -> u16 {
         let port = self.any_running();
         let slot: u16 = self
+            .nodes
             .ask(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
             .await
             .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT on {port}: {e}"));
@@ -239,7 +232,7 @@ impl ClusterTopology {
     pub async fn first_stored(&self, h: &mut Harness, probe: &str) -> Instant {
         stored_on_primary(h, probe, FAILOVER_PATIENCE, async |key| {
             let port = self.primary_for_key(key).await;
-            self.ask(port, redis::cmd("EXISTS").arg(key)).await
+            self.nodes.ask(port, redis::cmd("EXISTS").arg(key)).await
         })
         .await
     }
@@ -252,24 +245,22 @@ impl ClusterTopology {
     /// A direct connection to the node on `port`, to look at or plant keys (it follows
     /// no redirection).
     pub async fn conn(&self, port: u16) -> MultiplexedConnection {
-        self.node(port).conn().await
+        self.nodes.get(port).conn().await
     }
 
     /// `CLUSTER INFO` of `port` as text (read fields with [`info_field`]); `None` when
     /// nothing answers there.
     pub async fn cluster_info(&self, port: u16) -> Option<String> {
-        self.ask(port, redis::cmd("CLUSTER").arg("INFO")).await.ok()
+        self.nodes
+            .ask(port, redis::cmd("CLUSTER").arg("INFO"))
+            .await
+            .ok()
     }
 
     /// SIGKILL of the node on `port`, reaped (a no-op if it is not running).
     /// Synchronous, so that the fault happens exactly where the test calls it.
     pub fn kill(&mut self, port: u16) {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port() == port)
-            .unwrap_or_else(|| panic!("{port} is not a node of this cluster"))
-            .kill();
-        self.links.forget(port);
+        self.nodes.kill(port);
     }
 
     /// Waits (at most [`FAILOVER_PATIENCE`]) until a replica of the killed primary `old`
@@ -294,6 +285,7 @@ impl ClusterTopology {
             "{old} had no replica when the cluster last settled"
         );
         let new = self
+            .nodes
             .wait_for(
                 &format!("a replica of {old} ({replicas:?}) to take over its slots"),
                 FAILOVER_PATIENCE,
@@ -334,7 +326,7 @@ impl ClusterTopology {
     /// The first element of `ROLE` on `port`: `master` or `slave`; `None` when nothing
     /// answers there.
     pub async fn role(&self, port: u16) -> Option<String> {
-        role_name(self.ask(port, &redis::cmd("ROLE")).await.ok()?)
+        self.nodes.role(port).await
     }
 
     /// Starts `redis-cli --cluster reshard` moving `slots` slots from the primary on
@@ -357,7 +349,8 @@ impl ClusterTopology {
 
     /// `CLUSTER MYID` of the node on `port`.
     async fn my_id(&self, port: u16) -> String {
-        self.ask(port, redis::cmd("CLUSTER").arg("MYID"))
+        self.nodes
+            .ask(port, redis::cmd("CLUSTER").arg("MYID"))
             .await
             .unwrap_or_else(|e| panic!("CLUSTER MYID on {port}: {e}"))
     }
@@ -367,59 +360,64 @@ impl ClusterTopology {
     /// `shape = Some((primaries, replicas))`, also that the map names that many primaries,
     /// each with that many replicas.
     pub async fn wait_until_settled(&self, patience: Duration, shape: Option<(usize, usize)>) {
-        self.wait_for("the cluster to settle", patience, async || {
-            let mut maps = Vec::new();
-            for port in self.running() {
-                let info = self
-                    .cluster_info(port)
-                    .await
-                    .ok_or(format!("{port}: no answer"))?;
-                let state = info_field(&info, "cluster_state");
-                if state != Some("ok") {
-                    return Err(format!("{port}: cluster_state {state:?}"));
+        self.nodes
+            .wait_for("the cluster to settle", patience, async || {
+                let mut maps = Vec::new();
+                for port in self.nodes.running() {
+                    let info = self
+                        .cluster_info(port)
+                        .await
+                        .ok_or(format!("{port}: no answer"))?;
+                    let state = info_field(&info, "cluster_state");
+                    if state != Some("ok") {
+                        return Err(format!("{port}: cluster_state {state:?}"));
+                    }
+                    let replication: String = self
+                        .nodes
+                        .ask(port, redis::cmd("INFO").arg("replication"))
+                        .await?;
+                    let link = info_field(&replication, "master_link_status");
+                    if info_field(&replication, "role") == Some("slave") && link != Some("up") {
+                        return Err(format!("{port}: master_link_status {link:?}"));
+                    }
+                    maps.push(self.ask_slot_map(port).await?);
                 }
-                let replication: String = self
-                    .ask(port, redis::cmd("INFO").arg("replication"))
+                let first = maps.first().ok_or("no node runs")?;
+                let covered: usize = first
+                    .iter()
+                    .map(|r| usize::from(r.last - r.first) + 1)
+                    .sum();
+                if covered != usize::from(SLOTS) || maps.iter().any(|m| m != first) {
+                    return Err(format!("{covered} slots covered; slot maps {maps:?}"));
+                }
+                let nodes: String = self
+                    .nodes
+                    .ask(self.nodes.running()[0], redis::cmd("CLUSTER").arg("NODES"))
                     .await?;
-                let link = info_field(&replication, "master_link_status");
-                if info_field(&replication, "role") == Some("slave") && link != Some("up") {
-                    return Err(format!("{port}: master_link_status {link:?}"));
+                let replica_of = replica_of(&nodes).ok_or(format!("CLUSTER NODES: {nodes}"))?;
+                if let Some((primaries, replicas)) = shape {
+                    let per_primary = |p: &u16| replica_of.values().filter(|q| *q == p).count();
+                    let distinct: HashSet<u16> = first.iter().map(|r| r.primary).collect();
+                    if distinct.len() != primaries
+                        || distinct.iter().any(|p| per_primary(p) != replicas)
+                    {
+                        return Err(format!(
+                            "primaries {distinct:?}, replicas of each {replica_of:?}"
+                        ));
+                    }
                 }
-                maps.push(self.ask_slot_map(port).await?);
-            }
-            let first = maps.first().ok_or("no node runs")?;
-            let covered: usize = first
-                .iter()
-                .map(|r| usize::from(r.last - r.first) + 1)
-                .sum();
-            if covered != usize::from(SLOTS) || maps.iter().any(|m| m != first) {
-                return Err(format!("{covered} slots covered; slot maps {maps:?}"));
-            }
-            let nodes: String = self
-                .ask(self.running()[0], redis::cmd("CLUSTER").arg("NODES"))
-                .await?;
-            let replica_of = replica_of(&nodes).ok_or(format!("CLUSTER NODES: {nodes}"))?;
-            if let Some((primaries, replicas)) = shape {
-                let per_primary = |p: &u16| replica_of.values().filter(|q| *q == p).count();
-                let distinct: HashSet<u16> = first.iter().map(|r| r.primary).collect();
-                if distinct.len() != primaries
-                    || distinct.iter().any(|p| per_primary(p) != replicas)
-                {
-                    return Err(format!(
-                        "primaries {distinct:?}, replicas of each {replica_of:?}"
-                    ));
-                }
-            }
-            *self.settled.lock().unwrap() = (first.clone(), replica_of);
-            Ok(())
-        })
-        .await;
+                *self.settled.lock().unwrap() = (first.clone(), replica_of);
+                Ok(())
+            })
+            .await;
     }
 
     /// `CLUSTER SLOTS` of `port`, as sorted ranges.
     async fn ask_slot_map(&self, port: u16) -> Result<Vec<SlotRange>, String> {
-        let reply: Vec<Vec<redis::Value>> =
-            self.ask(port, redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        let reply: Vec<Vec<redis::Value>> = self
+            .nodes
+            .ask(port, redis::cmd("CLUSTER").arg("SLOTS"))
+            .await?;
         let mut map = Vec::new();
         for entry in reply {
             let mut items = entry.into_iter();
@@ -444,64 +442,12 @@ impl ClusterTopology {
         Ok(map)
     }
 
-    /// The ports of the nodes this topology has not killed.
-    fn running(&self) -> Vec<u16> {
-        self.nodes
-            .iter()
-            .filter(|n| n.is_running())
-            .map(Redis::port)
-            .collect()
-    }
-
     fn any_running(&self) -> u16 {
-        *self.running().first().expect("a cluster node is running")
-    }
-
-    /// [`eventually`], whose failure also shows the end of each running node's log.
-    async fn wait_for<T, E: fmt::Debug>(
-        &self,
-        what: &str,
-        patience: Duration,
-        check: impl AsyncFnMut() -> Result<T, E>,
-    ) -> T {
-        let what = WithNodeLogs {
-            what,
-            nodes: &self.nodes,
-        };
-        eventually(patience, what, check).await
-    }
-
-    /// The node on `port`.
-    fn node(&self, port: u16) -> &Redis {
-        self.nodes
-            .iter()
-            .find(|n| n.port() == port)
-            .unwrap_or_else(|| panic!("{port} is not a node of this cluster"))
-    }
-
-    /// One command to `port`, on the connection kept for it (see [`Links::ask`]).
-    async fn ask<T: redis::FromRedisValue>(
-        &self,
-        port: u16,
-        cmd: &redis::Cmd,
-    ) -> Result<T, String> {
-        self.links.ask(port, &self.node(port).url(), cmd).await
-    }
-}
-
-/// What a wait is for, and, when it fails, the end of each running node's log.
-struct WithNodeLogs<'a> {
-    what: &'a str,
-    nodes: &'a [Redis],
-}
-
-impl fmt::Display for WithNodeLogs<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.what)?;
-        for node in self.nodes.iter().filter(|n| n.is_running()) {
-            write!(f, "\n-- node {} --\n{}", node.port(), node.log_tail(8))?;
-        }
-        Ok(())
+        *self
+            .nodes
+            .running()
+            .first()
+            .expect("a cluster node is running")
     }
 }
 

@@ -9,8 +9,8 @@
 pub mod cluster;
 pub mod failover;
 pub mod idp;
-pub mod links;
 pub mod load;
+pub mod nodes;
 pub mod pki;
 pub mod poll;
 pub mod process;

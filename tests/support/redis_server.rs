@@ -18,7 +18,7 @@ use bb8_redis::redis::{self, aio::MultiplexedConnection};
 
 use super::{
     free_port,
-    links::{ANSWER, kill_and_reap},
+    nodes::ANSWER,
     pki::Dir,
     poll::{PATIENCE, eventually},
 };
@@ -37,6 +37,17 @@ pub enum Role {
     /// cluster bus listens on its port plus 10000 unless the arguments say
     /// `--cluster-port`.
     ClusterNode { node_timeout_ms: u64 },
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Role::Plain => write!(f, "redis-server"),
+            Role::Replica { of } => write!(f, "replica of {of}"),
+            Role::Sentinel { .. } => write!(f, "Sentinel"),
+            Role::ClusterNode { .. } => write!(f, "Cluster node"),
+        }
+    }
 }
 
 /// Files for a server that speaks only TLS: its certificate and key, and the CA that
@@ -206,7 +217,7 @@ impl Redis {
         let pid = self.pid().to_string();
         let what = Described {
             text: format!(
-                "redis-server ({:?}) on {} to answer as process {pid}",
+                "{} on {} to answer as process {pid}",
                 self.options.role, self.options.port
             ),
             log: self.log_path(),
@@ -309,7 +320,10 @@ impl Redis {
     /// SIGKILL, reaped: it vanishes without a word, as in a crash (a no-op if it is not
     /// running).
     pub fn kill(&mut self) {
-        kill_and_reap(&mut self.child);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Starts it again on the same port, empty, once it answers.

@@ -22,7 +22,7 @@
 
 use std::{
     collections::HashMap,
-    fmt, fs,
+    fs,
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
     process::Command,
@@ -35,10 +35,10 @@ use tokio::time::Instant;
 
 use super::{
     Harness, free_port,
-    links::{ANSWER, Links},
+    nodes::{ANSWER, Nodes, addresses},
     pki::Dir,
-    poll::{PATIENCE, eventually},
-    redis_server::{Options, Redis, Role, info_field, role_name},
+    poll::PATIENCE,
+    redis_server::{Options, Redis, Role, info_field},
     stored_on_primary,
 };
 
@@ -101,14 +101,11 @@ impl Default for Topology {
 
 /// The running topology; dropping it kills every process and removes its directory.
 pub struct SentinelTopology {
-    data: Vec<Redis>,
-    sentinels: Vec<Redis>,
+    nodes: Nodes,
     data_args: &'static [&'static str],
     data_password: Option<&'static str>,
     sentinel_password: Option<&'static str>,
     dir: Dir,
-    /// Connections the polls reuse (they poll every 20 ms), dropped on any error.
-    links: Links,
 }
 
 impl SentinelTopology {
@@ -118,7 +115,7 @@ impl SentinelTopology {
     pub async fn first_stored(&self, h: &mut Harness, probe: &str) -> Instant {
         stored_on_primary(h, probe, FAILOVER_PATIENCE, async |key| {
             let primary = self.primary_port().await;
-            self.ask(primary, redis::cmd("EXISTS").arg(key)).await
+            self.nodes.ask(primary, redis::cmd("EXISTS").arg(key)).await
         })
         .await
     }
@@ -145,13 +142,11 @@ impl SentinelTopology {
         }
         let started = Instant::now();
         let mut topology = SentinelTopology {
-            data: Vec::new(),
-            sentinels: Vec::new(),
+            nodes: Nodes::default(),
             data_args: options.data_args,
             data_password: options.data_password,
             sentinel_password: options.sentinel_password,
             dir: Dir::new(),
-            links: Links::default(),
         };
         let primary = free_port();
         topology
@@ -168,6 +163,7 @@ impl SentinelTopology {
         }
         for replica in topology.data_ports().into_iter().skip(1) {
             topology
+                .nodes
                 .wait_for("the replica's link to be up", PATIENCE, async || {
                     let info = topology.info_replication(replica).await;
                     match info
@@ -190,16 +186,17 @@ impl SentinelTopology {
         let replicas = options.replicas;
         let mut in_a_row = 0;
         topology
+            .nodes
             .wait_for(
                 "every replica to acknowledge writes",
                 PATIENCE,
                 async || {
                     let mut write = redis::cmd("SET");
                     write.arg("session-cache-test:ready").arg(in_a_row);
-                    topology.ask::<()>(primary, &write).await?;
+                    topology.nodes.ask::<()>(primary, &write).await?;
                     let mut wait = redis::cmd("WAIT");
                     wait.arg(replicas).arg(50);
-                    let acked: usize = topology.ask(primary, &wait).await?;
+                    let acked: usize = topology.nodes.ask(primary, &wait).await?;
                     in_a_row = if acked >= replicas { in_a_row + 1 } else { 0 };
                     if in_a_row >= 5 {
                         Ok(())
@@ -212,6 +209,7 @@ impl SentinelTopology {
             )
             .await;
         let _: Result<(), _> = topology
+            .nodes
             .ask(primary, redis::cmd("DEL").arg("session-cache-test:ready"))
             .await;
         eprintln!(
@@ -225,16 +223,12 @@ impl SentinelTopology {
 
     /// The service's `--redis-sentinels` value: `127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3`.
     pub fn sentinels(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port()))
-            .collect::<Vec<_>>()
-            .join(",")
+        addresses(&self.sentinel_ports())
     }
 
     /// The Sentinels' ports.
     pub fn sentinel_ports(&self) -> Vec<u16> {
-        self.sentinels.iter().map(Redis::port).collect()
+        self.nodes.ports_of_sentinels(true)
     }
 
     /// The service's `--redis-sentinel-master` value.
@@ -245,41 +239,40 @@ impl SentinelTopology {
     /// Every data node's port, running or not: the initial primary first, then the
     /// replicas in order.
     pub fn data_ports(&self) -> Vec<u16> {
-        self.data.iter().map(Redis::port).collect()
+        self.nodes.ports_of_sentinels(false)
     }
 
     /// The primary a majority of the Sentinels name (waits, bounded, while they
     /// disagree).
     pub async fn primary_port(&self) -> u16 {
-        self.wait_for(
-            "a majority of Sentinels to name one primary",
-            PATIENCE,
-            async || {
-                let views = self.sentinel_views().await;
-                majority(&views).ok_or(views)
-            },
-        )
-        .await
+        self.nodes
+            .wait_for(
+                "a majority of Sentinels to name one primary",
+                PATIENCE,
+                async || {
+                    let views = self.sentinel_views().await;
+                    majority(&views).ok_or(views)
+                },
+            )
+            .await
     }
 
     /// A direct connection to the data node on `port`, to look at or plant keys
     /// (authenticated when the data nodes require a password).
     pub async fn conn(&self, port: u16) -> MultiplexedConnection {
-        self.node(port).conn().await
+        self.nodes.get(port).conn().await
     }
 
     /// The first element of `ROLE` on `port`: `master`, `slave` or `sentinel`; `None`
     /// when nothing answers there.
     pub async fn role(&self, port: u16) -> Option<String> {
-        role_name(self.ask(port, &redis::cmd("ROLE")).await.ok()?)
+        self.nodes.role(port).await
     }
 
     /// `INFO replication` of `port` as text (read fields with [`info_field`]); `None`
     /// when nothing answers there.
     pub async fn info_replication(&self, port: u16) -> Option<String> {
-        self.ask(port, redis::cmd("INFO").arg("replication"))
-            .await
-            .ok()
+        self.nodes.info(port, "replication").await
     }
 
     /// `SENTINEL FAILOVER` (retried while a Sentinel refuses, as right after an earlier
@@ -289,14 +282,16 @@ impl SentinelTopology {
         let started = Instant::now();
         let mut attempt = 0;
         let old = self
+            .nodes
             .wait_for(
                 "a Sentinel to accept SENTINEL FAILOVER",
                 FAILOVER_PATIENCE,
                 async || {
                     let old = self.primary_port().await;
-                    let sentinel = self.sentinels[attempt % SENTINELS].port();
+                    let sentinel = self.sentinel_ports()[attempt % SENTINELS];
                     attempt += 1;
                     let answer: Result<String, String> = self
+                        .nodes
                         .ask(
                             sentinel,
                             redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
@@ -306,14 +301,8 @@ impl SentinelTopology {
                 },
             )
             .await;
-        let new = self
-            .wait_for_primary_other_than(old, started + FAILOVER_PATIENCE)
-            .await;
-        eprintln!(
-            "sentinel topology: SENTINEL FAILOVER moved the primary {old} -> {new} in {:?}",
-            started.elapsed()
-        );
-        new
+        self.new_primary_since(old, started, "SENTINEL FAILOVER")
+            .await
     }
 
     /// SIGKILL of the primary the Sentinels name; returns its port for
@@ -321,9 +310,9 @@ impl SentinelTopology {
     /// happens exactly where the test calls it.)
     pub fn kill_primary(&mut self) -> u16 {
         let views: Vec<Option<u16>> = self
-            .sentinels
-            .iter()
-            .map(|sentinel| sentinel_view_blocking(&sentinel.url()))
+            .sentinel_ports()
+            .into_iter()
+            .map(|port| sentinel_view_blocking(&self.nodes.get(port).url()))
             .collect();
         let primary = majority(&views)
             .unwrap_or_else(|| panic!("no majority of Sentinels names a primary: {views:?}"));
@@ -335,49 +324,42 @@ impl SentinelTopology {
     /// primary other than `old` that answers ROLE as master; returns its port and prints
     /// how long it took.
     pub async fn wait_for_new_primary(&self, old: u16) -> u16 {
-        let started = Instant::now();
-        let new = self
-            .wait_for_primary_other_than(old, started + FAILOVER_PATIENCE)
-            .await;
-        eprintln!(
-            "sentinel topology: primary {old} -> {new} after waiting {:?}",
-            started.elapsed()
-        );
-        new
+        self.new_primary_since(old, Instant::now(), "a wait").await
     }
 
     /// Waits (bounded) until the primary the Sentinels name answers ROLE as master and
     /// has at least `n` replicas online.
     pub async fn wait_until_replica_count(&self, n: usize) {
-        self.wait_for(
-            &format!("the primary to have {n} replicas online"),
-            FAILOVER_PATIENCE,
-            async || {
-                let views = self.sentinel_views().await;
-                let primary = majority(&views).ok_or(format!("Sentinels name {views:?}"))?;
-                let info = self
-                    .info_replication(primary)
-                    .await
-                    .ok_or(format!("no INFO from {primary}"))?;
-                let online = info
-                    .lines()
-                    .filter(|l| l.starts_with("slave") && l.contains("state=online"))
-                    .count();
-                let role = info_field(&info, "role");
-                if role == Some("master") && online >= n {
-                    Ok(())
-                } else {
-                    Err(format!("{primary}: role {role:?}, {online} online"))
-                }
-            },
-        )
-        .await;
+        self.nodes
+            .wait_for(
+                &format!("the primary to have {n} replicas online"),
+                FAILOVER_PATIENCE,
+                async || {
+                    let views = self.sentinel_views().await;
+                    let primary = majority(&views).ok_or(format!("Sentinels name {views:?}"))?;
+                    let info = self
+                        .info_replication(primary)
+                        .await
+                        .ok_or(format!("no INFO from {primary}"))?;
+                    let online = info
+                        .lines()
+                        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                        .count();
+                    let role = info_field(&info, "role");
+                    if role == Some("master") && online >= n {
+                        Ok(())
+                    } else {
+                        Err(format!("{primary}: role {role:?}, {online} online"))
+                    }
+                },
+            )
+            .await;
     }
 
     /// SIGKILL of the data node on `port` (a no-op if it is not running).
     pub fn kill(&mut self, port: u16) {
-        self.data_node(port).kill();
-        self.links.forget(port);
+        self.assert_data_node(port);
+        self.nodes.kill(port);
     }
 
     /// Starts the data node on `port` again (killing it first if it runs), empty and as a
@@ -386,15 +368,15 @@ impl SentinelTopology {
     /// have replaced it, a killed primary stays primary, and its replicas copy its empty
     /// dataset.
     pub async fn restart(&mut self, port: u16) {
-        self.data_node(port).restart_as(Role::Plain).await;
-        self.links.forget(port);
+        self.assert_data_node(port);
+        self.nodes.restart_as(port, Role::Plain).await;
     }
 
-    fn data_node(&mut self, port: u16) -> &mut Redis {
-        self.data
-            .iter_mut()
-            .find(|n| n.port() == port)
-            .unwrap_or_else(|| panic!("{port} is not a data node of this topology"))
+    fn assert_data_node(&self, port: u16) {
+        assert!(
+            self.data_ports().contains(&port),
+            "{port} is not a data node of this topology"
+        );
     }
 
     async fn start_data_node(&mut self, port: u16, role: Role, clock_offset_ms: Option<i64>) {
@@ -411,7 +393,7 @@ impl SentinelTopology {
                 (SKEW_VAR.into(), ms.to_string()),
             ];
         }
-        self.data.push(Redis::start_as(options).await);
+        self.nodes.push(Redis::start_as(options).await);
     }
 
     async fn start_sentinel(&mut self, primary: u16) {
@@ -436,79 +418,93 @@ impl SentinelTopology {
         options.auth = self.sentinel_password.map(|p| (None, p.to_string()));
         let sentinel = Redis::start_as(options).await;
         let port = sentinel.port();
-        self.sentinels.push(sentinel);
+        self.nodes.push(sentinel);
         let mut debug = redis::cmd("SENTINEL");
         debug.arg("DEBUG");
         for (name, value) in SENTINEL_DEBUG {
             debug.arg(*name).arg(*value);
         }
         let _: String = self
+            .nodes
             .ask(port, &debug)
             .await
             .unwrap_or_else(|e| panic!("SENTINEL DEBUG on {port}: {e}"));
     }
 
     async fn wait_until_sentinels_ready(&self, primary: u16) {
-        let replicas = self.data.len() - 1;
+        let replicas = self.data_ports().len() - 1;
         for sentinel in self.sentinel_ports() {
-            self.wait_for(
-                &format!("Sentinel {sentinel} to know {replicas} replicas and 2 Sentinels"),
-                PATIENCE,
+            self.nodes
+                .wait_for(
+                    &format!("Sentinel {sentinel} to know {replicas} replicas and 2 Sentinels"),
+                    PATIENCE,
+                    async || {
+                        let master: Vec<String> = self
+                            .nodes
+                            .ask(
+                                sentinel,
+                                redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
+                            )
+                            .await?;
+                        let master = pairs(master);
+                        let known: Vec<Vec<String>> = self
+                            .nodes
+                            .ask(
+                                sentinel,
+                                redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
+                            )
+                            .await?;
+                        let linked = known
+                            .into_iter()
+                            .map(pairs)
+                            .filter(|r| {
+                                field(r, "flags") == "slave"
+                                    && field(r, "master-link-status") == "ok"
+                                    && field(r, "master-port") == primary.to_string()
+                            })
+                            .count();
+                        let ready = field(&master, "flags") == "master"
+                            && field(&master, "port") == primary.to_string()
+                            && field(&master, "num-other-sentinels") == (SENTINELS - 1).to_string()
+                            && linked == replicas;
+                        if ready {
+                            Ok(())
+                        } else {
+                            Err(format!("{linked} replicas linked; master {master:?}"))
+                        }
+                    },
+                )
+                .await;
+        }
+    }
+
+    /// Waits until a majority of Sentinels name a primary other than `old` that answers
+    /// ROLE as master, at most [`FAILOVER_PATIENCE`] from `started`; returns its port and
+    /// prints how long it took since then, and after what.
+    async fn new_primary_since(&self, old: u16, started: Instant, after: &str) -> u16 {
+        let patience = FAILOVER_PATIENCE.saturating_sub(started.elapsed());
+        let new = self
+            .nodes
+            .wait_for(
+                &format!("a majority of Sentinels to name a primary other than {old}"),
+                patience,
                 async || {
-                    let master: Vec<String> = self
-                        .ask(
-                            sentinel,
-                            redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
-                        )
-                        .await?;
-                    let master = pairs(master);
-                    let known: Vec<Vec<String>> = self
-                        .ask(
-                            sentinel,
-                            redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
-                        )
-                        .await?;
-                    let linked = known
-                        .into_iter()
-                        .map(pairs)
-                        .filter(|r| {
-                            field(r, "flags") == "slave"
-                                && field(r, "master-link-status") == "ok"
-                                && field(r, "master-port") == primary.to_string()
-                        })
-                        .count();
-                    let ready = field(&master, "flags") == "master"
-                        && field(&master, "port") == primary.to_string()
-                        && field(&master, "num-other-sentinels") == (SENTINELS - 1).to_string()
-                        && linked == replicas;
-                    if ready {
-                        Ok(())
-                    } else {
-                        Err(format!("{linked} replicas linked; master {master:?}"))
+                    let views = self.sentinel_views().await;
+                    let new = majority(&views)
+                        .filter(|p| *p != old)
+                        .ok_or(format!("Sentinels name {views:?}"))?;
+                    match self.role(new).await.as_deref() {
+                        Some("master") => Ok(new),
+                        role => Err(format!("{new} answers ROLE {role:?}")),
                     }
                 },
             )
             .await;
-        }
-    }
-
-    async fn wait_for_primary_other_than(&self, old: u16, deadline: Instant) -> u16 {
-        let patience = deadline.saturating_duration_since(Instant::now());
-        self.wait_for(
-            &format!("a majority of Sentinels to name a primary other than {old}"),
-            patience,
-            async || {
-                let views = self.sentinel_views().await;
-                let new = majority(&views)
-                    .filter(|p| *p != old)
-                    .ok_or(format!("Sentinels name {views:?}"))?;
-                match self.role(new).await.as_deref() {
-                    Some("master") => Ok(new),
-                    role => Err(format!("{new} answers ROLE {role:?}")),
-                }
-            },
-        )
-        .await
+        eprintln!(
+            "sentinel topology: primary {old} -> {new}, {:?} after {after} began",
+            started.elapsed()
+        );
+        new
     }
 
     /// Each Sentinel's answer to GET-MASTER-ADDR-BY-NAME (`None`: no answer).
@@ -516,6 +512,7 @@ impl SentinelTopology {
         let mut views = Vec::new();
         for port in self.sentinel_ports() {
             let addr: Result<Option<(String, String)>, String> = self
+                .nodes
                 .ask(
                     port,
                     redis::cmd("SENTINEL")
@@ -527,67 +524,14 @@ impl SentinelTopology {
         }
         views
     }
-
-    /// [`eventually`], whose failure also shows the end of each Sentinel's log.
-    async fn wait_for<T, E: fmt::Debug>(
-        &self,
-        what: &str,
-        patience: Duration,
-        check: impl AsyncFnMut() -> Result<T, E>,
-    ) -> T {
-        let what = WithSentinelLogs {
-            what,
-            sentinels: &self.sentinels,
-        };
-        eventually(patience, what, check).await
-    }
-
-    /// One command to `port`, on the connection kept for it (see [`Links::ask`]).
-    async fn ask<T: redis::FromRedisValue>(
-        &self,
-        port: u16,
-        cmd: &redis::Cmd,
-    ) -> Result<T, String> {
-        self.links.ask(port, &self.node(port).url(), cmd).await
-    }
-
-    /// The data node or Sentinel on `port`.
-    fn node(&self, port: u16) -> &Redis {
-        self.data
-            .iter()
-            .chain(&self.sentinels)
-            .find(|n| n.port() == port)
-            .unwrap_or_else(|| panic!("{port} is not a node of this topology"))
-    }
 }
 
 impl Drop for SentinelTopology {
     fn drop(&mut self) {
         // Sentinels first, so that none reconfigures a data node on its way down.
-        for node in self.sentinels.iter_mut().chain(self.data.iter_mut()) {
-            node.kill();
+        for port in self.sentinel_ports().into_iter().chain(self.data_ports()) {
+            self.nodes.kill(port);
         }
-    }
-}
-
-/// What a wait is for, and, when it fails, the end of each Sentinel's log.
-struct WithSentinelLogs<'a> {
-    what: &'a str,
-    sentinels: &'a [Redis],
-}
-
-impl fmt::Display for WithSentinelLogs<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.what)?;
-        for sentinel in self.sentinels {
-            write!(
-                f,
-                "\n-- Sentinel {} --\n{}",
-                sentinel.port(),
-                sentinel.log_tail(12)
-            )?;
-        }
-        Ok(())
     }
 }
 
