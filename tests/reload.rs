@@ -160,7 +160,7 @@ async fn get(client: &mut SessionCacheClient<Channel>, key: &str) -> Result<(), 
 }
 
 /// Waits until a call with `key` gets `want` (`None`: the call succeeds).
-async fn wait_for(client: &mut SessionCacheClient<Channel>, key: &str, want: Option<Code>) {
+async fn wait_for_answer(client: &mut SessionCacheClient<Channel>, key: &str, want: Option<Code>) {
     let what = format!("a call with {key} to get {want:?}");
     eventually(NOTICE, what, async || {
         match get(client, key).await.err().map(|status| status.code()) {
@@ -222,7 +222,7 @@ async fn a_key_rotated_under_load_fails_no_call() {
     let mut probe = client.clone();
     replace(&path, &keys_toml(&[OLD_KEY, NEW_KEY]));
     service.hangup();
-    wait_for(&mut probe, NEW_KEY, None).await;
+    wait_for_answer(&mut probe, NEW_KEY, None).await;
     moved.store(true, Ordering::SeqCst);
     eventually(
         PATIENCE,
@@ -235,7 +235,7 @@ async fn a_key_rotated_under_load_fails_no_call() {
     .await;
     replace(&path, &keys_toml(&[NEW_KEY]));
     service.hangup();
-    wait_for(&mut probe, OLD_KEY, Some(Code::Unauthenticated)).await;
+    wait_for_answer(&mut probe, OLD_KEY, Some(Code::Unauthenticated)).await;
     stop.store(true, Ordering::SeqCst);
     for task in tasks {
         task.await.unwrap();
@@ -272,7 +272,7 @@ async fn a_bad_keys_file_keeps_the_old_keys_and_counts_a_failed_reload() {
     assert!(service.running(), "SIGHUP stopped the process");
 
     replace(&path, &keys_toml(&[NEW_KEY]));
-    wait_for(&mut client, NEW_KEY, None).await;
+    wait_for_answer(&mut client, NEW_KEY, None).await;
     assert_eq!(
         get(&mut client, OLD_KEY).await.unwrap_err().code(),
         Code::Unauthenticated
@@ -302,7 +302,7 @@ async fn a_symlink_swapped_secret_directory_is_picked_up_without_a_signal() {
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
     std::fs::remove_dir_all(root.join("..2026_01_01")).unwrap();
 
-    wait_for(&mut client, NEW_KEY, None).await;
+    wait_for_answer(&mut client, NEW_KEY, None).await;
     assert_eq!(
         get(&mut client, OLD_KEY).await.unwrap_err().code(),
         Code::Unauthenticated
