@@ -10,8 +10,8 @@ import re
 import shlex
 import subprocess
 
-from appwrite_stand_in import ACCOUNT
 from support import ROOT, SERVICE
+from testkit.appwrite import ACCOUNT
 
 TAKES_VALUE = {"-d", "-H", "-rpc-header", "-reflect-header", "-proto", "-import-path",
                "-protoset", "-max-time", "-connect-timeout", "-authority", "-format"}
