@@ -13,7 +13,7 @@ use prost::Message;
 use prost_types::FileDescriptorProto;
 use session_cache::{pb, rpc::Rpc};
 use support::{
-    Harness, free_port,
+    Harness, PATIENCE, eventually, free_port,
     idp::{AppwriteStandIn, Mode},
 };
 use tokio::{
@@ -147,18 +147,15 @@ fn calls(text: &str, rpc: &str, outcome: &str) -> f64 {
 
 /// Waits until the `calls_total` series of `rpc` and `outcome` reads `want`.
 async fn counted(port: u16, rpc: &str, outcome: &str, want: f64) {
-    let deadline = Instant::now() + support::PATIENCE;
-    loop {
-        let seen = calls(&scrape(port).await, rpc, outcome);
-        if seen == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "calls_total{{rpc={rpc},outcome={outcome}}} is {seen}, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        PATIENCE,
+        format_args!("calls_total{{rpc={rpc},outcome={outcome}}} = {want}"),
+        async || match calls(&scrape(port).await, rpc, outcome) {
+            seen if seen == want => Ok(()),
+            seen => Err(seen),
+        },
+    )
+    .await;
 }
 
 /// A method with no row is refused UNIMPLEMENTED and counted; a call the client gives

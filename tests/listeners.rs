@@ -11,14 +11,12 @@ use std::{
     time::Duration,
 };
 
-use support::free_port;
+use support::{PATIENCE, eventually, free_port};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    time::Instant,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
 /// The descriptors the service may hold: a few dozen, used up by the test's
 /// connections.
 const NOFILE: u32 = 48;
@@ -65,7 +63,7 @@ async fn get_metrics(stream: &mut TcpStream) -> String {
         .await
         .unwrap();
     let mut text = String::new();
-    tokio::time::timeout(support::PATIENCE, stream.read_to_string(&mut text))
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut text))
         .await
         .expect("the metrics answer in time")
         .unwrap();
@@ -82,7 +80,7 @@ async fn the_metrics_listener_backs_off_out_of_descriptors() {
     let child = Command::new("prlimit")
         .arg(format!("--nofile={NOFILE}:{NOFILE}"))
         .arg("--")
-        .arg(BIN)
+        .arg(support::process::BIN)
         .args(["--listen", &format!("127.0.0.1:{grpc}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
         .stdout(Stdio::null())
@@ -91,21 +89,16 @@ async fn the_metrics_listener_backs_off_out_of_descriptors() {
         .expect("prlimit (util-linux) runs the service");
     let service = Service(child);
     let pid = service.0.id();
-    let deadline = Instant::now() + support::PATIENCE;
-    loop {
-        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", metrics)).await
-            && get_metrics(&mut stream)
-                .await
-                .contains("session_cache_calls_total")
-        {
-            break;
+    eventually(PATIENCE, "the service serves metrics", async || {
+        let mut stream = TcpStream::connect(("127.0.0.1", metrics))
+            .await
+            .map_err(|e| e.to_string())?;
+        match get_metrics(&mut stream).await {
+            text if text.contains("session_cache_calls_total") => Ok(()),
+            text => Err(text),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the service never served metrics"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 
     // Connections to the gRPC port, each accepted (one descriptor each) until none is
     // left; the rest wait in the listen queue.
@@ -113,15 +106,15 @@ async fn the_metrics_listener_backs_off_out_of_descriptors() {
     for _ in 0..NOFILE * 2 {
         held.push(TcpStream::connect(("127.0.0.1", grpc)).await.unwrap());
     }
-    let deadline = Instant::now() + support::PATIENCE;
-    while descriptors(pid) < NOFILE as usize {
-        assert!(
-            Instant::now() < deadline,
-            "the service holds {} of {NOFILE} descriptors",
-            descriptors(pid)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        PATIENCE,
+        format_args!("the service holds all {NOFILE} descriptors"),
+        async || match descriptors(pid) {
+            held if held >= NOFILE as usize => Ok(()),
+            held => Err(held),
+        },
+    )
+    .await;
     // A scrape now waits in the metrics port's queue; every accept fails with EMFILE.
     let mut waiting = TcpStream::connect(("127.0.0.1", metrics)).await.unwrap();
     let window = Duration::from_secs(2);

@@ -24,10 +24,9 @@ use tokio::time::{Instant, sleep};
 
 use super::{
     connection::{Conn, Handle},
-    pool::CONNECT_TIMEOUT,
-    settings::RedisConfig,
+    settings::{CONNECT_TIMEOUT, HostPort, RedisConfig},
 };
-use crate::{config::HostPort, store::StoreError};
+use crate::store::StoreError;
 
 /// How long a revocation waits before it tries again on a slot that a Cluster is moving
 /// (`TRYAGAIN`) or cannot serve yet (`CLUSTERDOWN`), within its deadline.

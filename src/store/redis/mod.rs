@@ -84,10 +84,11 @@ mod sentinel;
 mod settings;
 
 use connection::{DialErrors, Handle, Manager, Target};
-use pool::{CONNECT_TIMEOUT, DURABLE_CONNECTIONS, checkout, pool, pool_error};
+use pool::{DURABLE_CONNECTIONS, checkout, pool, pool_error};
 use primary::Primary;
 use scripts::{Lua, Scripts};
-pub use settings::{Credentials, LookupMode, RedisConfig, RedisTopology, SentinelConfig};
+use settings::CONNECT_TIMEOUT;
+pub use settings::{Credentials, HostPort, LookupMode, RedisConfig, RedisTopology, SentinelConfig};
 
 use crate::{
     clock::Micros,
@@ -354,6 +355,36 @@ impl RedisStore {
         timeout_at(deadline, call)
             .await
             .unwrap_or(Err(StoreError::Timeout))
+    }
+
+    /// Looks `key` up outside Cluster: directly when no other lookup is in progress,
+    /// else through the coalescer.
+    async fn lookup(&self, deadline: Instant, key: &str) -> Result<read::Looked, StoreError> {
+        let counted = Counted::enter(&self.lookups);
+        if counted.alone {
+            let call = async {
+                let mut handle = self.connection().await?;
+                let mut outcomes = self.reader.read(&mut handle, &[key], true).await;
+                outcomes
+                    .pop()
+                    .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
+            };
+            return timeout_at(deadline, call)
+                .await
+                .unwrap_or(Err(StoreError::Timeout));
+        }
+        let (reply, replied) = oneshot::channel();
+        let job = coalesce::Job {
+            key: key.to_owned(),
+            reply,
+        };
+        self.gets
+            .send(job)
+            .map_err(|_| StoreError::Failed("the get batcher has stopped".into()))?;
+        timeout_at(deadline, replied)
+            .await
+            .map_err(|_| StoreError::Timeout)?
+            .map_err(|_| StoreError::Failed("the get batcher dropped a lookup".into()))?
     }
 
     fn deadline(&self) -> Instant {

@@ -10,12 +10,6 @@ use bb8_redis::redis::RedisError;
 use super::connection::{DialErrors, Handle, Manager};
 use crate::store::StoreError;
 
-/// How long dialling Redis may take. A dial to a healthy Redis takes milliseconds; this
-/// bounds a dial to one that accepts TCP but never answers (a frozen process), so that
-/// dials cannot pile up. It runs off the request path: bb8 dials in the background, and
-/// every call is bounded by the store timeout whatever the dial does.
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Connections held by revocations that wait for replicas. `WAIT` blocks the
 /// connection it is sent on, so each such revocation holds one connection of this pool
 /// to itself, apart from the pipelined connections that lookups share: a lookup never

@@ -32,16 +32,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bb8_redis::redis::{self, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
-use tokio::{
-    sync::oneshot,
-    time::{Instant, timeout_at},
-};
+use tokio::time::Instant;
 use tracing::warn;
 
-use super::{
-    Counted, RedisStore, coalesce::Job, connection::Handle, scripts::READ_MARKER,
-    settings::LookupMode,
-};
+use super::{RedisStore, connection::Handle, scripts::READ_MARKER, settings::LookupMode};
 use crate::{
     clock::Micros,
     entry,
@@ -348,36 +342,6 @@ fn replies(
 }
 
 impl RedisStore {
-    /// Looks `key` up outside Cluster: directly when no other lookup is in progress,
-    /// else through the coalescer.
-    pub(super) async fn lookup(&self, deadline: Instant, key: &str) -> Result<Looked, StoreError> {
-        let counted = Counted::enter(&self.lookups);
-        if counted.alone {
-            let call = async {
-                let mut handle = self.connection().await?;
-                let mut outcomes = self.reader.read(&mut handle, &[key], true).await;
-                outcomes
-                    .pop()
-                    .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
-            };
-            return timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout));
-        }
-        let (reply, replied) = oneshot::channel();
-        let job = Job {
-            key: key.to_owned(),
-            reply,
-        };
-        self.gets
-            .send(job)
-            .map_err(|_| StoreError::Failed("the get batcher has stopped".into()))?;
-        timeout_at(deadline, replied)
-            .await
-            .map_err(|_| StoreError::Timeout)?
-            .map_err(|_| StoreError::Failed("the get batcher dropped a lookup".into()))?
-    }
-
     /// Looks `key` up in Cluster: the Get script on the entry's node, then the marker
     /// of a live entry (see `judge_in_cluster`).
     pub(super) async fn lookup_in_cluster(

@@ -27,9 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{
-    pool::CONNECT_TIMEOUT,
     primary::Primary,
-    settings::{Credentials, SentinelConfig},
+    settings::{CONNECT_TIMEOUT, Credentials, SentinelConfig},
 };
 
 /// How long a watcher waits before dialling a Sentinel that it lost again.

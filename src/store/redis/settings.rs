@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::{config::HostPort, store::Limits};
+use crate::store::Limits;
 
 /// A user name and password for Redis or the Sentinels; the password never prints.
 #[derive(Clone, Default)]
@@ -91,4 +91,23 @@ pub enum LookupMode {
     /// The script for a lone lookup (one round trip), commands for a batch.
     #[default]
     Mixed,
+}
+
+/// How long dialling Redis may take. A dial to a healthy Redis takes milliseconds; this
+/// bounds a dial to one that accepts TCP but never answers (a frozen process), so that
+/// dials cannot pile up. It runs off the request path: bb8 dials in the background, and
+/// every call is bounded by the store timeout whatever the dial does.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A `host:port` pair, as the Sentinel flags take them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
 }
