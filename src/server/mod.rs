@@ -20,8 +20,7 @@ use tonic_health::ServingStatus;
 use tracing::{error, warn};
 
 use crate::{
-    auth,
-    call::{AdmissionLayer, CallLayer},
+    auth, call,
     config::Config,
     error::SetupError,
     health::StoreStatus,
@@ -153,9 +152,9 @@ async fn serve_store<S: Store>(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .layer(CallLayer::new(auth.clone(), request_timeout))
+        .layer(call::layer(auth.clone(), request_timeout))
         .layer(Track::layer(connections.clone()))
-        .layer(AdmissionLayer::new(config.max_in_flight as usize))
+        .layer(call::admission(config.max_in_flight as usize))
         .add_routes(routes);
     // The last step that can fail: the metrics port.
     let metrics = match config.metrics_listen {

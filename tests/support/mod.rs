@@ -15,6 +15,7 @@ pub mod pki;
 pub mod poll;
 pub mod process;
 pub mod redis_server;
+pub mod scrape;
 pub mod sentinel;
 pub mod subject;
 

@@ -222,22 +222,35 @@ impl RedisStore {
         checkout(&self.pool).await
     }
 
+    /// Runs `work` on a connection of the shared pool, checkout included, within
+    /// `deadline`.
+    async fn within<T>(
+        &self,
+        deadline: Instant,
+        work: impl AsyncFnOnce(&mut Handle) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let call = async {
+            let mut handle = self.connection().await?;
+            work(&mut handle).await
+        };
+        timeout_at(deadline, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
+    }
+
     /// Runs one script within `deadline`.
     async fn run<T: FromRedisValue>(
         &self,
         deadline: Instant,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
+        self.within(deadline, async |handle| {
             invocation
                 .invoke_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e))
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+        })
+        .await
     }
 
     /// Runs one script call (`cmd`, an `EVALSHA` of `script`) within `deadline`: outside
@@ -251,13 +264,10 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let counted = Counted::enter(&self.calling);
         let value = if self.cluster || counted.alone {
-            let call = async {
-                let mut handle = self.connection().await?;
-                scripts::evalsha(&mut handle, script, &cmd).await
-            };
-            timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout))?
+            self.within(deadline, async |handle| {
+                scripts::evalsha(handle, script, &cmd).await
+            })
+            .await?
         } else {
             let (reply, replied) = oneshot::channel();
             let call = coalesce::ScriptCall {
@@ -282,15 +292,12 @@ impl RedisStore {
         deadline: Instant,
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
+        self.within(deadline, async |handle| {
             cmd.query_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e))
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+        })
+        .await
     }
 
     /// Runs a revocation's script and, with `--revocation-replicas`, waits until that
@@ -343,18 +350,10 @@ impl RedisStore {
 
     /// The Cluster's health within `deadline` (see `cluster::ping`).
     async fn ping_cluster(&self, deadline: Instant) -> Result<(), StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
-            cluster::ping(
-                &mut handle,
-                &self.primaries,
-                self.scripts.ping.eval(&[], &[]),
-            )
-            .await
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+        self.within(deadline, async |handle| {
+            cluster::ping(handle, &self.primaries, self.scripts.ping.eval(&[], &[])).await
+        })
+        .await
     }
 
     /// Looks `key` up outside Cluster: directly when no other lookup is in progress,
@@ -362,16 +361,14 @@ impl RedisStore {
     async fn lookup(&self, deadline: Instant, key: &str) -> Result<read::Looked, StoreError> {
         let counted = Counted::enter(&self.lookups);
         if counted.alone {
-            let call = async {
-                let mut handle = self.connection().await?;
-                let mut outcomes = self.reader.read(&mut handle, &[key], true).await;
-                outcomes
-                    .pop()
-                    .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
-            };
-            return timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout));
+            return self
+                .within(deadline, async |handle| {
+                    let mut outcomes = self.reader.read(handle, &[key], true).await;
+                    outcomes
+                        .pop()
+                        .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
+                })
+                .await;
         }
         let (reply, replied) = oneshot::channel();
         let job = coalesce::Job {
