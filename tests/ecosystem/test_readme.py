@@ -11,6 +11,7 @@ README's own ports (8080 and 50051), which must be free.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -95,10 +96,8 @@ def stop_groups(pids_file) -> None:
         return
     groups = [int(p) for p in pids_file.read_text().split()]
     for group in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 15
     for group in groups:
         while time.monotonic() < deadline:
@@ -108,10 +107,8 @@ def stop_groups(pids_file) -> None:
                 break
             time.sleep(0.1)
         else:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_readme_runs_as_written():
