@@ -237,10 +237,6 @@ fn roles_agree() {
         .filter(|rpc| rpc.role().to_string() == "writer")
         .map(|rpc| rpc.name())
         .collect();
-    let sorted = |mut v: Vec<&str>| {
-        v.sort_unstable();
-        v
-    };
     let mut wrong = Vec::new();
 
     let security = read("docs/SECURITY.md");
@@ -249,8 +245,11 @@ fn roles_agree() {
             .lines()
             .find(|l| l.starts_with(&format!("| `{role}` |")))
             .unwrap_or_else(|| panic!("docs/SECURITY.md has no `{role}` row"));
-        let named = sorted(code_spans(row).into_iter().skip(1).collect());
-        if named != sorted(want.to_vec()) {
+        let mut named: Vec<&str> = code_spans(row).into_iter().skip(1).collect();
+        named.sort_unstable();
+        let mut want = want.to_vec();
+        want.sort_unstable();
+        if named != want {
             wrong.push(format!(
                 "docs/SECURITY.md: `{role}` may call {named:?}, the code says {want:?}"
             ));
