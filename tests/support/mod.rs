@@ -126,14 +126,13 @@ impl Redis {
             return;
         }
         loop {
-            if let Ok(mut conn) = self.try_connect().await {
-                if redis::cmd("PING")
+            if let Ok(mut conn) = self.try_connect().await
+                && redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
                     .is_ok()
-                {
-                    return;
-                }
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
