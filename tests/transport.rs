@@ -325,10 +325,10 @@ async fn calls_past_the_open_call_bound_are_refused() {
     let (_tasks, replies) = unread_gets(h.server.addr, 1, 128).await;
     let mut refused = 0;
     for reply in replies {
-        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), reply).await {
-            if grpc_status(&reply) == Some(Code::ResourceExhausted as i32) {
-                refused += 1;
-            }
+        if let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_secs(2), reply).await
+            && grpc_status(&reply) == Some(Code::ResourceExhausted as i32)
+        {
+            refused += 1;
         }
     }
     eprintln!("128 unread Gets at --max-open-calls 64: {refused} refused");

@@ -411,13 +411,12 @@ impl Store for MemoryStore {
         {
             return Ok(Stored::Revoked);
         }
-        if let Some(fence) = fence {
-            if self
+        if let Some(fence) = fence
+            && self
                 .marker_for(&session.user)
                 .is_some_and(|at| marker_revokes_fence(at, fence, self.limits.clock_skew))
-            {
-                return Ok(Stored::Stale);
-            }
+        {
+            return Ok(Stored::Stale);
         }
         let expire = Micros::from_datetime(session.session_expire);
         let Some(ttl_seconds) = ttl_for(expire, now, self.limits.ttl_seconds) else {

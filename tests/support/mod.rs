@@ -6,6 +6,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod acl;
 pub mod cluster;
 pub mod failover;
 pub mod idp;
