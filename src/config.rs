@@ -277,6 +277,10 @@ pub struct Config {
     /// The identity provider that Validate asks (SPEC §9).
     #[command(flatten)]
     pub idp: crate::idp::IdpFlags,
+
+    /// The HTTP listener (SPEC §11, §12).
+    #[command(flatten)]
+    pub http: crate::http::HttpFlags,
 }
 
 /// A `host:port` pair, as the Sentinel flags take them.

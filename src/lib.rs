@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod entry;
 pub mod health;
+pub mod http;
 pub mod idp;
 pub mod keys;
 mod metrics;

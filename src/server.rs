@@ -394,6 +394,23 @@ async fn serve_with<S: Store>(
     if let Some(provider) = &idp {
         crate::metrics::idp_exported(provider.name());
     }
+    // The HTTP listener (--http-listen, SPEC §11-§12): bound here with the other ports;
+    // served below from a task that ends with the others, and drained at shutdown.
+    let grace = Duration::from_secs(config.shutdown_grace_seconds);
+    let http = match config.http.http_listen {
+        Some(addr) => {
+            let routes: Vec<Arc<dyn crate::http::Route>> = Vec::new();
+            Some(crate::http::Listener::new(
+                crate::http::bind(addr).await?,
+                routes,
+                tls.clone(),
+                config.http.http_max_connections,
+                Duration::from_millis(config.request_timeout_ms),
+                Duration::from_secs(config.idle_timeout_seconds),
+            ))
+        }
+        None => None,
+    };
 
     // From here on nothing fails before serving; every task below ends when `stop` is
     // cancelled, at the latest when this function returns or is dropped.
@@ -412,6 +429,7 @@ async fn serve_with<S: Store>(
     if let Some(exporter) = metrics {
         tokio::spawn(exporter.run(stop.clone()));
     }
+    let http = http.map(|listener| tokio::spawn(listener.run(stop.clone(), grace)));
     let mut reloadable = Vec::new();
     if let Some(path) = &config.api_keys_file {
         reloadable.push(Reloadable::keys(
@@ -474,6 +492,7 @@ async fn serve_with<S: Store>(
         authenticated,
         keyed_token_hashing = config.token_hmac_secret_file.is_some(),
         metrics_listen = ?config.metrics_listen,
+        http_listen = ?config.http.http_listen,
         max_connections = config.max_connections,
         idle_timeout_seconds = config.idle_timeout_seconds,
         request_timeout_ms = config.request_timeout_ms,
@@ -504,7 +523,6 @@ async fn serve_with<S: Store>(
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
-    let grace = Duration::from_secs(config.shutdown_grace_seconds);
     info!(
         ?grace,
         "shutting down: no new calls; draining calls in flight"
@@ -514,6 +532,10 @@ async fn serve_with<S: Store>(
     match tokio::time::timeout(grace, &mut server).await {
         Ok(result) => result?,
         Err(_) => warn!(?grace, "drain did not finish in time; closing what is left"),
+    }
+    // The HTTP listener stopped accepting with the others and drains within its grace.
+    if let Some(http) = http {
+        let _ = http.await;
     }
     info!("stopped");
     Ok(())

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod failover;
+pub mod http;
 pub mod idp;
 pub mod links;
 pub mod load;
