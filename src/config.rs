@@ -281,6 +281,10 @@ pub struct Config {
     /// The HTTP listener (SPEC §11, §12).
     #[command(flatten)]
     pub http: crate::http::HttpFlags,
+
+    /// Revocations pushed by the identity provider (SPEC §12).
+    #[command(flatten)]
+    pub revoke: crate::revoke::RevokeFlags,
 }
 
 /// A `host:port` pair, as the Sentinel flags take them.
@@ -462,6 +466,9 @@ impl Config {
             }
         }
         self.idp.validate().map_err(ConfigError)?;
+        self.revoke
+            .validate(self.http.http_listen.is_some())
+            .map_err(ConfigError)?;
         if let Some(endpoint) = &self.otlp_endpoint
             && !otlp_endpoint_ok(endpoint)
         {

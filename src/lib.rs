@@ -17,6 +17,7 @@ pub mod idp;
 pub mod keys;
 mod metrics;
 mod reload;
+pub mod revoke;
 pub mod rpc;
 pub mod server;
 pub mod service;

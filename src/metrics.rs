@@ -180,6 +180,7 @@ pub(crate) fn install(addr: SocketAddr) -> Result<Exporter, crate::server::Error
     counter!("session_cache_validate_joins_total").absolute(0);
     counter!("session_cache_validate_negative_hits_total").absolute(0);
     crate::http::metrics::describe();
+    crate::revoke::metrics::describe();
     Ok(Exporter { listener, handle })
 }
 

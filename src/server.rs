@@ -110,6 +110,7 @@ pub struct Prepared {
     tls: Option<Arc<rustls::ServerConfig>>,
     redis: Option<RedisConfig>,
     idp: Option<Arc<dyn crate::idp::Provider>>,
+    revoke: crate::revoke::Prepared,
 }
 
 impl Prepared {
@@ -159,6 +160,7 @@ pub fn prepare(config: Config) -> Result<Prepared, Error> {
     };
     let redis = redis_config(&config)?;
     let idp = crate::idp::from_config(&config.idp)?;
+    let revoke = crate::revoke::prepare(&config.revoke, &config.idp, config.clock_skew())?;
     Ok(Prepared {
         config,
         auth,
@@ -166,6 +168,7 @@ pub fn prepare(config: Config) -> Result<Prepared, Error> {
         tls,
         redis,
         idp,
+        revoke,
     })
 }
 
@@ -335,6 +338,7 @@ async fn serve_with<S: Store>(
         tls,
         redis: _,
         idp,
+        revoke,
     } = prepared;
     let config = &config;
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -355,13 +359,17 @@ async fn serve_with<S: Store>(
     let traced = Arc::new(Traced(store.clone()));
     let service = SessionCacheService::new(traced, config.enabled, status.clone())
         .with_auth(auth.clone())
-        .with_hasher(hasher)
+        .with_hasher(hasher.clone())
         .with_max_in_flight(config.max_in_flight as usize);
     let service = match &idp {
-        Some(provider) => service.with_validator(Validator::new(
-            provider.clone(),
-            config.idp.idp_max_in_flight as usize,
-        )),
+        Some(provider) => {
+            let validator = Validator::new(provider.clone(), config.idp.idp_max_in_flight as usize);
+            service.with_validator(if revoke.records_session_ids() {
+                validator.with_session_ids(hasher.clone())
+            } else {
+                validator
+            })
+        }
         None => service,
     };
     // Callers are checked from their headers before their message is read.
@@ -399,7 +407,9 @@ async fn serve_with<S: Store>(
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     let http = match config.http.http_listen {
         Some(addr) => {
-            let routes: Vec<Arc<dyn crate::http::Route>> = Vec::new();
+            let mut routes: Vec<Arc<dyn crate::http::Route>> = Vec::new();
+            // SPEC §12: revocations pushed by the identity provider.
+            routes.extend(revoke.routes(Arc::new(Traced(store.clone())), hasher, config.enabled));
             Some(crate::http::Listener::new(
                 crate::http::bind(addr).await?,
                 routes,

@@ -31,7 +31,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// A request as a route sees it: the head, the whole body, the peer.
-#[allow(dead_code)] // read by the routes, of which a build may have none
+#[allow(dead_code)] // not every route reads every field
 pub(crate) struct HttpRequest {
     pub head: http::request::Parts,
     pub body: bytes::Bytes,
@@ -68,6 +68,11 @@ pub(crate) fn respond(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// A JSON answer with this status.
+pub(crate) fn respond_json(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    respond(status, "application/json", body.to_string())
 }
 
 /// A short plain-text answer, for the plumbing's own refusals.

@@ -101,6 +101,11 @@ pub fn result_label(result: &Result<Answer, IdpError>) -> &'static str {
 /// The boxed future of [`Provider::validate`].
 pub type Validation<'a> = Pin<Box<dyn Future<Output = Result<Answer, IdpError>> + Send + 'a>>;
 
+/// The boxed future of [`Provider::validate_with_session_id`]: the answer, and the
+/// provider's own ID of the session when the answer names one.
+pub type SessionValidation<'a> =
+    Pin<Box<dyn Future<Output = (Result<Answer, IdpError>, Option<String>)> + Send + 'a>>;
+
 /// An identity provider. One boxed future per call: a call costs milliseconds of
 /// network, the allocation nothing.
 pub trait Provider: Send + Sync + 'static {
@@ -109,6 +114,13 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Asks the provider about `token`, within `--idp-timeout-ms`.
     fn validate<'a>(&'a self, token: &'a str) -> Validation<'a>;
+
+    /// [`Provider::validate`], with the provider's own ID of the session when its answer
+    /// names one (the `sid` of an introspection answer), so that a back-channel logout
+    /// naming only that session can be carried out (SPEC §12). By default, none.
+    fn validate_with_session_id<'a>(&'a self, token: &'a str) -> SessionValidation<'a> {
+        Box::pin(async move { (self.validate(token).await, None) })
+    }
 }
 
 /// A file a provider flag names is missing or unusable, or the HTTP client cannot be
@@ -209,7 +221,7 @@ fn read_secret(path: &std::path::Path, flag: &'static str) -> Result<Secret, Set
 }
 
 /// The certificates of a PEM file, at least one.
-fn read_certificates(
+pub(crate) fn read_certificates(
     path: &std::path::Path,
     flag: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, SetupError> {
