@@ -4,10 +4,13 @@
 //! The set is fetched when a logout token first needs it, and again when a token names
 //! a key ID the set lacks (the provider rotated its keys): at most once every
 //! [`REFETCH_EVERY`], one fetch at a time, so that a flood of tokens with unknown key IDs
-//! costs the provider one request per interval. Tokens signed with known keys never
-//! wait for a fetch. A set that cannot be had (the provider down, slow past
-//! `--idp-timeout-ms`, or answering something that is not a key set) makes the token
-//! unverifiable for now, never refused.
+//! costs the provider one request per interval. A token that needs a fetch sooner waits
+//! for the interval to pass (within its request's time), so that a rotation right after
+//! a fetch is followed rather than refused; a key ID that a fetch begun after the token
+//! arrived did not bring is unknown. Tokens signed with known keys never wait. A set
+//! that cannot be had (the provider down, slow past `--idp-timeout-ms`, or answering
+//! something that is not a key set) makes the token unverifiable for now, never
+//! refused.
 
 use std::{
     sync::{Arc, RwLock},
@@ -63,16 +66,23 @@ impl Jwks {
         if let Some(found) = self.lookup(kid) {
             return Ok(found);
         }
+        let arrived = Instant::now();
         let mut attempt = self.fetching.lock().await;
         // Another request may have fetched it while this one waited.
         if let Some(found) = self.lookup(kid) {
             return Ok(found);
         }
-        if attempt.at.is_some_and(|at| at.elapsed() < REFETCH_EVERY) {
+        // A fetch begun since this token arrived did not bring its key.
+        if attempt.at.is_some_and(|at| at >= arrived) {
             return Err(match &attempt.failed {
                 Some(why) => KeyError::Unavailable(why.clone()),
                 None => KeyError::Unknown,
             });
+        }
+        // The lock is held while waiting: whoever queues behind it is answered by this
+        // fetch.
+        if let Some(at) = attempt.at {
+            tokio::time::sleep_until(at + REFETCH_EVERY).await;
         }
         attempt.at = Some(Instant::now());
         match self.fetch().await {

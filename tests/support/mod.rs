@@ -11,9 +11,11 @@ pub mod http;
 pub mod idp;
 pub mod links;
 pub mod load;
+pub mod oidc;
 pub mod pki;
 pub mod sentinel;
 pub mod subject;
+pub mod webhooks;
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
