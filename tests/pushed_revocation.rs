@@ -400,6 +400,9 @@ async fn refusals_leave_the_cache_as_it_was() {
             hooks.flags(),
             oidc.flags(),
             strings(&["--metrics-listen", &metrics]),
+            // A token with an unknown kid right after a fetch waits out the 5 s between
+            // fetches: more than the default request timeout on a loaded machine.
+            strings(&["--request-timeout-ms", "15000"]),
         ],
     )
     .await;
@@ -843,7 +846,10 @@ async fn key_rotation_is_followed_and_unknown_kids_cannot_flood_the_provider() {
     let appwrite = AppwriteStandIn::start().await;
     let oidc = OidcStandIn::start().await;
     let addr = http_addr();
-    let _h = serve(&store, addr, &[appwrite.flags(), oidc.flags()]).await;
+    // Tokens wait out the 5 s between fetches: more than the default request timeout on
+    // a loaded machine.
+    let slow = strings(&["--request-timeout-ms", "15000"]);
+    let _h = serve(&store, addr, &[appwrite.flags(), oidc.flags(), slow]).await;
     let ok = |reply: Reply| assert_eq!(reply.status, 200, "{}", reply.text());
     ok(oidc::post_logout(addr, &oidc.logout_token(Some("a"), None)).await);
     assert_eq!(oidc.jwks_requests(), 1);
@@ -1258,5 +1264,31 @@ async fn pushed_revocations_hold_against_validates_in_flight() {
         eprintln!("{backend:?}: {steps} Validates, {valid} VALID, {revived} revived");
         assert_eq!(revived, 0, "{backend:?}: a revoked session was served");
         assert!(valid > 50, "{backend:?}: the schedule produces VALIDs");
+    }
+}
+
+/// `--help` documents the listener's and the pushed revocations' flags, with their
+/// environment variables.
+#[test]
+fn help_documents_the_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-cache"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--http-listen",
+        "--http-max-connections",
+        "--appwrite-webhook-key-file",
+        "--appwrite-webhook-url",
+        "--oidc-issuer",
+        "--oidc-audience",
+        "--oidc-jwks-url",
+        "SESSION_CACHE_HTTP_LISTEN",
+        "SESSION_CACHE_APPWRITE_WEBHOOK_KEY_FILE",
+        "SESSION_CACHE_OIDC_JWKS_URL",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
