@@ -179,7 +179,7 @@ impl<S: Store> Backchannel<S> {
                     }
                 }
             }
-            (None, None) => unreachable!("validate requires sub or sid"),
+            (None, None) => return Err(Refusal::Invalid("sub or sid: required".into())),
         };
         if !user_id_ok(&user) {
             return Err(Refusal::Invalid(format!(
