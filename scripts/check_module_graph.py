@@ -11,6 +11,10 @@ Two levels are checked, each as a graph that must have no cycle:
 Comments are ignored (doc comments name modules they do not import). On a cycle it
 prints the modules that close it, with the files and lines of their edges, and exits 1.
 
+Why not `cargo modules dependencies --acyclic` (cargo-modules): its latest release needs
+Rust 1.98; 0.27 builds on 1.95 but takes about 12 CPU-minutes to install at every CI run,
+and it judges items, not modules (it reports `rpc::Role` and its own `fmt` as a circle).
+
     scripts/check_module_graph.py [SRC]      (default: src)
 """
 
