@@ -162,7 +162,9 @@ where
     }
 }
 
-async fn handshake<IO>(acceptor: TlsAcceptor, io: IO) -> Option<TlsStream<IO>>
+/// The handshake of one connection within [`HANDSHAKE_TIMEOUT`]; a failed or timed-out
+/// one is counted and dropped.
+pub(crate) async fn handshake<IO>(acceptor: TlsAcceptor, io: IO) -> Option<TlsStream<IO>>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -39,8 +39,6 @@ use super::{
 };
 use crate::{error::SetupError, transport::accept::accept};
 
-/// A TLS handshake not finished within this long is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The one application protocol served over TLS.
 const ALPN_HTTP1: &[u8] = b"http/1.1";
 
@@ -312,21 +310,12 @@ impl Tls {
         TlsAcceptor::from(made)
     }
 
-    /// The handshake within [`HANDSHAKE_TIMEOUT`]; a failed one is counted and dropped.
+    /// The handshake, as the gRPC port's (bounded in time, a failure counted).
     async fn handshake(
         &self,
         tcp: TcpStream,
     ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-        let failure = match timeout(HANDSHAKE_TIMEOUT, self.acceptor().accept(tcp)).await {
-            Ok(Ok(stream)) => return Some(stream),
-            Ok(Err(e)) => {
-                debug!(error = %e, "HTTP TLS handshake failed");
-                "failed"
-            }
-            Err(_) => "timeout",
-        };
-        crate::metrics::tls_handshake_failed(failure);
-        None
+        crate::tls::handshake(self.acceptor(), tcp).await
     }
 }
 

@@ -160,7 +160,7 @@ impl IdpFlags {
                 let endpoint = self.appwrite_endpoint.as_deref().ok_or(
                     "--idp appwrite needs --appwrite-endpoint (https://cloud.appwrite.io/v1)",
                 )?;
-                check_url("--appwrite-endpoint", endpoint)?;
+                check_url("--appwrite-endpoint", endpoint, false)?;
                 let project = self.appwrite_project.as_deref().unwrap_or_default();
                 if project.is_empty() {
                     return Err("--idp appwrite needs --appwrite-project (the project ID)".into());
@@ -188,7 +188,7 @@ impl IdpFlags {
                     .introspection_url
                     .as_deref()
                     .ok_or("--idp introspection needs --introspection-url")?;
-                check_url("--introspection-url", url)?;
+                check_url("--introspection-url", url, false)?;
                 if self
                     .introspection_client_id
                     .as_deref()
@@ -223,9 +223,10 @@ impl IdpFlags {
     }
 }
 
-/// An http:// or https:// URL with a host and no credentials, query or fragment. The
-/// message never repeats the URL, which might carry a password.
-fn check_url(flag: &str, text: &str) -> Result<reqwest::Url, String> {
+/// An http:// or https:// URL with a host and no credentials (a query or fragment only
+/// where the URL is taken as written, `query_ok`). The message never repeats the URL,
+/// which might carry a password.
+pub(crate) fn check_url(flag: &str, text: &str, query_ok: bool) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(text)
         .map_err(|e| format!("{flag} is not a URL ({e}); give https://host[:port]/path"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -238,7 +239,7 @@ fn check_url(flag: &str, text: &str) -> Result<reqwest::Url, String> {
             "{flag} must not carry credentials: they would show in logs"
         ));
     }
-    if url.query().is_some() || url.fragment().is_some() {
+    if !query_ok && (url.query().is_some() || url.fragment().is_some()) {
         return Err(format!("{flag} must not have a query or fragment"));
     }
     Ok(url)

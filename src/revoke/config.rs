@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::idp::config::check_url;
+
 /// Which revocations the identity provider may push, and how each is authenticated.
 #[derive(Clone, Debug, Args)]
 pub struct RevokeFlags {
@@ -109,27 +111,6 @@ impl RevokeFlags {
         }
         Ok(())
     }
-}
-
-/// An http:// or https:// URL with a host and no credentials (a query is allowed only
-/// where the URL is taken as written, `query_ok`). The message never repeats the URL.
-fn check_url(flag: &str, text: &str, query_ok: bool) -> Result<(), String> {
-    let url = reqwest::Url::parse(text)
-        .map_err(|e| format!("{flag} is not a URL ({e}); give https://host[:port]/path"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!(
-            "{flag} must be an http:// or https:// URL with a host"
-        ));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "{flag} must not carry credentials: they would show in logs"
-        ));
-    }
-    if !query_ok && (url.query().is_some() || url.fragment().is_some()) {
-        return Err(format!("{flag} must not have a query or fragment"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
