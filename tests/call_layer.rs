@@ -14,7 +14,7 @@ use prost_types::FileDescriptorProto;
 use session_cache::{pb, rpc::Rpc};
 use support::{
     Harness, PATIENCE, eventually, free_port,
-    idp::{AppwriteStandIn, Mode},
+    idp::{AppwriteStandIn, Mode, idp_user},
     scrape::{scrape, series},
 };
 use tokio::time::Instant;
@@ -211,16 +211,4 @@ async fn calls_are_counted_however_they_end() {
     assert!(started.elapsed() >= Duration::from_millis(400));
     counted(port, "Validate", "timeout", 1.0).await;
     counted(port, "Validate", "cancelled", 1.0).await;
-}
-
-fn idp_user(id: &str) -> session_cache::entry::User {
-    session_cache::entry::User {
-        id: id.into(),
-        email: format!("{id}@example.com"),
-        name: id.into(),
-        email_verified: true,
-        tier: String::new(),
-        created_at: Utc::now(),
-        updated_at: Utc::now(),
-    }
 }

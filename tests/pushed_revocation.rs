@@ -7,49 +7,25 @@
 
 mod support;
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bb8_redis::redis;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::Utc;
 use serde_json::{Value, json};
 use session_cache::{
-    entry::User,
     keys::TokenHash,
     pb::{self, GetOutcome, ValidateOutcome, session_cache_client::SessionCacheClient},
 };
 use support::{
     Backend, Harness, Redis, free_port,
     http::{self, Reply},
-    idp::{AppwriteStandIn, IntrospectionStandIn, Mode},
+    idp::{AppwriteStandIn, IntrospectionStandIn, Mode, idp_user, in_a_day},
     oidc::{self, OidcStandIn},
+    race::{self, Revoke, Sessions},
     webhooks::{self, AppwriteWebhooks},
 };
 use tokio::time::Instant;
 use tonic::transport::Channel;
-
-fn idp_user(id: &str) -> User {
-    User {
-        id: id.into(),
-        email: format!("{id}@example.com"),
-        name: "Ada Lovelace".into(),
-        email_verified: true,
-        tier: "pro".into(),
-        created_at: Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 0).unwrap(),
-        updated_at: Utc.with_ymd_and_hms(2024, 6, 1, 8, 0, 0).unwrap(),
-    }
-}
-
-fn in_a_day() -> DateTime<Utc> {
-    DateTime::from_timestamp(Utc::now().timestamp() + 86_400, 0).unwrap()
-}
 
 async fn validate(client: &mut SessionCacheClient<Channel>, token: &str) -> ValidateOutcome {
     client
@@ -1067,100 +1043,46 @@ async fn keys_are_read_before_binding() {
 // SPEC §9's race with the revocation pushed by the provider
 // ---------------------------------------------------------------------------------
 
-const USERS: usize = 3;
-const TOKENS_PER_USER: usize = 3;
-const RACERS: usize = 8;
-const RACE_STEPS: usize = 60;
-
-/// The live tokens, and when each revoked one's revocation was acknowledged.
-#[derive(Default)]
-struct Pool {
-    generation: Mutex<HashMap<(usize, usize), usize>>,
-    revoked: Mutex<HashMap<String, Instant>>,
-}
-
-fn racer_token(user: usize, slot: usize, generation: usize) -> String {
-    format!("race-{user}-{slot}-{generation}")
-}
-
-fn racer(user: usize) -> String {
-    format!("racer-{user}")
-}
-
-/// What the race needs to revoke through the provider.
-struct Pushers {
-    appwrite: Arc<AppwriteStandIn>,
+/// Revocations pushed by the provider: a sign-out at Appwrite reaches the cache through
+/// its webhook, the end of every session of a user through a back-channel logout token.
+struct Pushed {
     hooks: AppwriteWebhooks,
     oidc: OidcStandIn,
     addr: SocketAddr,
-    pool: Pool,
 }
 
-impl Pushers {
-    /// A new session in a slot (a new sign-in).
-    fn renew(&self, user: usize, slot: usize) {
-        let mut generation = self.pool.generation.lock().unwrap();
-        let next = generation.get(&(user, slot)).map_or(0, |g| g + 1);
-        self.appwrite.add_session(
-            &racer_token(user, slot, next),
-            &idp_user(&racer(user)),
-            in_a_day(),
-        );
-        generation.insert((user, slot), next);
-    }
-
-    fn current(&self, user: usize, slot: usize) -> String {
-        racer_token(
-            user,
-            slot,
-            self.pool.generation.lock().unwrap()[&(user, slot)],
-        )
-    }
-
-    /// A sign-out at Appwrite, pushed by its webhook (nothing when another racer ended
-    /// the session first).
-    async fn sign_out(&self, user: usize, slot: usize) {
-        let token = self.current(user, slot);
-        let Some(reply) = self.hooks.sign_out(&self.appwrite, &token).await else {
+impl Revoke for Pushed {
+    /// Nothing when another racer ended the session first.
+    async fn sign_out(
+        &self,
+        sessions: &Sessions,
+        _: &mut SessionCacheClient<Channel>,
+        user: usize,
+        slot: usize,
+    ) {
+        let token = sessions.current(user, slot);
+        let Some(reply) = self.hooks.sign_out(&sessions.appwrite, &token).await else {
             return;
         };
         assert_revoked(&reply, "sign-out");
-        self.pool
-            .revoked
-            .lock()
-            .unwrap()
-            .entry(token)
-            .or_insert(Instant::now());
-        self.renew(user, slot);
+        sessions.revoked(user, [slot], &[token]);
     }
 
-    /// Every session of the user ended at the provider, pushed by a logout token.
-    async fn log_out(&self, user: usize) {
-        let tokens: Vec<String> = (0..TOKENS_PER_USER)
-            .map(|s| self.current(user, s))
-            .collect();
-        self.appwrite.revoke_user(&racer(user));
-        let reply =
-            oidc::post_logout(self.addr, &self.oidc.logout_token(Some(&racer(user)), None)).await;
+    async fn end_all(&self, sessions: &Sessions, _: &mut SessionCacheClient<Channel>, user: usize) {
+        let tokens = sessions.of_user(user);
+        let id = race::user_id(user);
+        sessions.appwrite.revoke_user(&id);
+        let reply = oidc::post_logout(self.addr, &self.oidc.logout_token(Some(&id), None)).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
-        let now = Instant::now();
-        let mut revoked = self.pool.revoked.lock().unwrap();
-        for token in tokens {
-            revoked.entry(token).or_insert(now);
-        }
-        drop(revoked);
-        for slot in 0..TOKENS_PER_USER {
-            self.renew(user, slot);
-        }
+        sessions.revoked(user, 0..race::SESSIONS_PER_USER, &tokens);
     }
 }
 
-/// Racers validate a small pool of tokens; while a Validate of a token is under way
-/// (the provider's answer already on its way: computed at arrival, delivered 30 ms
-/// later) they sign it out through an Appwrite webhook or end its user's sessions
-/// through a back-channel logout token, then validate it again. Returns (VALID answers,
-/// revoked sessions answered VALID, Validates).
-async fn race(backend: Backend) -> (usize, usize, usize) {
+/// Racers validate a small pool of sessions; while a Validate of one is under way (the
+/// provider's answer already on its way: computed at arrival, delivered 30 ms later)
+/// they sign it out through an Appwrite webhook or end its user's sessions through a
+/// back-channel logout token, then validate it again (`support::race`).
+async fn race(backend: Backend) -> race::Tally {
     let store = Store::start(backend).await;
     let appwrite = Arc::new(AppwriteStandIn::start().await);
     appwrite.set_mode(Mode::Late(Duration::from_millis(30)));
@@ -1176,82 +1098,9 @@ async fn race(backend: Backend) -> (usize, usize, usize) {
         &[appwrite.flags(), hooks.flags(), oidc.flags(), slack],
     )
     .await;
-    let pushers = Arc::new(Pushers {
-        appwrite,
-        hooks,
-        oidc,
-        addr,
-        pool: Pool::default(),
-    });
-    for user in 0..USERS {
-        for slot in 0..TOKENS_PER_USER {
-            pushers.renew(user, slot);
-        }
-    }
-    let (valid, revived, steps) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks: Vec<_> = (0..RACERS)
-        .map(|n| {
-            let mut client = h.client.clone();
-            let pushers = pushers.clone();
-            let (valid, revived, steps) = (valid.clone(), revived.clone(), steps.clone());
-            tokio::spawn(async move {
-                let mut state = (n as u64 + 11).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let mut next = move || {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as usize
-                };
-                for _ in 0..RACE_STEPS {
-                    let (user, slot) = (next() % USERS, next() % TOKENS_PER_USER);
-                    let current = pushers.current(user, slot);
-                    let during = if next() % 10 < 6 {
-                        let (mut other, token) = (client.clone(), current.clone());
-                        let during =
-                            tokio::spawn(async move { validate(&mut other, &token).await });
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        if next() % 2 == 0 {
-                            pushers.sign_out(user, slot).await;
-                        } else {
-                            pushers.log_out(user).await;
-                        }
-                        Some(during)
-                    } else {
-                        None
-                    };
-                    let began = Instant::now();
-                    let got = validate(&mut client, &current).await;
-                    steps.fetch_add(1, Ordering::SeqCst);
-                    if got == ValidateOutcome::Valid {
-                        valid.fetch_add(1, Ordering::SeqCst);
-                        let revoked = pushers.pool.revoked.lock().unwrap().get(&current).copied();
-                        if revoked.is_some_and(|at| at < began) {
-                            revived.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    if let Some(during) = during {
-                        // Began before the revocation: either answer is allowed.
-                        steps.fetch_add(1, Ordering::SeqCst);
-                        if during.await.unwrap() == ValidateOutcome::Valid {
-                            valid.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    (
-        valid.load(Ordering::SeqCst),
-        revived.load(Ordering::SeqCst),
-        steps.load(Ordering::SeqCst),
-    )
+    let sessions = Sessions::start(appwrite);
+    let pushed = Arc::new(Pushed { hooks, oidc, addr });
+    race::race(&h.client, sessions, pushed, 11).await
 }
 
 /// SPEC §9's revocation rule with the revocation pushed by the provider: a Validate
@@ -1260,10 +1109,16 @@ async fn race(backend: Backend) -> (usize, usize, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushed_revocations_hold_against_validates_in_flight() {
     for backend in [Backend::Memory, Backend::Redis] {
-        let (valid, revived, steps) = race(backend).await;
-        eprintln!("{backend:?}: {steps} Validates, {valid} VALID, {revived} revived");
-        assert_eq!(revived, 0, "{backend:?}: a revoked session was served");
-        assert!(valid > 50, "{backend:?}: the schedule produces VALIDs");
+        let tally = race(backend).await;
+        eprintln!("{backend:?}: {tally:?}");
+        assert_eq!(
+            tally.revived, 0,
+            "{backend:?}: a revoked session was served"
+        );
+        assert!(
+            tally.valid > 50,
+            "{backend:?}: the schedule produces VALIDs"
+        );
     }
 }
 

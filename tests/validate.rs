@@ -4,43 +4,18 @@
 
 mod support;
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use chrono::{DateTime, TimeZone, Utc};
-use session_cache::{
-    entry::User,
-    pb::{self, GetOutcome, ValidateOutcome, session_cache_client::SessionCacheClient},
+use session_cache::pb::{
+    self, GetOutcome, ValidateOutcome, session_cache_client::SessionCacheClient,
 };
 use support::{
     Backend, Harness, PATIENCE, eventually,
-    idp::{AppwriteStandIn, IntrospectionStandIn, Mode, not_listening_url},
+    idp::{AppwriteStandIn, IntrospectionStandIn, Mode, idp_user, in_a_day, not_listening_url},
+    race::{self, Revoke, Sessions},
 };
 use tokio::time::Instant;
 use tonic::{Code, transport::Channel};
-
-fn idp_user(id: &str) -> User {
-    User {
-        id: id.into(),
-        email: format!("{id}@example.com"),
-        name: "Ada Lovelace".into(),
-        email_verified: true,
-        tier: "pro".into(),
-        created_at: Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 0).unwrap(),
-        updated_at: Utc.with_ymd_and_hms(2024, 6, 1, 8, 0, 0).unwrap(),
-    }
-}
-
-fn in_a_day() -> DateTime<Utc> {
-    // Whole seconds: Appwrite writes milliseconds, and the comparison below is exact.
-    DateTime::from_timestamp(Utc::now().timestamp() + 86_400, 0).unwrap()
-}
 
 async fn validate(
     client: &mut SessionCacheClient<Channel>,
@@ -372,175 +347,68 @@ async fn a_struggling_provider_gets_at_most_max_in_flight_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revocations_hold_through_validate() {
     for backend in STORES {
-        let (valid, revived, steps) = race(backend).await;
-        eprintln!("{backend:?}: {steps} Validates, {valid} VALID, {revived} revived");
-        assert_eq!(revived, 0, "{backend:?}: a revoked session was served");
-        assert!(valid > 50, "{backend:?}: the schedule produces VALIDs");
+        let tally = race(backend).await;
+        eprintln!("{backend:?}: {tally:?}");
+        assert_eq!(
+            tally.revived, 0,
+            "{backend:?}: a revoked session was served"
+        );
+        assert!(
+            tally.valid > 50,
+            "{backend:?}: the schedule produces VALIDs"
+        );
     }
 }
 
-const USERS: usize = 3;
-const TOKENS_PER_USER: usize = 3;
-const RACERS: usize = 8;
-const RACE_STEPS: usize = 60;
+/// Revocations through the API: a sign-out is InvalidateToken, a password change
+/// InvalidateUser, each first at the provider, which then refuses the session.
+struct ThroughTheApi;
 
-/// The pool of live tokens, and when each revoked one's revocation returned.
-#[derive(Default)]
-struct Pool {
-    /// Per (user, slot): the generation of its current token.
-    generation: Mutex<HashMap<(usize, usize), usize>>,
-    revoked: Mutex<HashMap<String, Instant>>,
+impl Revoke for ThroughTheApi {
+    async fn sign_out(
+        &self,
+        sessions: &Sessions,
+        client: &mut SessionCacheClient<Channel>,
+        user: usize,
+        slot: usize,
+    ) {
+        let current = sessions.current(user, slot);
+        sessions.appwrite.revoke(&current);
+        client
+            .invalidate_token(pb::InvalidateTokenRequest {
+                token: current.clone(),
+            })
+            .await
+            .unwrap();
+        sessions.revoked(user, [slot], &[current]);
+    }
+
+    async fn end_all(
+        &self,
+        sessions: &Sessions,
+        client: &mut SessionCacheClient<Channel>,
+        user: usize,
+    ) {
+        let tokens = sessions.of_user(user);
+        for token in &tokens {
+            sessions.appwrite.revoke(token);
+        }
+        client
+            .invalidate_user(pb::InvalidateUserRequest {
+                user_id: race::user_id(user),
+            })
+            .await
+            .unwrap();
+        sessions.revoked(user, 0..race::SESSIONS_PER_USER, &tokens);
+    }
 }
 
-fn token(user: usize, slot: usize, generation: usize) -> String {
-    format!("tok-{user}-{slot}-{generation}")
-}
-
-async fn race(backend: Backend) -> (usize, usize, usize) {
+async fn race(backend: Backend) -> race::Tally {
     let appwrite = Arc::new(AppwriteStandIn::start().await);
     appwrite.set_mode(Mode::Late(Duration::from_millis(30)));
-    let pool = Arc::new(Pool::default());
-    for user in 0..USERS {
-        for slot in 0..TOKENS_PER_USER {
-            appwrite.add_session(
-                &token(user, slot, 0),
-                &idp_user(&format!("racer-{user}")),
-                in_a_day(),
-            );
-            pool.generation.lock().unwrap().insert((user, slot), 0);
-        }
-    }
+    let sessions = Sessions::start(appwrite.clone());
     let h = service(backend, &appwrite.flags(), &[]).await;
-    let (valid, revived, steps) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let tasks: Vec<_> = (0..RACERS)
-        .map(|racer| {
-            let mut client = h.client.clone();
-            let (appwrite, pool) = (appwrite.clone(), pool.clone());
-            let (valid, revived, steps) = (valid.clone(), revived.clone(), steps.clone());
-            tokio::spawn(async move {
-                let mut state = (racer as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let mut next = move || {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as usize
-                };
-                for _ in 0..RACE_STEPS {
-                    let (user, slot) = (next() % USERS, next() % TOKENS_PER_USER);
-                    let current = token(user, slot, pool.generation.lock().unwrap()[&(user, slot)]);
-                    // Most steps revoke while a Validate of the token is under way,
-                    // then validate it again: the window the rule is about.
-                    let during = if next() % 10 < 6 {
-                        let (mut other, token) = (client.clone(), current.clone());
-                        let during = tokio::spawn(async move { outcome(&mut other, &token).await });
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        if next() % 2 == 0 {
-                            sign_out(&mut client, &appwrite, &pool, user, slot, &current).await;
-                        } else {
-                            password_change(&mut client, &appwrite, &pool, user).await;
-                        }
-                        Some(during)
-                    } else {
-                        None
-                    };
-                    let began = Instant::now();
-                    let got = outcome(&mut client, &current).await;
-                    steps.fetch_add(1, Ordering::SeqCst);
-                    if got == ValidateOutcome::Valid {
-                        valid.fetch_add(1, Ordering::SeqCst);
-                        let revoked = pool.revoked.lock().unwrap().get(&current).copied();
-                        if revoked.is_some_and(|at| at < began) {
-                            revived.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    if let Some(during) = during {
-                        // Began before the revocation: either answer is allowed.
-                        steps.fetch_add(1, Ordering::SeqCst);
-                        if during.await.unwrap() == ValidateOutcome::Valid {
-                            valid.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    (
-        valid.load(Ordering::SeqCst),
-        revived.load(Ordering::SeqCst),
-        steps.load(Ordering::SeqCst),
-    )
-}
-
-/// Signs `current` out: at the provider, then here; the slot gets a new session.
-async fn sign_out(
-    client: &mut SessionCacheClient<Channel>,
-    appwrite: &AppwriteStandIn,
-    pool: &Pool,
-    user: usize,
-    slot: usize,
-    current: &str,
-) {
-    appwrite.revoke(current);
-    client
-        .invalidate_token(pb::InvalidateTokenRequest {
-            token: current.into(),
-        })
-        .await
-        .unwrap();
-    pool.revoked
-        .lock()
-        .unwrap()
-        .insert(current.into(), Instant::now());
-    renew(appwrite, pool, user, slot);
-}
-
-/// A password change: every session of the user ends, at the provider, then here.
-async fn password_change(
-    client: &mut SessionCacheClient<Channel>,
-    appwrite: &AppwriteStandIn,
-    pool: &Pool,
-    user: usize,
-) {
-    let tokens: Vec<String> = (0..TOKENS_PER_USER)
-        .map(|s| token(user, s, pool.generation.lock().unwrap()[&(user, s)]))
-        .collect();
-    for t in &tokens {
-        appwrite.revoke(t);
-    }
-    client
-        .invalidate_user(pb::InvalidateUserRequest {
-            user_id: format!("racer-{user}"),
-        })
-        .await
-        .unwrap();
-    let now = Instant::now();
-    let mut revoked = pool.revoked.lock().unwrap();
-    for t in tokens {
-        revoked.entry(t).or_insert(now);
-    }
-    drop(revoked);
-    for s in 0..TOKENS_PER_USER {
-        renew(appwrite, pool, user, s);
-    }
-}
-
-/// Gives a slot a new session at the provider (a new sign-in).
-fn renew(appwrite: &AppwriteStandIn, pool: &Pool, user: usize, slot: usize) {
-    let mut generation = pool.generation.lock().unwrap();
-    let next = generation[&(user, slot)] + 1;
-    appwrite.add_session(
-        &token(user, slot, next),
-        &idp_user(&format!("racer-{user}")),
-        in_a_day(),
-    );
-    generation.insert((user, slot), next);
+    race::race(&h.client, sessions, Arc::new(ThroughTheApi), 1).await
 }
 
 /// With the store down, Validate still answers from the provider (and caches nothing):

@@ -44,7 +44,7 @@ use base64::{
     engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL},
 };
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -104,6 +104,25 @@ impl Recorded {
             .unwrap_or_default()
             .to_owned()
     }
+}
+
+/// A user as the identity provider stand-ins describe one.
+pub fn idp_user(id: &str) -> User {
+    User {
+        id: id.into(),
+        email: format!("{id}@example.com"),
+        name: "Ada Lovelace".into(),
+        email_verified: true,
+        tier: "pro".into(),
+        created_at: Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 0).unwrap(),
+        updated_at: Utc.with_ymd_and_hms(2024, 6, 1, 8, 0, 0).unwrap(),
+    }
+}
+
+/// A day from now, in whole seconds: Appwrite writes milliseconds, and tests compare
+/// what comes back exactly.
+pub fn in_a_day() -> DateTime<Utc> {
+    DateTime::from_timestamp(Utc::now().timestamp() + 86_400, 0).unwrap()
 }
 
 /// A URL on a port where nothing listens (bound a moment ago, then closed): connecting

@@ -17,6 +17,7 @@ pub mod oidc;
 pub mod pki;
 pub mod poll;
 pub mod process;
+pub mod race;
 pub mod redis_server;
 pub mod scrape;
 pub mod sentinel;
