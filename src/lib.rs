@@ -10,6 +10,8 @@
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod decision;
+pub mod edge;
 pub mod entry;
 pub mod health;
 pub mod idp;

@@ -19,7 +19,9 @@
 //! | `session_cache_idp_calls_total` | counter | `provider`, `result` ([`crate::idp::RESULT_LABELS`]) |
 //! | `session_cache_idp_call_duration_seconds` | histogram | `provider` |
 //! | `session_cache_idp_shed_total` | counter | `provider`, `reason` (`max_in_flight`, `circuit_open`) |
+//! | `session_cache_idp_waiting` | gauge | |
 //! | `session_cache_validate_joins_total` | counter | |
+//! | `session_cache_decisions_total` | counter | `via` (`Validate`, `Check`, `/auth`), `source` (`cache`, `negative_cache`, `provider`), `decision` (`valid`, `invalid`, `unavailable`) |
 //! | `session_cache_validate_negative_hits_total` | counter | |
 
 use std::{net::SocketAddr, time::Duration};
@@ -169,6 +171,12 @@ pub(crate) fn install(addr: SocketAddr) -> Result<Exporter, crate::server::Error
         "Validates answered UNAVAILABLE without asking the identity provider: \
          --idp-max-in-flight calls in progress, or the provider failing (circuit open)"
     );
+    describe_gauge!(
+        "session_cache_idp_waiting",
+        "Provider calls waiting for one of the --idp-max-in-flight slots (at most \
+         --idp-max-waiting)"
+    );
+    gauge!("session_cache_idp_waiting").set(0.0);
     describe_counter!(
         "session_cache_validate_joins_total",
         "Validates that shared a provider call already in progress for their token"
@@ -179,6 +187,7 @@ pub(crate) fn install(addr: SocketAddr) -> Result<Exporter, crate::server::Error
     );
     counter!("session_cache_validate_joins_total").absolute(0);
     counter!("session_cache_validate_negative_hits_total").absolute(0);
+    decisions_exported();
     Ok(Exporter { listener, handle })
 }
 
@@ -274,6 +283,34 @@ pub(crate) fn idp_call(provider: &'static str, result: &'static str, took: Durat
 /// Records a Validate answered UNAVAILABLE without asking the provider.
 pub(crate) fn idp_shed(provider: &'static str, reason: &'static str) {
     counter!("session_cache_idp_shed_total", "provider" => provider, "reason" => reason)
+        .increment(1);
+}
+
+/// Records how many provider calls wait for a slot.
+pub(crate) fn idp_waiting(waiting: usize) {
+    gauge!("session_cache_idp_waiting").set(waiting as f64);
+}
+
+/// Exports the decisions' series at 0 (`crate::decision`), for each path that decides.
+pub(crate) fn decisions_exported() {
+    describe_counter!(
+        "session_cache_decisions_total",
+        "Tokens decided by Validate, Envoy's Check and /auth (via): from the cache, the \
+         negative cache or the identity provider (source), and what was decided"
+    );
+    for via in crate::decision::Via::ALL {
+        for (source, decision) in crate::decision::OUTCOMES {
+            counter!("session_cache_decisions_total", "via" => via.label(), "source" => source, "decision" => decision)
+                .absolute(0);
+        }
+    }
+    counter!("session_cache_store_errors_total", "rpc" => crate::decision::Via::Auth.label())
+        .absolute(0);
+}
+
+/// Records one decision.
+pub(crate) fn decision(via: &'static str, source: crate::decision::Source, decision: &'static str) {
+    counter!("session_cache_decisions_total", "via" => via, "source" => source.label(), "decision" => decision)
         .increment(1);
 }
 

@@ -356,12 +356,13 @@ async fn serve_with<S: Store>(
     let service = SessionCacheService::new(traced, config.enabled, status.clone())
         .with_auth(auth.clone())
         .with_hasher(hasher)
-        .with_max_in_flight(config.max_in_flight as usize);
+        .with_max_in_flight(config.max_in_flight as usize)
+        .with_request_timeout(Duration::from_millis(config.request_timeout_ms));
     let service = match &idp {
-        Some(provider) => service.with_validator(Validator::new(
-            provider.clone(),
-            config.idp.idp_max_in_flight as usize,
-        )),
+        Some(provider) => service.with_validator(
+            Validator::new(provider.clone(), config.idp.idp_max_in_flight as usize)
+                .with_waiting(config.idp.timeout(), config.idp.idp_max_waiting as usize),
+        ),
         None => service,
     };
     // Callers are checked from their headers before their message is read.
