@@ -277,6 +277,10 @@ pub struct Config {
     /// The identity provider that Validate asks (SPEC §9).
     #[command(flatten)]
     pub idp: crate::idp::IdpFlags,
+
+    /// Validation at the edge: Envoy's Check and /auth (SPEC §11).
+    #[command(flatten)]
+    pub edge: crate::edge::EdgeFlags,
 }
 
 /// A `host:port` pair, as the Sentinel flags take them.

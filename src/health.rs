@@ -19,6 +19,10 @@ use crate::store::Store;
 /// The health name of the store-backed service (SPEC §5).
 pub const SERVICE_NAME: &str = "sessioncache.v1.SessionCache";
 
+/// Every health name that follows the store: the service's, and Envoy's `Check`
+/// (SPEC §11).
+pub const FOLLOWING_THE_STORE: [&str; 2] = [SERVICE_NAME, crate::edge::HEALTH_NAME];
+
 /// Whether the last ping reached the store.
 #[derive(Debug, Default)]
 pub struct StoreStatus {
@@ -102,7 +106,9 @@ pub(crate) async fn watch_store<S: Store>(
         } else {
             ServingStatus::NotServing
         };
-        reporter.set_service_status(SERVICE_NAME, serving).await;
+        for name in FOLLOWING_THE_STORE {
+            reporter.set_service_status(name, serving).await;
+        }
         was_up = Some(up);
     }
 }

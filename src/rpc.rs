@@ -13,10 +13,15 @@ pub enum Rpc {
     InvalidateUser,
     Health,
     Validate,
+    /// `envoy.service.auth.v3.Authorization/Check` (SPEC §11).
+    Check,
 }
 
 /// The gRPC service name, as `rpc.service` in traces.
 pub const SERVICE: &str = "sessioncache.v1.SessionCache";
+
+/// Envoy's external authorization service, which `Check` belongs to.
+pub const ENVOY_AUTHORIZATION: &str = "envoy.service.auth.v3.Authorization";
 
 /// The `outcome` label of a call the service refused, whatever the RPC: its gRPC code
 /// (see `metrics::code_label`).
@@ -31,14 +36,23 @@ pub const REFUSALS: [&str; 7] = [
 ];
 
 impl Rpc {
-    pub const ALL: [Rpc; 6] = [
+    pub const ALL: [Rpc; 7] = [
         Rpc::Get,
         Rpc::Set,
         Rpc::InvalidateToken,
         Rpc::InvalidateUser,
         Rpc::Health,
         Rpc::Validate,
+        Rpc::Check,
     ];
+
+    /// The gRPC service the RPC belongs to, as `rpc.service` in traces.
+    pub fn service(self) -> &'static str {
+        match self {
+            Rpc::Check => ENVOY_AUTHORIZATION,
+            _ => SERVICE,
+        }
+    }
 
     /// The RPC a gRPC method name (the last segment of the path) stands for.
     pub fn from_method(method: &str) -> Option<Rpc> {
@@ -54,6 +68,7 @@ impl Rpc {
             Rpc::InvalidateUser => "InvalidateUser",
             Rpc::Health => "Health",
             Rpc::Validate => "Validate",
+            Rpc::Check => "Check",
         }
     }
 
@@ -67,15 +82,16 @@ impl Rpc {
             Rpc::InvalidateUser => "sessioncache.v1.SessionCache/InvalidateUser",
             Rpc::Health => "sessioncache.v1.SessionCache/Health",
             Rpc::Validate => "sessioncache.v1.SessionCache/Validate",
+            Rpc::Check => "envoy.service.auth.v3.Authorization/Check",
         }
     }
 
-    /// The role a caller needs (SPEC §7, §9): readers may look up, writers may also
-    /// write. Validate is a reader's: what it caches comes from the identity provider,
-    /// never from the caller.
+    /// The role a caller needs (SPEC §7, §9, §11): readers may look up, writers may
+    /// also write. Validate and Check are a reader's: what they cache comes from the
+    /// identity provider, never from the caller.
     pub fn role(self) -> Role {
         match self {
-            Rpc::Get | Rpc::Health | Rpc::Validate => Role::Reader,
+            Rpc::Get | Rpc::Health | Rpc::Validate | Rpc::Check => Role::Reader,
             Rpc::Set | Rpc::InvalidateToken | Rpc::InvalidateUser => Role::Writer,
         }
     }
@@ -102,6 +118,8 @@ impl Rpc {
             ],
             Rpc::InvalidateToken | Rpc::InvalidateUser | Rpc::Health => &["ok"],
             Rpc::Validate => &["valid", "invalid", "unavailable"],
+            // UNAVAILABLE is a gRPC status for Check: `unavailable_status`.
+            Rpc::Check => &["allowed", "denied"],
         }
     }
 }
@@ -114,7 +132,7 @@ mod tests {
     fn names_round_trip() {
         for rpc in Rpc::ALL {
             assert_eq!(Rpc::from_method(rpc.name()), Some(rpc));
-            assert_eq!(rpc.path(), format!("{SERVICE}/{}", rpc.name()));
+            assert_eq!(rpc.path(), format!("{}/{}", rpc.service(), rpc.name()));
         }
         assert_eq!(Rpc::from_method("Watch"), None);
     }

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::{
     auth::{Authenticator, Gate},
     config::{Config, Topology},
-    health::{SERVICE_NAME, StoreStatus, watch_store},
+    health::{FOLLOWING_THE_STORE, StoreStatus, watch_store},
     keys::TokenHasher,
     pb::{self, session_cache_server::SessionCacheServer},
     reload::Reloadable,
@@ -347,6 +347,7 @@ async fn serve_with<S: Store>(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::edge::envoy_pb::FILE_DESCRIPTOR_SET)
     };
     let kind = store.kind();
     let authenticated = auth.is_enabled();
@@ -365,6 +366,16 @@ async fn serve_with<S: Store>(
         ),
         None => service,
     };
+    // --- Validation at the edge (SPEC §11): Envoy's Check on this listener, and the
+    // /auth route for --http-listen, both over Validate's decision.
+    let edge = crate::edge::Edge::new(config, service.decider(), auth.clone());
+    let check = Gate::new(
+        edge.check_server()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        auth.clone(),
+    );
+    let _routes: Vec<Arc<dyn crate::http::Route>> = vec![edge.auth_route()];
+    // --- end of validation at the edge.
     // Callers are checked from their headers before their message is read.
     let service = Gate::new(
         SessionCacheServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
@@ -386,7 +397,8 @@ async fn serve_with<S: Store>(
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(service);
+        .add_service(service)
+        .add_service(check);
     // The last step that can fail: binding the metrics port.
     let metrics = match config.metrics_listen {
         Some(addr) => Some(crate::metrics::install(addr)?),
@@ -408,7 +420,9 @@ async fn serve_with<S: Store>(
     } else {
         ServingStatus::Serving
     };
-    reporter.set_service_status(SERVICE_NAME, initial).await;
+    for name in FOLLOWING_THE_STORE {
+        reporter.set_service_status(name, initial).await;
+    }
     transport::raise_open_files_limit();
     if let Some(exporter) = metrics {
         tokio::spawn(exporter.run(stop.clone()));
@@ -502,9 +516,11 @@ async fn serve_with<S: Store>(
     reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    for name in FOLLOWING_THE_STORE {
+        reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     info!(
         ?grace,

@@ -201,7 +201,7 @@ impl<S: Store> SessionCacheService<S> {
             otel.name = rpc.path(),
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.service = crate::rpc::SERVICE,
+            rpc.service = rpc.service(),
             rpc.method = rpc.name(),
             rpc.grpc.status_code = tracing::field::Empty,
             outcome = tracing::field::Empty,

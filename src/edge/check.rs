@@ -1,0 +1,304 @@
+//! `envoy.service.auth.v3.Authorization/Check` (SPEC §11): Envoy's and Istio's external
+//! authorization, answered with Validate's decision.
+//!
+//! | the decision | the answer |
+//! |---|---|
+//! | VALID | OK, with the identity headers set (overwriting) and the client's other headers under the prefix removed |
+//! | no token, INVALID | denied: HTTP 401, `www-authenticate: Bearer` |
+//! | UNAVAILABLE | gRPC UNAVAILABLE: Envoy's `failure_mode_allow` / `status_on_error` decide (deny, as deployed) |
+//! | no `attributes.request.http` | gRPC INVALID_ARGUMENT naming the field |
+//!
+//! Envoy applies `headers_to_remove` after it sets `headers`, so a header the answer
+//! sets is never also in `headers_to_remove`. Each header is set with `append: false`,
+//! which every Envoy version reads as "overwrite" (newer ones read an unset `append` as
+//! `append_action`'s default, APPEND_IF_EXISTS_OR_ADD, which would keep a client's
+//! spoofed value beside ours).
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use super::{
+    Carrier, Extractor, Found, Headers, Identity,
+    envoy_pb::{
+        envoy::{
+            config::core::v3::{HeaderValue, HeaderValueOption},
+            service::auth::v3::{
+                AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+                attribute_context::HttpRequest, authorization_server::Authorization,
+                check_response::HttpResponse,
+            },
+            r#type::v3::{HttpStatus, StatusCode},
+        },
+        google::rpc,
+    },
+};
+use crate::{
+    decision::{Decider, Decision, Refused, Via, grpc_timeout},
+    entry::Session,
+    store::Store,
+};
+
+/// gRPC's UNAUTHENTICATED, the status of a denial (google.rpc.Code).
+const UNAUTHENTICATED: i32 = 16;
+
+/// What Check needs besides the decision: where tokens are, which headers to set.
+#[derive(Clone, Debug)]
+pub struct EdgeSettings {
+    pub extractor: Extractor,
+    pub identity: Identity,
+    pub strip_credentials: bool,
+}
+
+/// The `Authorization` service over Validate's decision.
+pub struct CheckService<S> {
+    decider: Decider<S>,
+    settings: Arc<EdgeSettings>,
+}
+
+impl<S: Store> CheckService<S> {
+    pub fn new(decider: Decider<S>, settings: Arc<EdgeSettings>) -> Self {
+        CheckService { decider, settings }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> Authorization for CheckService<S> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let began = Instant::now();
+        let deadline = self
+            .decider
+            .deadline(began, grpc_timeout(request.metadata().as_ref()));
+        self.answer(request.into_inner(), began, deadline)
+            .await
+            .map(Response::new)
+    }
+}
+
+impl<S: Store> CheckService<S> {
+    /// Check proper: find the token, decide, shape the answer.
+    pub async fn answer(
+        &self,
+        request: CheckRequest,
+        began: Instant,
+        deadline: Instant,
+    ) -> Result<CheckResponse, Status> {
+        let http = http_request(&request)?;
+        let headers = EnvoyHeaders::of(http);
+        let (token, carrier) = match self.settings.extractor.find(&headers) {
+            Found::Token { token, carrier } => (token, carrier),
+            Found::Nothing => return Ok(denied("no session token")),
+            Found::Malformed(why) => {
+                debug!(why, "check: denied a malformed request");
+                return Ok(denied(why));
+            }
+        };
+        match self
+            .decider
+            .decide(&token, Via::Check, began, deadline)
+            .await
+        {
+            Ok(Decision::Valid(session)) => Ok(self.allowed(&session, &headers, &carrier)),
+            Ok(Decision::Invalid) => Ok(denied("the session is not valid")),
+            Ok(Decision::Unavailable(_)) => Err(Status::unavailable(
+                "the identity provider or the store cannot decide now; retry",
+            )),
+            Err(Refused::NoProvider) => {
+                Err(Status::failed_precondition(Refused::NoProvider.to_string()))
+            }
+            // A token no session can have (over 4 KiB): Validate would refuse it.
+            Err(refused) => Ok(denied(refused_reason(&refused))),
+        }
+    }
+
+    /// OK, with the identity headers set and the client's own removed.
+    fn allowed(
+        &self,
+        session: &Session,
+        headers: &EnvoyHeaders<'_>,
+        carrier: &Carrier,
+    ) -> CheckResponse {
+        let identity = &self.settings.identity;
+        let mut set: Vec<HeaderValueOption> = identity
+            .headers(Some(session))
+            .into_iter()
+            .map(|(name, value)| overwrite(name, value))
+            .collect();
+        // The client's headers under the prefix that the answer does not set.
+        let mut remove: Vec<String> = headers
+            .names()
+            .map(str::to_ascii_lowercase)
+            .filter(|name| {
+                name.starts_with(identity.prefix())
+                    && !identity.names().iter().any(|own| own == name)
+            })
+            .collect();
+        if self.settings.strip_credentials {
+            match carrier {
+                Carrier::Bearer => remove.push("authorization".into()),
+                Carrier::Header(name) => remove.push(name.clone()),
+                Carrier::Cookie(name) => match without_cookie(headers, name) {
+                    // Set, so never also removed (Envoy removes after it sets).
+                    Some(rest) => set.push(overwrite("cookie", rest)),
+                    None => remove.push("cookie".into()),
+                },
+            }
+        }
+        remove.sort();
+        remove.dedup();
+        CheckResponse {
+            status: Some(rpc::Status {
+                code: 0,
+                ..Default::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: set,
+                headers_to_remove: remove,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+}
+
+/// The `outcome` label of an answered Check, for the call's metrics and span.
+pub fn outcome_label(response: &CheckResponse) -> &'static str {
+    match &response.http_response {
+        Some(HttpResponse::OkResponse(_)) => "allowed",
+        _ => "denied",
+    }
+}
+
+fn http_request(request: &CheckRequest) -> Result<&HttpRequest, Status> {
+    let attributes: &AttributeContext = request
+        .attributes
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("attributes: required"))?;
+    attributes
+        .request
+        .as_ref()
+        .and_then(|r| r.http.as_ref())
+        .ok_or_else(|| Status::invalid_argument("attributes.request.http: required"))
+}
+
+fn refused_reason(refused: &Refused) -> &'static str {
+    match refused {
+        Refused::EmptyToken => "no session token",
+        Refused::LongToken => "the token is longer than 4096 bytes",
+        Refused::NoProvider => "no identity provider",
+    }
+}
+
+/// A denial: HTTP 401 with `www-authenticate: Bearer`; the upstream is not called.
+fn denied(reason: &'static str) -> CheckResponse {
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: UNAUTHENTICATED,
+            message: reason.into(),
+            ..Default::default()
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: StatusCode::Unauthorized as i32,
+            }),
+            headers: vec![overwrite("www-authenticate", "Bearer".into())],
+            body: format!("{reason}\n"),
+        })),
+        ..Default::default()
+    }
+}
+
+// `append` is deprecated in favour of `append_action`, but only `append: false` means
+// "overwrite" to every Envoy version (see the note atop this file).
+#[allow(deprecated)]
+fn overwrite(name: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: name.to_owned(),
+            value,
+            ..Default::default()
+        }),
+        // Overwrite in every Envoy version (see the note atop this file).
+        append: Some(false),
+        // An empty identity header must still replace a client's value.
+        keep_empty_value: true,
+        ..Default::default()
+    }
+}
+
+/// The request's cookies without `name`, as one `cookie` header; `None` when nothing
+/// else is left.
+fn without_cookie(headers: &EnvoyHeaders<'_>, name: &str) -> Option<String> {
+    let mut kept = Vec::new();
+    for header in headers.values("cookie") {
+        for pair in header.split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            let own = pair
+                .split(|&b| b == b'=')
+                .next()
+                .is_some_and(|n| n == name.as_bytes());
+            if !pair.is_empty() && !own {
+                kept.push(String::from_utf8_lossy(pair).into_owned());
+            }
+        }
+    }
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
+/// Envoy's view of the request's headers: its map (names lowercase, repeated headers
+/// merged), or the raw list when the filter sets `encode_raw_headers`.
+struct EnvoyHeaders<'a> {
+    http: &'a HttpRequest,
+}
+
+impl<'a> EnvoyHeaders<'a> {
+    fn of(http: &'a HttpRequest) -> Self {
+        EnvoyHeaders { http }
+    }
+
+    fn raw(&self) -> Option<&'a [HeaderValue]> {
+        self.http
+            .header_map
+            .as_ref()
+            .map(|m| m.headers.as_slice())
+            .filter(|h| !h.is_empty())
+    }
+
+    /// Every header name, lowercase.
+    fn names(&self) -> Box<dyn Iterator<Item = &'a str> + 'a> {
+        match self.raw() {
+            Some(raw) => Box::new(raw.iter().map(|h| h.key.as_str())),
+            None => Box::new(self.http.headers.keys().map(String::as_str)),
+        }
+    }
+}
+
+impl Headers for EnvoyHeaders<'_> {
+    fn values(&self, name: &str) -> Vec<&[u8]> {
+        match self.raw() {
+            Some(raw) => raw
+                .iter()
+                .filter(|h| h.key.eq_ignore_ascii_case(name))
+                .map(|h| {
+                    if h.raw_value.is_empty() {
+                        h.value.as_bytes()
+                    } else {
+                        h.raw_value.as_slice()
+                    }
+                })
+                .collect(),
+            None => self
+                .http
+                .headers
+                .get(name)
+                .map(|v| v.as_bytes())
+                .into_iter()
+                .collect(),
+        }
+    }
+}
