@@ -175,3 +175,174 @@ impl<S: Store> Route for AuthRoute<S> {
         Box::pin(async move { self.answer(&request).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::{
+        auth::Authenticator,
+        edge::{EdgeFlags, Extractor, Identity},
+        health::StoreStatus,
+        idp::{Answer, IdpError, Provider, Validation},
+        store::MemoryStore,
+        validate::Validator,
+    };
+
+    /// A provider answering from a table, or failing every call.
+    struct Table {
+        sessions: HashMap<&'static str, Session>,
+        failing: bool,
+    }
+
+    impl Provider for Table {
+        fn name(&self) -> &'static str {
+            "table"
+        }
+
+        fn validate<'a>(&'a self, token: &'a str) -> Validation<'a> {
+            Box::pin(async move {
+                if self.failing {
+                    return Err(IdpError::ServerError(503));
+                }
+                Ok(self
+                    .sessions
+                    .get(token)
+                    .cloned()
+                    .map_or(Answer::Invalid, Answer::Valid))
+            })
+        }
+    }
+
+    fn session(id: &str) -> Session {
+        let now = chrono::Utc::now();
+        Session {
+            user: crate::entry::User {
+                id: id.into(),
+                email: format!("{id}@example.com"),
+                name: "Ada".into(),
+                email_verified: false,
+                tier: "free".into(),
+                created_at: now,
+                updated_at: now,
+            },
+            session_expire: now + chrono::Duration::hours(1),
+        }
+    }
+
+    fn route(failing: bool, keys: Authenticator) -> AuthRoute<MemoryStore> {
+        let config = crate::Config::load_from(["session-cache"]).unwrap();
+        let store = Arc::new(MemoryStore::new(config.limits(), config.memory_bounds()));
+        let provider = Table {
+            sessions: HashMap::from([("tok-1", session("u-1"))]),
+            failing,
+        };
+        let decider = Decider::new(store, true, Arc::new(StoreStatus::new(true)))
+            .with_validator(Arc::new(Validator::new(Arc::new(provider), 4)));
+        let flags: EdgeFlags = config.edge.clone();
+        let settings = Arc::new(EdgeSettings {
+            extractor: Extractor::new(&flags, Some("proj")),
+            identity: Identity::new(&flags.edge_header_prefix),
+            strip_credentials: false,
+        });
+        AuthRoute::new(
+            decider,
+            settings,
+            crate::auth::keys(keys),
+            &flags.edge_api_key_header,
+        )
+    }
+
+    fn request(headers: &[(&str, &str)]) -> HttpRequest {
+        let mut builder = http::Request::builder().uri("/auth");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let (head, ()) = builder.body(()).unwrap().into_parts();
+        HttpRequest {
+            head,
+            body: Bytes::new(),
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            peer_certs: None,
+        }
+    }
+
+    fn header<'a>(response: &'a HttpResponse, name: &str) -> Option<&'a str> {
+        response.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// 200 with the user's headers for a valid token (Bearer or the Appwrite cookie);
+    /// 401 with `www-authenticate: Bearer` and every identity header present but empty
+    /// for no token, an unknown one and a malformed one.
+    #[tokio::test]
+    async fn answers_with_every_identity_header() {
+        let route = route(false, Authenticator::open());
+        for headers in [
+            &[("authorization", "Bearer tok-1")][..],
+            &[("cookie", "a=b; a_session_proj=tok-1")],
+        ] {
+            let ok = route.answer(&request(headers)).await;
+            assert_eq!(ok.status(), 200, "{headers:?}");
+            assert_eq!(header(&ok, "x-auth-request-user"), Some("u-1"));
+            assert_eq!(header(&ok, "x-auth-request-email-verified"), Some("false"));
+            assert_eq!(header(&ok, "cache-control"), Some("no-store"));
+        }
+        for headers in [
+            &[][..],
+            &[("authorization", "Bearer nobody")],
+            &[("authorization", "Bearer")],
+        ] {
+            let denied = route.answer(&request(headers)).await;
+            assert_eq!(denied.status(), 401, "{headers:?}");
+            assert_eq!(header(&denied, "www-authenticate"), Some("Bearer"));
+            for name in route.settings.identity.names() {
+                assert_eq!(header(&denied, name), Some(""), "{name} on a 401");
+            }
+        }
+    }
+
+    /// The provider failing is 503, never 200 or 401.
+    #[tokio::test]
+    async fn undecided_is_503() {
+        let route = route(true, Authenticator::open());
+        let answer = route
+            .answer(&request(&[("authorization", "Bearer tok-1")]))
+            .await;
+        assert_eq!(answer.status(), 503);
+        assert_eq!(header(&answer, "x-auth-request-user"), Some(""));
+    }
+
+    /// With --api-keys-file, the proxy's key comes in x-session-cache-key: without it,
+    /// or with an unknown one, 403 (whatever the user's token); with it, the decision.
+    #[tokio::test]
+    async fn the_proxy_needs_a_readers_key() {
+        let sha: String = Sha256::digest(b"proxy-key")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let keys = Authenticator::from_toml(&format!(
+            "[[keys]]\nname = \"nginx\"\nsha256 = \"{sha}\"\nroles = [\"reader\"]\n"
+        ))
+        .unwrap();
+        let route = route(false, keys);
+        for key in [None, Some("guess")] {
+            let mut headers = vec![("authorization", "Bearer tok-1")];
+            headers.extend(key.map(|k| ("x-session-cache-key", k)));
+            let answer = route.answer(&request(&headers)).await;
+            assert_eq!(answer.status(), 403, "{key:?}");
+            assert_eq!(header(&answer, "x-auth-request-user"), Some(""));
+        }
+        let answer = route
+            .answer(&request(&[
+                ("authorization", "Bearer tok-1"),
+                ("x-session-cache-key", "proxy-key"),
+            ]))
+            .await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(route.path(), "/auth");
+        assert!(route.statuses().contains(&answer.status().as_u16()));
+    }
+}
