@@ -28,6 +28,7 @@ WORK=$ROOT/target/ecosystem
 LOGS=$WORK/logs
 VENV=$WORK/venv
 NODE_DIR=$ROOT/examples/clients/node
+ISTIO_DIR=$ROOT/tests/ecosystem/istio
 
 mkdir -p "$LOGS"
 rm -f "$LOGS"/*.log "$LOGS"/*.out
@@ -74,6 +75,17 @@ python_packages() {
 
 npm_packages() (
   cd "$NODE_DIR" || return 1
+  if [ -f node_modules/.package-lock.json ] && [ ! package-lock.json -nt node_modules/.package-lock.json ]; then
+    echo "already installed"
+  else
+    timeout 600 npm ci --no-audit --no-fund || return 1
+  fi
+  npm ls --depth=0
+)
+
+# istio_checker: the Istio CRD schemas that test_edge_deploy.py checks deploy/istio/ with.
+istio_checker() (
+  cd "$ISTIO_DIR" || return 1
   if [ -f node_modules/.package-lock.json ] && [ ! package-lock.json -nt node_modules/.package-lock.json ]; then
     echo "already installed"
   else
@@ -138,6 +150,8 @@ step "python venv and packages" python_packages
 PY_READY=$?
 step "npm packages (examples/clients/node)" npm_packages
 NPM_READY=$?
+step "npm packages (tests/ecosystem/istio)" istio_checker
+NPM_READY=$((NPM_READY + $?))
 step "cargo build --bin session-cache" build
 BUILT=$?
 step "Debian tools: redis-server, h2load, promtool" debian_tools
