@@ -49,7 +49,7 @@ def test_envoy_yaml_is_an_envoy_bootstrap_with_the_promised_ext_authz():
     assert not authz.HasField("with_request_body")
     assert authz.transport_api_version == config_source_pb2.V3
     clusters = {c.name: c for c in config.static_resources.clusters}
-    assert "session-cache" in clusters and "app" in clusters
+    assert set(clusters) == {"session-cache", "app"}
     options = clusters["session-cache"].typed_extension_protocol_options[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert "HttpProtocolOptions" in options.type_url
