@@ -141,6 +141,45 @@ def invalidate_user_request(user_id):
     return frame(field_bytes(1, user_id.encode()))
 
 
+CHECK = "envoy.service.auth.v3.Authorization/Check"
+
+
+def check_request(token):
+    """Envoy's CheckRequest as its HTTP filter sends it: attributes (1) > request (4) >
+    http (2) > method (2), headers (3, a map entry: key 1, value 2), path (4), host (5)."""
+    def header(key, value):
+        return field_bytes(3, field_bytes(1, key.encode()) + field_bytes(2, value.encode()))
+    http = b"".join([
+        field_bytes(2, b"GET"),
+        header("authorization", f"Bearer {token}"),
+        header("accept", "application/json"),
+        header("user-agent", "bench"),
+        field_bytes(4, b"/orders"),
+        field_bytes(5, b"shop.example.com"),
+    ])
+    return frame(field_bytes(1, field_bytes(4, field_bytes(2, http))))
+
+
+def check_allowed(reply):
+    """Whether a framed CheckResponse is OK with an ok_response (field 2), by walking its
+    top-level fields (all length-delimited)."""
+    body, at, fields = reply[5:], 0, set()
+    while at < len(body):
+        tag, at = body[at], at + 1
+        length = shift = 0
+        while True:
+            byte, at = body[at], at + 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if tag & 7 != 2:
+            return False
+        fields.add(tag >> 3)
+        at += length
+    return 2 in fields and 3 not in fields
+
+
 def first_varint_field(reply):
     """The outcome (field 1) of a framed reply, or None."""
     if len(reply) < 5:
@@ -293,15 +332,20 @@ def call_once(port, method, body, workdir):
         ["curl", "-s", "--http2-prior-knowledge", "-H", "content-type: application/grpc",
          "-H", "te: trailers", "--data-binary", f"@{path}", "-D", "-", "-o",
          os.path.join(workdir, "reply.bin"),
-         f"http://127.0.0.1:{port}/{SERVICE}/{method}"],
+         f"http://127.0.0.1:{port}/{grpc_path(method)}"],
         capture_output=True, text=True, check=True)
     with open(os.path.join(workdir, "reply.bin"), "rb") as f:
         reply = f.read()
     return reply, out.stdout
 
 
+def grpc_path(method):
+    """A SessionCache method by its name, any other by its full path."""
+    return method if "/" in method else f"{SERVICE}/{method}"
+
+
 def h2load(port, method, body, requests, connections, streams, workdir):
-    body_path = os.path.join(workdir, f"{method}.bin")
+    body_path = os.path.join(workdir, f"{method.rsplit('/', 1)[-1]}.bin")
     with open(body_path, "wb") as f:
         f.write(body)
     log = os.path.join(workdir, "h2load.log")
@@ -311,7 +355,7 @@ def h2load(port, method, body, requests, connections, streams, workdir):
         ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams),
          "-t", "1", "--data", body_path, "--log-file", log,
          "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}/{SERVICE}/{method}"],
+         f"http://127.0.0.1:{port}/{grpc_path(method)}"],
         capture_output=True, text=True, timeout=600)
     text = out.stdout
     rps = succeeded = data = None
@@ -410,7 +454,7 @@ def median_result(results):
 # --- the issue's targets ----------------------------------------------------------
 
 def targets(rows, floors, floor_of):
-    """Issue 15's targets, from this run's rows: (figure, value, target, met or None
+    """The targets, from this run's rows: (figure, value, target, met or None
     when the run lacks a row it needs). Each row is held against the floor measured
     just before it (`floor_of`), else the run's first."""
     by = {(name, f): r for name, f, r in rows}
@@ -442,6 +486,15 @@ def targets(rows, floors, floor_of):
     for rpc in ("Set", "InvalidateUser"):
         at_most(f"{rpc} on Redis, server CPU per call vs the floor",
                 ratio(f"redis: {rpc}", "cpu_us"), 1.6)
+    # Validation at the edge: Check beside Validate, same store, same run.
+    for store in ("redis", "memory"):
+        check, validate = by.get((f"{store}: Check hit", 500)), by.get((f"{store}: Validate hit", 500))
+        if check and validate:
+            rps = check["rps"] / validate["rps"]
+            out.append((f"Check hit on {store}, throughput vs Validate hit", fmt(rps) + "x", ">= 0.9x",
+                        rps >= 0.9))
+            at_most(f"Check hit on {store}, server CPU per call vs Validate hit",
+                    check["cpu_us"] / validate["cpu_us"], 1.15)
     hit1, floor1 = by.get(("redis: Get hit", 1)), floor_for("redis: Get hit", 1)
     get1 = by.get(("floor: redis-benchmark GET", 1))
     if hit1 and floor1 and get1:
@@ -596,6 +649,15 @@ def main():
                 if abs(r["bytes_per_reply"] - size) > 0.5 or r["ok"] != requests:
                     raise SystemExit(f"{store} Validate hit: {r['ok']} ok, "
                                      f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {size}")
+                # Envoy's Check of the same token: the same decision, a hit.
+                body = check_request(VALIDATE_TOKEN)
+                reply, headers = call_once(port, CHECK, body, workdir)
+                if not check_allowed(reply) or "grpc-status: 0" not in headers.lower():
+                    raise SystemExit(f"{store} Check: not allowed\n{headers}")
+                r = beside(f"{store}: Check hit", in_flight, requests, subject(CHECK, body))
+                if abs(r["bytes_per_reply"] - len(reply)) > 0.5 or r["ok"] != requests:
+                    raise SystemExit(f"{store} Check hit: {r['ok']} ok, "
+                                     f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {len(reply)}")
                 if in_flight == 1:
                     continue
                 check(port, "Get", get_request("bench-miss"), 2)

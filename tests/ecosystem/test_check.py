@@ -7,7 +7,6 @@ with 401 for no, unknown and revoked tokens; UNAVAILABLE when the provider is do
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 
 import grpc
@@ -15,7 +14,7 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from appwrite_stand_in import AppwriteStandIn
-from support import Server
+from support import Server, grpcurl
 
 AUTHORIZATION = "envoy.service.auth.v3.Authorization"
 IDENTITY = ["x-auth-request-user", "x-auth-request-email", "x-auth-request-name",
@@ -27,15 +26,6 @@ def fresh_session(appwrite: AppwriteStandIn) -> tuple[str, str]:
     token, user = f"edge-session-{run_id}", f"edge-user-{run_id}"
     appwrite.add_session(token, user, name="Ada Lovelace", tier="pro")
     return token, user
-
-
-def grpcurl(address: str, *args: str, data: dict | None = None) -> subprocess.CompletedProcess:
-    argv = ["grpcurl", "-plaintext", "-max-time", "10"]
-    if data is not None:
-        argv += ["-d", json.dumps(data)]
-    done = subprocess.run([*argv, address, *args], capture_output=True, text=True, timeout=30)
-    print("$", " ".join(argv), address, *args, "\n", done.stdout, done.stderr)
-    return done
 
 
 def envoy_request(headers: dict[str, str]) -> dict:
