@@ -195,7 +195,7 @@ impl<S: Store> Decider<S> {
                 "unavailable"
             }
         };
-        metrics::decision(via.label(), source, label);
+        metrics::decision(via.label(), source.label(), label);
         Ok(decision)
     }
 
@@ -252,6 +252,11 @@ impl<S: Store> Decider<S> {
         };
         (Source::Provider, decision)
     }
+}
+
+/// Exports every decision series at 0 (SPEC §10), once the metrics are installed.
+pub(crate) fn export_metrics() {
+    metrics::decisions_exported(&Via::ALL.map(Via::label), &OUTCOMES);
 }
 
 impl Source {

@@ -16,13 +16,6 @@ use tracing::{error, info, warn};
 
 use crate::store::Store;
 
-/// The health name of the store-backed service (SPEC §5).
-pub const SERVICE_NAME: &str = "sessioncache.v1.SessionCache";
-
-/// Every health name that follows the store: the service's, and Envoy's `Check`
-/// (SPEC §11).
-pub const FOLLOWING_THE_STORE: [&str; 2] = [SERVICE_NAME, crate::edge::HEALTH_NAME];
-
 /// Whether the last ping reached the store.
 #[derive(Debug, Default)]
 pub struct StoreStatus {
@@ -48,11 +41,13 @@ impl StoreStatus {
 }
 
 /// Pings the store every `every` until `stop`, and reports each change of its state to
-/// the health service and to [`StoreStatus`]. Also runs the store's upkeep.
+/// [`StoreStatus`] and, under each of `services`' names, to the health service (SPEC §5,
+/// §11). Also runs the store's upkeep.
 pub(crate) async fn watch_store<S: Store>(
     store: Arc<S>,
     status: Arc<StoreStatus>,
     reporter: HealthReporter,
+    services: &'static [&'static str],
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -106,8 +101,8 @@ pub(crate) async fn watch_store<S: Store>(
         } else {
             ServingStatus::NotServing
         };
-        for name in FOLLOWING_THE_STORE {
-            reporter.set_service_status(name, serving).await;
+        for service in services {
+            reporter.set_service_status(*service, serving).await;
         }
         was_up = Some(up);
     }

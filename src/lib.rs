@@ -1,18 +1,23 @@
 //! session-cache: a gRPC cache of validated sessions in front of an identity provider.
 //!
-//! Data flows one way: [`server`] (transport) → [`service`] (checks and gRPC mapping)
-//! → [`store`] (Redis or memory). Nothing below the service knows gRPC; nothing above
-//! the store knows Redis. See `README.md` for running it and `docs/SPEC.md` for the contract
-//! (sections are cited as SPEC §N throughout).
+//! Data flows one way: [`server`] (listeners, the call layer [`call`], the transport's
+//! bounds) → [`service`] (checks and answers) → [`store`] (Redis or memory). Nothing
+//! below the service knows gRPC; nothing above the store knows Redis. Setting up flows
+//! the same way: [`config`] (flags) → [`prepare`] (the files they name) → [`server`];
+//! every step fails with the one [`error::SetupError`]. See `README.md` for running it
+//! and `docs/SPEC.md` for the contract (sections are cited as SPEC §N throughout).
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod call;
 pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod edge;
 pub mod entry;
+pub mod error;
+mod files;
 pub mod health;
 // The routes of --http-listen; nothing serves them until the listener is built.
 #[allow(dead_code)]
@@ -20,6 +25,8 @@ mod http;
 pub mod idp;
 pub mod keys;
 mod metrics;
+pub mod pb;
+pub mod prepare;
 mod reload;
 pub mod rpc;
 pub mod server;
@@ -30,15 +37,6 @@ pub mod telemetry;
 mod tls;
 mod transport;
 pub mod validate;
-
-/// The generated protobuf types and gRPC stubs of `sessioncache.v1`.
-pub mod pb {
-    tonic::include_proto!("sessioncache.v1");
-
-    /// The encoded descriptors of `proto/`, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/session_cache_descriptor.bin"));
-}
 
 pub use config::Config;
 pub use server::run;

@@ -1,13 +1,10 @@
-//! The `session-cache` binary: read the configuration, start logging and tracing, bind,
-//! serve.
+//! The `session-cache` binary: read the configuration, start logging and tracing, check
+//! the files, bind, serve.
 
 use std::process::ExitCode;
 
-use session_cache::telemetry::Telemetry;
 use session_cache::{
-    Config,
-    config::{LoadError, LogFormat},
-    server::{self, EXIT_CONFIG},
+    Config, config::LogFormat, error::SetupError, prepare::prepare, server, telemetry::Telemetry,
 };
 use tracing_subscriber::{
     EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
@@ -19,37 +16,31 @@ use tracing_subscriber::{
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let config = match Config::load() {
-        Ok(config) => config,
-        Err(LoadError::Parse(e)) if !e.use_stderr() => {
-            // --help or --version
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        // --help and --version
+        Err(SetupError::Parse(e)) if !e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            ExitCode::SUCCESS
         }
         Err(e) => {
+            tracing::error!(error = %e, "stopped on an error");
             eprintln!("session-cache: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            ExitCode::from(e.exit_code())
         }
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("session-cache: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    }
+}
+
+/// Everything the binary does, up to the end of serving.
+fn run() -> Result<(), SetupError> {
+    let config = Config::load()?;
+    let runtime = tokio::runtime::Runtime::new().map_err(SetupError::Runtime)?;
     // The exporter's connection lives on the runtime; it is built lazily, so a collector
     // that is down at start-up is not an error.
     let telemetry = match &config.otlp_endpoint {
         Some(endpoint) => {
             let _entered = runtime.enter();
-            match Telemetry::start(endpoint, &config.otlp_service_name) {
-                Ok(telemetry) => Some(telemetry),
-                Err(e) => {
-                    eprintln!("session-cache: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            }
+            Some(Telemetry::start(endpoint, &config.otlp_service_name)?)
         }
         None => None,
     };
@@ -65,37 +56,17 @@ fn main() -> ExitCode {
         .with(telemetry.as_ref().map(Telemetry::layer))
         .init();
 
-    let status = serve(config, &runtime);
+    // Every file the configuration names is read and checked before any port is bound.
+    let served = prepare(config).and_then(|prepared| {
+        runtime.block_on(async {
+            let shutdown = session_cache::signal::shutdown();
+            let listener = server::listen(prepared.config().listen).await?;
+            server::serve(prepared, listener, shutdown).await
+        })
+    });
     // After the runtime's last call, while it still runs the exporter's connection.
     if let Some(telemetry) = telemetry {
         telemetry.shutdown();
     }
-    status
-}
-
-/// Checks every file the configuration names, binds, and serves until a signal.
-fn serve(config: Config, runtime: &tokio::runtime::Runtime) -> ExitCode {
-    // Every file the configuration names is read and checked before any port is bound.
-    let prepared = match server::prepare(config) {
-        Ok(prepared) => prepared,
-        Err(e) => return fail(&e),
-    };
-    runtime.block_on(async {
-        let shutdown = session_cache::signal::shutdown();
-        let listener = match server::listen(prepared.config().listen).await {
-            Ok(listener) => listener,
-            Err(e) => return fail(&e),
-        };
-        match server::serve(prepared, listener, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e),
-        }
-    })
-}
-
-/// Logs and prints why the service stopped, and returns its exit status.
-fn fail(e: &server::Error) -> ExitCode {
-    tracing::error!(error = %e, "stopped on an error");
-    eprintln!("session-cache: {e}");
-    ExitCode::from(e.exit_code())
+    served
 }

@@ -11,11 +11,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{
-    auth::Keys,
-    server::{Error, load_keys},
-    tls,
-};
+use crate::{auth, error::SetupError, tls};
 
 /// How often the files' content is compared with what was last loaded.
 pub(crate) const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -26,19 +22,19 @@ pub(crate) struct Reloadable {
     config: &'static str,
     files: Vec<PathBuf>,
     /// Reads the files, checks them, and swaps the result in; on `Err` nothing changes.
-    reload: Box<dyn Fn() -> Result<(), Error> + Send + Sync>,
+    reload: Box<dyn Fn() -> Result<(), SetupError> + Send + Sync>,
 }
 
 impl Reloadable {
     /// The keys file at `path`; `client_ca` is whether client certificates are
     /// verified, as for the first load.
-    pub(crate) fn keys(path: PathBuf, client_ca: bool, keys: Keys) -> Reloadable {
+    pub(crate) fn keys(path: PathBuf, client_ca: bool, current: auth::Current) -> Reloadable {
         let file = path.clone();
         Reloadable {
             config: "api_keys",
             files: vec![path],
             reload: Box::new(move || {
-                keys.store(Arc::new(load_keys(&file, client_ca)?));
+                current.store(Arc::new(auth::load(&file, client_ca)?));
                 Ok(())
             }),
         }

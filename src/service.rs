@@ -6,17 +6,16 @@
 //! UNAVAILABLE (the caller retries), and bad input fails with INVALID_ARGUMENT naming
 //! the field, before anything is written.
 
-use std::{future::Future, sync::Arc};
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Utc};
 use prost_types::Timestamp;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info, warn};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing::{debug, info, warn};
 
 use crate::{
-    auth::{Admitted, Authenticator, Keys, Role},
+    call::Caller,
     clock::Micros,
     decision::{Decider, Decision, Refused, Via},
     entry::{Session, User},
@@ -24,7 +23,7 @@ use crate::{
     keys::{TokenHash, TokenHasher},
     metrics,
     pb::{self, GetOutcome, SetOutcome, ValidateOutcome, session_cache_server::SessionCache},
-    rpc::Rpc,
+    rpc::{self, OK, Outcome},
     store::{Fence, Lookup, Store, Stored},
     validate::Validator,
 };
@@ -35,19 +34,18 @@ pub use crate::decision::MAX_TOKEN_BYTES;
 pub const MAX_USER_ID_BYTES: usize = 256;
 
 /// The `SessionCache` service over a store.
+///
+/// Callers, admission, spans and metrics are the call layer's (`crate::call`), in front
+/// of every method of every service: a handler here only answers, and says with what
+/// outcome.
 pub struct SessionCacheService<S> {
     store: Arc<S>,
     enabled: bool,
     status: Arc<StoreStatus>,
-    auth: Keys,
     hasher: TokenHasher,
-    admission: Semaphore,
     /// Validate's decision, shared with the edge checks (`crate::decision`).
     decider: Decider<S>,
 }
-
-/// The default of `--max-in-flight`.
-const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 impl<S: Store> SessionCacheService<S> {
     /// Serves `store`; `status` is kept by the health loop (see `health::watch_store`).
@@ -58,9 +56,7 @@ impl<S: Store> SessionCacheService<S> {
             store,
             enabled,
             status,
-            auth: crate::auth::keys(Authenticator::open()),
             hasher: TokenHasher::Sha256,
-            admission: Semaphore::new(DEFAULT_MAX_IN_FLIGHT),
         }
     }
 
@@ -68,6 +64,13 @@ impl<S: Store> SessionCacheService<S> {
     /// FAILED_PRECONDITION).
     pub fn with_validator(mut self, validator: Validator) -> Self {
         self.decider = self.decider.with_validator(Arc::new(validator));
+        self
+    }
+
+    /// Hashes tokens with `hasher` (by default plain SHA-256).
+    pub fn with_hasher(mut self, hasher: TokenHasher) -> Self {
+        self.decider = self.decider.with_hasher(hasher.clone());
+        self.hasher = hasher;
         self
     }
 
@@ -84,158 +87,67 @@ impl<S: Store> SessionCacheService<S> {
         self.decider.clone()
     }
 
-    /// Serves at most `limit` calls at once; the rest are shed with RESOURCE_EXHAUSTED.
-    pub fn with_max_in_flight(mut self, limit: usize) -> Self {
-        self.admission = Semaphore::new(limit);
-        self
-    }
-
-    /// A slot for one call, or RESOURCE_EXHAUSTED at once: queueing past the limit
-    /// would only add latency to every call behind it.
-    fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
-        self.admission.try_acquire().map_err(|_| {
-            debug!("call shed: too many calls in flight");
-            Status::resource_exhausted("overloaded: too many calls in flight; retry with backoff")
-        })
-    }
-
-    /// Checks callers against the keys in force in `auth` (by default nobody is
-    /// checked).
-    pub fn with_auth(mut self, auth: Keys) -> Self {
-        self.auth = auth;
-        self
-    }
-
-    /// Hashes tokens with `hasher` (by default plain SHA-256).
-    pub fn with_hasher(mut self, hasher: TokenHasher) -> Self {
-        self.decider = self.decider.with_hasher(hasher.clone());
-        self.hasher = hasher;
-        self
-    }
-
-    /// Admits a call that needs `role`; returns the caller's name for the logs. A call
-    /// that came through [`crate::auth::Gate`] was admitted there, before its message
-    /// was read; one that did not (the handlers called directly) is checked here.
-    fn admit<T>(&self, request: &Request<T>, role: Role) -> Result<Option<String>, Status> {
-        if let Some(Admitted(caller)) = request.extensions().get::<Admitted>() {
-            return Ok(caller.clone());
-        }
-        let certs = request.peer_certs();
-        self.auth
-            .load()
-            .authorize(
-                request.metadata(),
-                certs.as_deref().map(Vec::as_slice),
-                role,
-            )
-            .map(|caller| caller.map(|c| c.name))
-            .map_err(|denied| denied.status())
-    }
-
     fn check_token(&self, token: &str) -> Result<TokenHash, Status> {
         check_token_size(token)?;
         Ok(self.hasher.hash(token))
     }
 }
 
-/// What an answer says for the `outcome` metric label and trace attribute.
-trait Outcome {
+/// What an answer says for the `outcome` metric label and span attribute; the labels
+/// themselves are the RPC table's.
+trait Labelled {
     fn label(&self) -> &'static str;
 }
 
-impl Outcome for pb::GetResponse {
+impl Labelled for pb::GetResponse {
     fn label(&self) -> &'static str {
-        get_label(self.outcome())
+        rpc::get_label(self.outcome())
     }
 }
 
-impl Outcome for pb::SetResponse {
+impl Labelled for pb::SetResponse {
     fn label(&self) -> &'static str {
-        set_label(self.outcome())
+        rpc::set_label(self.outcome())
     }
 }
 
-impl Outcome for pb::ValidateResponse {
+impl Labelled for pb::ValidateResponse {
     fn label(&self) -> &'static str {
-        match self.outcome() {
-            ValidateOutcome::Valid => "valid",
-            ValidateOutcome::Invalid => "invalid",
-            ValidateOutcome::Unavailable => "unavailable",
-            ValidateOutcome::Unspecified => "unspecified",
-        }
+        rpc::validate_label(self.outcome())
     }
 }
 
-macro_rules! outcome_ok {
+macro_rules! labelled_ok {
     ($($response:ty),*) => {
-        $(impl Outcome for $response {
+        $(impl Labelled for $response {
             fn label(&self) -> &'static str {
-                "ok"
+                OK
             }
         })*
     };
 }
-outcome_ok!(
+labelled_ok!(
     pb::InvalidateTokenResponse,
     pb::InvalidateUserResponse,
     pb::HealthResponse
 );
 
-impl<S: Store> SessionCacheService<S> {
-    /// The one path every RPC takes: a span, admission (`--max-in-flight`), the
-    /// caller's role, then `handler`, then the call's metrics. No RPC can skip a step.
-    async fn serve<T, R, F, Fut>(
-        &self,
-        rpc: Rpc,
-        request: Request<T>,
-        handler: F,
-    ) -> Result<Response<R>, Status>
-    where
-        R: Outcome,
-        F: FnOnce(Request<T>, Caller) -> Fut,
-        Fut: Future<Output = Result<R, Status>>,
-    {
-        let started = Instant::now();
-        let span = tracing::debug_span!(
-            "rpc",
-            otel.name = rpc.path(),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = rpc.service(),
-            rpc.method = rpc.name(),
-            rpc.grpc.status_code = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
-        // The caller's W3C trace context, if it sent one, is the span's parent. The
-        // span is disabled unless something records it (--otlp-endpoint, or debug
-        // logs), and then the headers are not even looked at.
-        if !span.is_disabled() {
-            let _ = span.set_parent(crate::telemetry::parent_from(request.metadata()));
-        }
-        let result = async {
-            let _slot = self.slot()?;
-            let caller = self.admit(&request, rpc.role())?;
-            handler(request, caller).await
-        }
-        .instrument(span.clone())
-        .await;
-        let (label, code) = match &result {
-            Ok(reply) => (reply.label(), tonic::Code::Ok),
-            Err(status) => (metrics::code_label(status), status.code()),
-        };
-        span.record("outcome", label);
-        span.record("rpc.grpc.status_code", code as i32);
-        if crate::telemetry::is_server_error(code) {
-            span.record("otel.status_code", "ERROR");
-        }
-        metrics::call(rpc.name(), started, label);
-        result.map(Response::new)
-    }
+/// A handler's result as the call layer reads it: the answer, with its outcome.
+fn answer<R: Labelled>(result: Result<R, Status>) -> Result<Response<R>, Status> {
+    let reply = result?;
+    let outcome = Outcome(reply.label());
+    let mut response = Response::new(reply);
+    response.extensions_mut().insert(outcome);
+    Ok(response)
 }
 
-/// The caller's name, for the logs (`None` when callers are not authenticated).
-type Caller = Option<String>;
+/// The caller's name, from the call layer, for the logs.
+fn caller<T>(request: &Request<T>) -> Option<String> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .and_then(|Caller(name)| name.clone())
+}
 
 #[tonic::async_trait]
 impl<S: Store> SessionCache for SessionCacheService<S> {
@@ -243,46 +155,44 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        self.serve(Rpc::Get, request, |r, _| self.handle_get(r.into_inner()))
-            .await
+        answer(self.handle_get(request.into_inner()).await)
     }
 
     async fn set(
         &self,
         request: Request<pb::SetRequest>,
     ) -> Result<Response<pb::SetResponse>, Status> {
-        self.serve(Rpc::Set, request, |r, caller| {
-            self.handle_set(r.into_inner(), caller)
-        })
-        .await
+        let caller = caller(&request);
+        answer(self.handle_set(request.into_inner(), caller).await)
     }
 
     async fn invalidate_token(
         &self,
         request: Request<pb::InvalidateTokenRequest>,
     ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
-        self.serve(Rpc::InvalidateToken, request, |r, caller| {
-            self.handle_invalidate_token(r.into_inner(), caller)
-        })
-        .await
+        let caller = caller(&request);
+        answer(
+            self.handle_invalidate_token(request.into_inner(), caller)
+                .await,
+        )
     }
 
     async fn invalidate_user(
         &self,
         request: Request<pb::InvalidateUserRequest>,
     ) -> Result<Response<pb::InvalidateUserResponse>, Status> {
-        self.serve(Rpc::InvalidateUser, request, |r, caller| {
-            self.handle_invalidate_user(r.into_inner(), caller)
-        })
-        .await
+        let caller = caller(&request);
+        answer(
+            self.handle_invalidate_user(request.into_inner(), caller)
+                .await,
+        )
     }
 
     async fn health(
         &self,
-        request: Request<pb::HealthRequest>,
+        _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        self.serve(Rpc::Health, request, |_, _| self.handle_health())
-            .await
+        answer(self.handle_health().await)
     }
 
     async fn validate(
@@ -294,14 +204,14 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
             began,
             crate::decision::grpc_timeout(request.metadata().as_ref()),
         );
-        self.serve(Rpc::Validate, request, |r, _| {
-            self.handle_validate(r.into_inner(), began, deadline)
-        })
-        .await
+        answer(
+            self.handle_validate(request.into_inner(), began, deadline)
+                .await,
+        )
     }
 }
 
-/// The handlers proper, behind [`SessionCacheService::serve`].
+/// The handlers proper.
 impl<S: Store> SessionCacheService<S> {
     async fn handle_get(&self, request: pb::GetRequest) -> Result<pb::GetResponse, Status> {
         let token = self.check_token(&request.token)?;
@@ -325,7 +235,7 @@ impl<S: Store> SessionCacheService<S> {
     async fn handle_set(
         &self,
         request: pb::SetRequest,
-        caller: Caller,
+        caller: Option<String>,
     ) -> Result<pb::SetResponse, Status> {
         let token = self.check_token(&request.token)?;
         let session = check_session(request.user, request.session_expire)?;
@@ -373,7 +283,7 @@ impl<S: Store> SessionCacheService<S> {
     async fn handle_invalidate_token(
         &self,
         request: pb::InvalidateTokenRequest,
-        caller: Caller,
+        caller: Option<String>,
     ) -> Result<pb::InvalidateTokenResponse, Status> {
         let token = self.check_token(&request.token)?;
         let deleted = if self.enabled {
@@ -391,7 +301,7 @@ impl<S: Store> SessionCacheService<S> {
     async fn handle_invalidate_user(
         &self,
         request: pb::InvalidateUserRequest,
-        caller: Caller,
+        caller: Option<String>,
     ) -> Result<pb::InvalidateUserResponse, Status> {
         let user_id = &request.user_id;
         check_user_id("user_id", user_id)?;
@@ -448,31 +358,6 @@ impl<S: Store> SessionCacheService<S> {
             }
             Err(refused) => return Err(Status::invalid_argument(refused.to_string())),
         })
-    }
-}
-
-fn get_label(outcome: GetOutcome) -> &'static str {
-    match outcome {
-        GetOutcome::Hit => "hit",
-        GetOutcome::Miss => "miss",
-        GetOutcome::Expired => "expired",
-        GetOutcome::Invalidated => "invalidated",
-        GetOutcome::Corrupt => "corrupt",
-        GetOutcome::Disabled => "disabled",
-        GetOutcome::Unavailable => "unavailable",
-        GetOutcome::Unspecified => "unspecified",
-    }
-}
-
-fn set_label(outcome: SetOutcome) -> &'static str {
-    match outcome {
-        SetOutcome::Stored => "stored",
-        SetOutcome::Disabled => "disabled",
-        SetOutcome::Unavailable => "unavailable",
-        SetOutcome::Expired => "expired",
-        SetOutcome::Stale => "stale",
-        SetOutcome::Revoked => "revoked",
-        SetOutcome::Unspecified => "unspecified",
     }
 }
 

@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use http::HeaderMap;
 use opentelemetry::{
     Context,
     propagation::{Extractor, TextMapPropagator},
@@ -28,9 +29,10 @@ use opentelemetry_sdk::{
     propagation::TraceContextPropagator,
     trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider},
 };
-use tonic::metadata::{KeyRef, MetadataMap};
 use tracing::{Level, Subscriber};
 use tracing_subscriber::{Layer, filter::filter_fn, registry::LookupSpan};
+
+use crate::error::SetupError;
 
 /// Most finished spans waiting for export; past it new spans are dropped. A call makes
 /// two or three spans of a few hundred bytes, so this holds about 2 MiB, some seconds
@@ -53,24 +55,18 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
 }
 
-/// Why the exporter could not be built (a malformed endpoint that slipped past the
-/// configuration's check).
-#[derive(Debug, thiserror::Error)]
-#[error("--otlp-endpoint: {0}")]
-pub struct TelemetryError(String);
-
 impl Telemetry {
     /// Starts exporting to `endpoint` (`http://host:4317`) as `service_name`. Must be
     /// called within a Tokio runtime, which the exporter's connection lives on: keep it
     /// running until [`Telemetry::shutdown`] returns. Connects lazily: a collector that
     /// is down at start-up is not an error.
-    pub fn start(endpoint: &str, service_name: &str) -> Result<Telemetry, TelemetryError> {
+    pub fn start(endpoint: &str, service_name: &str) -> Result<Telemetry, SetupError> {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)
             .with_timeout(EXPORT_TIMEOUT)
             .build()
-            .map_err(|e| TelemetryError(e.to_string()))?;
+            .map_err(|e| SetupError::Telemetry(e.to_string()))?;
         let batches = BatchConfigBuilder::default()
             .with_max_queue_size(MAX_QUEUE_SIZE)
             .with_max_export_batch_size(MAX_EXPORT_BATCH_SIZE)
@@ -141,12 +137,12 @@ pub fn is_server_error(code: tonic::Code) -> bool {
 
 /// The caller's trace context from its W3C `traceparent` and `tracestate` headers; an
 /// empty context when it sent none or a malformed one.
-pub fn parent_from(metadata: &MetadataMap) -> Context {
-    TraceContextPropagator::new().extract(&Headers(metadata))
+pub fn parent_from(headers: &HeaderMap) -> Context {
+    TraceContextPropagator::new().extract(&Headers(headers))
 }
 
 /// A call's headers, as the propagator reads them.
-struct Headers<'a>(&'a MetadataMap);
+struct Headers<'a>(&'a HeaderMap);
 
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -154,13 +150,7 @@ impl Extractor for Headers<'_> {
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|key| match key {
-                KeyRef::Ascii(key) => Some(key.as_str()),
-                KeyRef::Binary(_) => None,
-            })
-            .collect()
+        self.0.keys().map(|key| key.as_str()).collect()
     }
 }
 
@@ -184,7 +174,7 @@ mod tests {
     /// A W3C `traceparent` header becomes the parent; a malformed one is ignored.
     #[test]
     fn reads_traceparent() {
-        let mut metadata = MetadataMap::new();
+        let mut metadata = HeaderMap::new();
         metadata.insert(
             "traceparent",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -204,7 +194,7 @@ mod tests {
         metadata.insert("traceparent", "00-nonsense-01".parse().unwrap());
         assert!(!parent_from(&metadata).span().span_context().is_valid());
         assert!(
-            !parent_from(&MetadataMap::new())
+            !parent_from(&HeaderMap::new())
                 .span()
                 .span_context()
                 .is_valid()

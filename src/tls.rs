@@ -20,12 +20,15 @@ use rustls::{
     RootCertStore, ServerConfig, crypto::CryptoProvider, server::WebPkiClientVerifier,
     sign::CertifiedKey,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
 use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::debug;
 
-use crate::server::Error;
+use crate::{
+    error::SetupError,
+    files::{read, read_certificates},
+};
 
 /// A handshake not finished within this long is dropped: a peer that connects and
 /// sends nothing holds no task for long.
@@ -44,34 +47,11 @@ pub(crate) struct Files<'a> {
 /// The configuration new handshakes use; swapped whole on a reload.
 pub(crate) type Current = Arc<ArcSwap<ServerConfig>>;
 
-fn read(path: &Path, flag: &'static str) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| Error::file(flag, path, format!("cannot read: {e}")))
-}
-
-/// The certificates of a PEM file, at least one, each parsed as X.509, and the PEM.
-pub(crate) fn read_certificates(
-    path: &Path,
-    flag: &'static str,
-) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), Error> {
-    let pem = read(path, flag)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::file(flag, path, format!("not PEM: {e}")))?;
-    if certificates.is_empty() {
-        return Err(Error::file(flag, path, "no CERTIFICATE block in the PEM"));
-    }
-    for (i, der) in certificates.iter().enumerate() {
-        webpki::EndEntityCert::try_from(der)
-            .map_err(|e| Error::file(flag, path, format!("certificate {}: {e}", i + 1)))?;
-    }
-    Ok((pem, certificates))
-}
-
 /// Reads and checks the files and builds the configuration: the key must be the
 /// certificate's, and a client certificate, when `--tls-client-ca` is given, is
 /// optional (probes and API-key callers connect without one) but must verify when
 /// presented. Errors name the flag and the file, never the key's bytes.
-pub(crate) fn server_config(files: &Files<'_>) -> Result<Arc<ServerConfig>, Error> {
+pub(crate) fn server_config(files: &Files<'_>) -> Result<Arc<ServerConfig>, SetupError> {
     let Files {
         cert,
         key,
@@ -81,13 +61,13 @@ pub(crate) fn server_config(files: &Files<'_>) -> Result<Arc<ServerConfig>, Erro
     let key_pem = read(key, "--tls-key")?;
     let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => {
-            Error::file("--tls-key", key, "no PRIVATE KEY block in the PEM")
+            SetupError::file("--tls-key", key, "no PRIVATE KEY block in the PEM")
         }
-        _ => Error::file("--tls-key", key, "not a PEM private key"),
+        _ => SetupError::file("--tls-key", key, "not a PEM private key"),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certified = CertifiedKey::from_der(chain, der, &provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => Error::file(
+        rustls::Error::InconsistentKeys(_) => SetupError::file(
             "--tls-key",
             key,
             format!(
@@ -95,11 +75,11 @@ pub(crate) fn server_config(files: &Files<'_>) -> Result<Arc<ServerConfig>, Erro
                 cert.display()
             ),
         ),
-        e => Error::file("--tls-key", key, format!("unusable private key: {e}")),
+        e => SetupError::file("--tls-key", key, format!("unusable private key: {e}")),
     })?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::file("--tls-cert", cert, format!("no usable TLS version: {e}")))?;
+        .map_err(|e| SetupError::file("--tls-cert", cert, format!("no usable TLS version: {e}")))?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => builder.with_client_cert_verifier(client_verifier(ca, provider)?),
@@ -113,18 +93,18 @@ pub(crate) fn server_config(files: &Files<'_>) -> Result<Arc<ServerConfig>, Erro
 fn client_verifier(
     ca: &Path,
     provider: Arc<CryptoProvider>,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Error> {
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, SetupError> {
     let flag = "--tls-client-ca";
     let mut roots = RootCertStore::empty();
     for (i, der) in read_certificates(ca, flag)?.1.into_iter().enumerate() {
         roots
             .add(der)
-            .map_err(|e| Error::file(flag, ca, format!("certificate {}: {e}", i + 1)))?;
+            .map_err(|e| SetupError::file(flag, ca, format!("certificate {}: {e}", i + 1)))?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .allow_unauthenticated()
         .build()
-        .map_err(|e| Error::file(flag, ca, format!("cannot verify clients with it: {e}")))
+        .map_err(|e| SetupError::file(flag, ca, format!("cannot verify clients with it: {e}")))
 }
 
 /// Connections from `incoming`, each handshaken in a task of its own with the

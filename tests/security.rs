@@ -536,7 +536,7 @@ async fn keyed_token_hashing() {
 }
 
 /// Why the service, given `redis` as --redis-url, refuses to start.
-async fn refusal(redis: &Redis) -> session_cache::server::Error {
+async fn refusal(redis: &Redis) -> session_cache::error::SetupError {
     let config =
         session_cache::Config::load_from(["session-cache", "--redis-url", &redis.url()]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -21,15 +21,15 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::Full;
 use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
 use tracing::{debug, info};
 
 use super::{Found, check::EdgeSettings};
 use crate::{
-    auth::{Keys, Role},
+    auth::Current as Keys,
     decision::{Decider, Decision, Refused, Via},
     entry::Session,
     http::{HttpRequest, HttpResponse, Route},
+    rpc::Role,
     store::Store,
 };
 
@@ -113,14 +113,15 @@ impl<S: Store> AuthRoute<S> {
         if !keys.is_enabled() {
             return Ok(());
         }
-        let mut metadata = MetadataMap::new();
+        // The key-checking code reads `authorization: Bearer <key>`.
+        let mut headers = http::HeaderMap::new();
         if let Some(key) = request.head.headers.get(&self.api_key_header)
             && let Ok(bearer) = format!("Bearer {}", key.to_str().unwrap_or_default()).parse()
         {
-            metadata.insert("authorization", bearer);
+            headers.insert(header::AUTHORIZATION, bearer);
         }
         let certs = request.peer_certs.as_deref().map(Vec::as_slice);
-        match keys.authorize(&metadata, certs, Role::Reader) {
+        match keys.authorize(&headers, certs, Role::Reader) {
             Ok(_) => Ok(()),
             Err(denied) => {
                 info!(peer = %request.peer, reason = %denied, "/auth refused the proxy's credentials");
@@ -251,7 +252,7 @@ mod tests {
         AuthRoute::new(
             decider,
             settings,
-            crate::auth::keys(keys),
+            crate::auth::current(keys),
             &flags.edge_api_key_header,
         )
     }

@@ -1,5 +1,7 @@
 //! `envoy.service.auth.v3.Authorization/Check` (SPEC §11): Envoy's and Istio's external
-//! authorization, answered with Validate's decision.
+//! authorization, answered with Validate's decision. Like every gRPC method it is served
+//! behind the call layer (`crate::call`: the caller's `reader` role, admission, span,
+//! metrics); the handler only answers, and says whether it allowed.
 //!
 //! | the decision | the answer |
 //! |---|---|
@@ -38,6 +40,7 @@ use super::{
 use crate::{
     decision::{Decider, Decision, Refused, Via, grpc_timeout},
     entry::Session,
+    rpc::{CHECK_OUTCOMES, Outcome},
     store::Store,
 };
 
@@ -74,9 +77,12 @@ impl<S: Store> Authorization for CheckService<S> {
         let deadline = self
             .decider
             .deadline(began, grpc_timeout(request.metadata().as_ref()));
-        self.answer(request.into_inner(), began, deadline)
-            .await
-            .map(Response::new)
+        let answer = self.answer(request.into_inner(), began, deadline).await?;
+        // The call layer (`crate::call`) counts and traces the call with this outcome.
+        let outcome = Outcome(outcome_label(&answer));
+        let mut response = Response::new(answer);
+        response.extensions_mut().insert(outcome);
+        Ok(response)
     }
 }
 
@@ -166,11 +172,13 @@ impl<S: Store> CheckService<S> {
     }
 }
 
-/// The `outcome` label of an answered Check, for the call's metrics and span.
+/// The `outcome` label of an answered Check (`rpc::CHECK_OUTCOMES`), for the call's
+/// metrics and span.
 pub fn outcome_label(response: &CheckResponse) -> &'static str {
+    let [allowed, denied] = CHECK_OUTCOMES;
     match &response.http_response {
-        Some(HttpResponse::OkResponse(_)) => "allowed",
-        _ => "denied",
+        Some(HttpResponse::OkResponse(_)) => allowed,
+        _ => denied,
     }
 }
 

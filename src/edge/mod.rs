@@ -25,7 +25,8 @@ use chrono::SecondsFormat;
 use clap::Args;
 
 use crate::{
-    auth::Keys, config::Config, decision::Decider, entry::Session, idp::IdpKind, store::Store,
+    auth::Current as Keys, config::Config, decision::Decider, entry::Session, idp::IdpKind,
+    store::Store,
 };
 
 pub use check::{CheckService, EdgeSettings};

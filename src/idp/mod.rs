@@ -15,14 +15,18 @@ pub mod appwrite;
 pub mod config;
 pub mod introspection;
 
-use std::{future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use reqwest::{Response, StatusCode, redirect};
-use rustls_pki_types::{CertificateDer, pem::PemObject};
+use rustls_pki_types::CertificateDer;
 
 pub use config::{IdpFlags, IdpKind, Secret};
 
-use crate::entry::Session;
+use crate::{
+    entry::Session,
+    error::SetupError,
+    files::{read_certificates, read_secret},
+};
 
 /// What a provider says about a token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,35 +115,6 @@ pub trait Provider: Send + Sync + 'static {
     fn validate<'a>(&'a self, token: &'a str) -> Validation<'a>;
 }
 
-/// A file a provider flag names is missing or unusable, or the HTTP client cannot be
-/// built. Like every setup error it should exit 64 before anything binds (SPEC §10).
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    /// `problem` never quotes the file's content.
-    #[error("{flag} {}: {problem}", path.display())]
-    File {
-        flag: &'static str,
-        path: PathBuf,
-        problem: String,
-    },
-    /// The flags are inconsistent (normally caught by [`IdpFlags::validate`] first).
-    #[error("{0}")]
-    Flags(String),
-    /// The TLS or HTTP client settings are refused (no trusted roots, say).
-    #[error("cannot build the identity provider's HTTP client: {0}")]
-    Client(String),
-}
-
-impl SetupError {
-    fn file(flag: &'static str, path: &std::path::Path, problem: impl Into<String>) -> Self {
-        SetupError::File {
-            flag,
-            path: path.to_owned(),
-            problem: problem.into(),
-        }
-    }
-}
-
 /// The provider the flags name, with every file they name read and checked now, so
 /// that a bad file stops the start before a port is bound. `None` without `--idp`.
 pub fn from_config(flags: &IdpFlags) -> Result<Option<Arc<dyn Provider>>, SetupError> {
@@ -148,7 +123,7 @@ pub fn from_config(flags: &IdpFlags) -> Result<Option<Arc<dyn Provider>>, SetupE
         return Ok(None);
     };
     let extra_roots = match &flags.idp_ca_file {
-        Some(path) => read_certificates(path, "--idp-ca-file")?,
+        Some(path) => read_certificates(path, "--idp-ca-file")?.1,
         None => Vec::new(),
     };
     Ok(Some(match kind {
@@ -172,7 +147,7 @@ pub fn from_config(flags: &IdpFlags) -> Result<Option<Arc<dyn Provider>>, SetupE
                 &flags.introspection_client_secret_file,
                 &flags.introspection_client_secret,
             ) {
-                (Some(path), _) => read_secret(path, "--introspection-client-secret-file")?,
+                (Some(path), _) => Secret(read_secret(path, "--introspection-client-secret-file")?),
                 (None, Some(secret)) => secret.clone(),
                 (None, None) => {
                     return Err(SetupError::Flags(
@@ -195,43 +170,6 @@ pub fn from_config(flags: &IdpFlags) -> Result<Option<Arc<dyn Provider>>, SetupE
     }))
 }
 
-/// A secret from a file, without its trailing newline; never echoed.
-fn read_secret(path: &std::path::Path, flag: &'static str) -> Result<Secret, SetupError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| SetupError::file(flag, path, format!("cannot read: {e}")))?;
-    let text =
-        String::from_utf8(bytes).map_err(|_| SetupError::file(flag, path, "not UTF-8 text"))?;
-    let secret = text.trim_end_matches(['\r', '\n']);
-    if secret.is_empty() {
-        return Err(SetupError::file(flag, path, "empty"));
-    }
-    Ok(Secret(secret.to_owned()))
-}
-
-/// The certificates of a PEM file, at least one.
-fn read_certificates(
-    path: &std::path::Path,
-    flag: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, SetupError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| SetupError::file(flag, path, format!("cannot read: {e}")))?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| SetupError::file(flag, path, format!("not PEM: {e}")))?;
-    if certificates.is_empty() {
-        return Err(SetupError::file(
-            flag,
-            path,
-            "no CERTIFICATE block in the PEM",
-        ));
-    }
-    for (i, der) in certificates.iter().enumerate() {
-        webpki::EndEntityCert::try_from(der)
-            .map_err(|e| SetupError::file(flag, path, format!("certificate {}: {e}", i + 1)))?;
-    }
-    Ok(certificates)
-}
-
 /// The HTTP client both providers use: a connection pool, `timeout` for connecting
 /// and for the whole call, no redirects (a redirect would carry the token to wherever
 /// it points, and reqwest strips only the standard credential headers), and rustls on
@@ -249,7 +187,7 @@ pub fn http_client(
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
         if roots.is_empty() && extra_roots.is_empty() {
-            return Err(SetupError::Client(
+            return Err(SetupError::HttpClient(
                 "no trusted root certificates on this system for the provider's https URL: \
                  install the system's CA certificates or give --idp-ca-file"
                     .into(),
@@ -259,12 +197,12 @@ pub fn http_client(
     for der in extra_roots {
         roots
             .add(der)
-            .map_err(|e| SetupError::Client(format!("--idp-ca-file: {e}")))?;
+            .map_err(|e| SetupError::HttpClient(format!("--idp-ca-file: {e}")))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError::Client(e.to_string()))?
+        .map_err(|e| SetupError::HttpClient(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -277,7 +215,7 @@ pub fn http_client(
         .pool_max_idle_per_host(max_in_flight as usize)
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
-        .map_err(|e| SetupError::Client(e.without_url().to_string()))
+        .map_err(|e| SetupError::HttpClient(e.without_url().to_string()))
 }
 
 /// Largest answer body read from a provider; a user and a session take a few KiB.

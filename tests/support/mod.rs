@@ -242,7 +242,7 @@ impl Backend {
 pub struct Server {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), session_cache::server::Error>>>,
+    task: Option<JoinHandle<Result<(), session_cache::error::SetupError>>>,
 }
 
 impl Server {
@@ -314,7 +314,7 @@ impl Server {
     }
 
     /// Asks the server to stop and returns what `run` returned.
-    pub async fn stop(mut self) -> Result<(), session_cache::server::Error> {
+    pub async fn stop(mut self) -> Result<(), session_cache::error::SetupError> {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.expect("server task")
     }

@@ -163,7 +163,7 @@ impl Subject {
                     .into_iter()
                     .chain(args.iter().copied());
                 let config = Config::load_from(argv).expect("test flags are valid");
-                let redis_config = session_cache::server::redis_config(&config)
+                let redis_config = session_cache::prepare::redis_config(&config)
                     .expect("the test's files are readable")
                     .expect("a Redis topology");
                 let store = RedisStore::new(&redis_config).unwrap();

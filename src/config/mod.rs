@@ -5,8 +5,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser};
 
+mod redis;
+
+pub use redis::{HostPort, RedisFlags, RedisLookup, Topology};
+
 use crate::{
     clock::Micros,
+    error::SetupError,
     store::{Limits, memory::MemoryBounds},
 };
 
@@ -22,73 +27,10 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// Redis to cache sessions in (redis://[user:password@]host:port[/db]). Without it
-    /// the embedded in-memory store serves: one process only, forgotten on restart.
-    #[arg(long, env = "SESSION_CACHE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-
-    /// Redis Sentinels to ask for the primary (host:port[,host:port...]), instead of
-    /// --redis-url; needs --redis-sentinel-master. The service follows failovers.
-    #[arg(long, env = "SESSION_CACHE_REDIS_SENTINELS", value_delimiter = ',',
-          value_parser = parse_host_port, requires = "redis_sentinel_master")]
-    pub redis_sentinels: Vec<HostPort>,
-
-    /// The name the Sentinels monitor the primary under (`sentinel monitor NAME ...`).
-    #[arg(
-        long,
-        env = "SESSION_CACHE_REDIS_SENTINEL_MASTER",
-        requires = "redis_sentinels"
-    )]
-    pub redis_sentinel_master: Option<String>,
-
-    /// Redis Cluster nodes to learn the slot map from (host:port[,host:port...]), instead
-    /// of --redis-url; a few are enough, the rest are discovered. The service follows
-    /// MOVED/ASK redirections and failovers.
-    #[arg(long, env = "SESSION_CACHE_REDIS_CLUSTER_NODES", value_delimiter = ',',
-          value_parser = parse_host_port)]
-    pub redis_cluster_nodes: Vec<HostPort>,
-
-    /// Redis ACL user for the data nodes. With --redis-url the URL may carry it instead.
-    #[arg(long, env = "SESSION_CACHE_REDIS_USERNAME")]
-    pub redis_username: Option<String>,
-
-    /// File holding the data nodes' Redis password (trailing newline ignored). With
-    /// --redis-url the URL may carry it instead, not both.
-    #[arg(long, env = "SESSION_CACHE_REDIS_PASSWORD_FILE")]
-    pub redis_password_file: Option<PathBuf>,
-
-    /// Redis ACL user for the Sentinels, when they require one.
-    #[arg(long, env = "SESSION_CACHE_REDIS_SENTINEL_USERNAME")]
-    pub redis_sentinel_username: Option<String>,
-
-    /// File holding the Sentinels' password (`requirepass` of the Sentinels).
-    #[arg(long, env = "SESSION_CACHE_REDIS_SENTINEL_PASSWORD_FILE")]
-    pub redis_sentinel_password_file: Option<PathBuf>,
-
-    /// Speak TLS to the Sentinels and the data nodes they name, or to the Cluster's
-    /// nodes (with --redis-url, use a rediss:// URL instead). --redis-ca-file adds a private CA.
-    #[arg(long, env = "SESSION_CACHE_REDIS_TLS", action = ArgAction::SetTrue)]
-    pub redis_tls: bool,
-
-    /// InvalidateToken and InvalidateUser answer OK only once their write reached this
-    /// many replicas (Redis WAIT, within --store-timeout-ms); otherwise gRPC
-    /// UNAVAILABLE, and a retry is safe. Set it to the replica count so that an
-    /// acknowledged revocation survives the loss of the primary. Default: 0 with
-    /// --redis-url, 1 with Sentinels or Cluster.
-    #[arg(long, env = "SESSION_CACHE_REVOCATION_REPLICAS",
-          value_parser = clap::value_parser!(u32).range(0..=16))]
-    pub revocation_replicas: Option<u32>,
-
-    /// Margin for instants that may come from different clocks (another Redis node
-    /// after a failover, or a marker written by the Python service with its host's
-    /// clock), in milliseconds: a Set is STALE when the user's marker is at or after
-    /// fence - margin, a Get INVALIDATED when the marker is after cached_at - margin.
-    /// Costs one more validation for sessions validated within the margin after a
-    /// revocation. Default: 0 with --redis-url and in memory, 500 with Sentinels or
-    /// Cluster.
-    #[arg(long, env = "SESSION_CACHE_CLOCK_SKEW_MS",
-          value_parser = clap::value_parser!(u32).range(0..=60_000))]
-    pub clock_skew_ms: Option<u32>,
+    /// Where the store lives: one Redis, Sentinels or a Cluster (SPEC §8); the
+    /// embedded store without any of them.
+    #[command(flatten)]
+    pub redis: RedisFlags,
 
     /// Longest time a session stays cached, in seconds; a session that expires sooner
     /// is cached until it expires. Also how long a logout refuses late Sets.
@@ -112,20 +54,6 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_STORE_TIMEOUT_MS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub store_timeout_ms: u64,
-
-    /// Pipelined Redis connections to keep open. Each carries any number of calls at
-    /// once; more than one or two rarely helps on a small machine.
-    #[arg(long, env = "SESSION_CACHE_REDIS_CONNECTIONS", default_value_t = 2,
-          value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub redis_connections: u32,
-
-    /// How a lookup reads Redis outside Cluster: `commands` (GET and TIME, then the
-    /// marker of a live entry), `script` (one Lua call), or `mixed` (the script for a
-    /// lone lookup, commands for a batch). Hidden: kept only to measure the ways side
-    /// by side (BENCHMARKS.md).
-    #[arg(long, env = "SESSION_CACHE_REDIS_LOOKUP", value_enum, default_value_t = RedisLookup::Mixed,
-          hide = true)]
-    pub redis_lookup: RedisLookup,
 
     /// Most sessions the in-memory store holds; past it the least useful are dropped.
     /// Invalidations and logouts are never dropped (see --memory-max-markers).
@@ -260,19 +188,10 @@ pub struct Config {
     #[arg(long, env = "SESSION_CACHE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// PEM CA to trust for rediss:// besides the system's roots (a private CA).
-    #[arg(long, env = "SESSION_CACHE_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-
     /// File holding a secret (16 bytes or more): entry keys become HMAC-SHA256 of the
     /// token under it instead of plain SHA-256. The Python service cannot read them.
     #[arg(long, env = "SESSION_CACHE_TOKEN_HMAC_SECRET_FILE")]
     pub token_hmac_secret_file: Option<PathBuf>,
-
-    /// Start even though Redis may evict any key (an allkeys-* maxmemory-policy), which
-    /// can drop invalidation markers and tombstones and so revive revoked sessions.
-    #[arg(long, env = "SESSION_CACHE_ALLOW_EVICTING_REDIS", action = ArgAction::SetTrue)]
-    pub allow_evicting_redis: bool,
 
     /// The identity provider that Validate asks (SPEC §9).
     #[command(flatten)]
@@ -281,37 +200,6 @@ pub struct Config {
     /// Validation at the edge: Envoy's Check and /auth (SPEC §11).
     #[command(flatten)]
     pub edge: crate::edge::EdgeFlags,
-}
-
-/// A `host:port` pair, as the Sentinel flags take them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostPort {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for HostPort {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
-
-fn parse_host_port(text: &str) -> Result<HostPort, String> {
-    let (host, port) = text
-        .trim()
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{text:?} is not host:port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = port
-        .parse()
-        .map_err(|_| format!("{text:?}: the port is not a number from 1 to 65535"))?;
-    if host.is_empty() || port == 0 {
-        return Err(format!("{text:?} is not host:port"));
-    }
-    Ok(HostPort {
-        host: host.to_owned(),
-        port,
-    })
 }
 
 /// Whether `text` is a URL the OTLP/gRPC exporter can dial: http://, a host, no path
@@ -326,19 +214,6 @@ fn otlp_endpoint_ok(text: &str) -> bool {
         && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
 }
 
-/// Where the store lives, from the topology flags (SPEC §8).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Topology {
-    /// No Redis: the embedded store.
-    Memory,
-    /// One Redis at --redis-url.
-    Redis,
-    /// The primary the Sentinels name.
-    Sentinel,
-    /// The primaries of a Redis Cluster, by slot.
-    Cluster,
-}
-
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -346,203 +221,112 @@ pub enum LogFormat {
     Json,
 }
 
-/// A configuration that parses but cannot be served; the message says how to fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(String);
-
 impl Config {
-    /// Reads flags and environment, then checks the whole; `Err` from clap covers
-    /// `--help` and `--version` too (see `clap::Error::exit_code`).
-    pub fn load() -> Result<Config, LoadError> {
+    /// Reads flags and environment, then checks the whole; `Err` covers `--help` and
+    /// `--version` too (see [`SetupError::exit_code`]).
+    pub fn load() -> Result<Config, SetupError> {
         Config::load_from(std::env::args_os())
     }
 
     /// [`Config::load`] from these arguments (the first is the program name) and the
     /// environment.
-    pub fn load_from<I, T>(args: I) -> Result<Config, LoadError>
+    pub fn load_from<I, T>(args: I) -> Result<Config, SetupError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let config = Config::try_parse_from(args).map_err(LoadError::Parse)?;
-        config.validate().map_err(LoadError::Invalid)?;
+        let config = Config::try_parse_from(args).map_err(SetupError::Parse)?;
+        config.validate().map_err(SetupError::Flags)?;
         Ok(config)
     }
 
     /// Checks what clap's per-flag parsers cannot see.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), String> {
         if self.marker_ttl_seconds < self.ttl_seconds {
-            return Err(ConfigError(format!(
+            return Err(format!(
                 "--marker-ttl-seconds ({}) must be at least --ttl-seconds ({}): a password \
                  change must be remembered as long as an entry it hides can live",
                 self.marker_ttl_seconds, self.ttl_seconds
-            )));
-        }
-        let named = [
-            (self.redis_url.is_some(), "--redis-url"),
-            (!self.redis_sentinels.is_empty(), "--redis-sentinels"),
-            (
-                !self.redis_cluster_nodes.is_empty(),
-                "--redis-cluster-nodes",
-            ),
-        ];
-        let mut given = named
-            .iter()
-            .filter(|(given, _)| *given)
-            .map(|(_, flag)| *flag);
-        if let (Some(first), Some(second)) = (given.next(), given.next()) {
-            return Err(ConfigError(format!(
-                "{first} and {second} name two topologies: give one"
-            )));
-        }
-        if self
-            .redis_sentinel_master
-            .as_deref()
-            .is_some_and(|name| name.trim().is_empty())
-        {
-            return Err(ConfigError(
-                "--redis-sentinel-master must name the master the Sentinels monitor".into(),
             ));
         }
-        if self.topology() == Topology::Memory {
-            let redis_only = [
-                (self.redis_username.is_some(), "--redis-username"),
-                (self.redis_password_file.is_some(), "--redis-password-file"),
-                (self.redis_tls, "--redis-tls"),
-                (
-                    self.revocation_replicas.is_some_and(|n| n > 0),
-                    "--revocation-replicas",
-                ),
-            ];
-            if let Some((_, flag)) = redis_only.iter().find(|(given, _)| *given) {
-                return Err(ConfigError(format!(
-                    "{flag} needs a Redis: give --redis-url, --redis-sentinels or \
-                     --redis-cluster-nodes"
-                )));
-            }
-        }
-        if self.topology() != Topology::Sentinel
-            && (self.redis_sentinel_username.is_some()
-                || self.redis_sentinel_password_file.is_some())
-        {
-            return Err(ConfigError(
-                "--redis-sentinel-username and --redis-sentinel-password-file need \
-                 --redis-sentinels"
-                    .into(),
-            ));
-        }
-        if let Some(url) = &self.redis_url {
-            if self.redis_tls {
-                return Err(ConfigError(
-                    "--redis-tls is for --redis-sentinels and --redis-cluster-nodes; with \
-                     --redis-url use a rediss:// URL"
-                        .into(),
-                ));
-            }
-            let has_password = url
-                .split_once("://")
-                .and_then(|(_, rest)| rest.rsplit_once('@'))
-                .is_some_and(|(user_info, _)| user_info.contains(':'));
-            if has_password && self.redis_password_file.is_some() {
-                return Err(ConfigError(
-                    "--redis-url carries a password and --redis-password-file gives another: \
-                     give one"
-                        .into(),
-                ));
-            }
-            // The URL may hold a password: never echo it.
-            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
-            if !scheme_ok || bb8_redis::redis::Client::open(url.as_str()).is_err() {
-                return Err(ConfigError(
-                    "--redis-url is not a valid redis:// or rediss:// URL \
-                     (redis://[user:password@]host:port[/db])"
-                        .into(),
-                ));
-            }
-        }
-        self.idp.validate().map_err(ConfigError)?;
+        self.redis.validate()?;
+        self.idp.validate()?;
         if let Some(endpoint) = &self.otlp_endpoint
             && !otlp_endpoint_ok(endpoint)
         {
-            return Err(ConfigError(
-                "--otlp-endpoint is not a valid http:// URL of an OTLP/gRPC collector \
-                 (http://host:4317)"
+            return Err(
+                "--otlp-endpoint is not a valid http:// URL of an OTLP/gRPC \
+                 collector (http://host:4317)"
                     .into(),
-            ));
+            );
         }
         if self.otlp_service_name.trim().is_empty() {
-            return Err(ConfigError("--otlp-service-name must not be empty".into()));
+            return Err("--otlp-service-name must not be empty".into());
         }
         if !self.listen.ip().is_loopback()
             && self.api_keys_file.is_none()
             && !self.allow_unauthenticated
         {
-            return Err(ConfigError(format!(
+            return Err(format!(
                 "--listen {} is not a loopback address and no caller authentication is \
                  configured: anyone who can reach it could write sessions. Give \
                  --api-keys-file, listen on 127.0.0.1, or pass --allow-unauthenticated if \
                  a network policy guards the port",
                 self.listen
-            )));
-        }
-        let tls = self.redis_tls
-            || self
-                .redis_url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("rediss://"));
-        if self.redis_ca_file.is_some() && !tls {
-            return Err(ConfigError(
-                "--redis-ca-file needs TLS to Redis: a rediss:// --redis-url, or --redis-tls \
-                 with --redis-sentinels or --redis-cluster-nodes"
-                    .into(),
             ));
         }
         Ok(())
     }
 
-    /// The Redis URL without its password, for logs.
-    pub fn redis_url_redacted(&self) -> Option<String> {
-        let url = self.redis_url.as_deref()?;
-        let (scheme, rest) = url.split_once("://")?;
-        Some(match rest.rsplit_once('@') {
-            Some((user_info, host)) => {
-                let user = user_info.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_owned(),
-        })
+    /// Logs the effective configuration, one line with no secret in it.
+    pub fn log_effective(&self, listen: Option<SocketAddr>, store: &str, authenticated: bool) {
+        let redis = &self.redis;
+        tracing::info!(
+            listen = ?listen,
+            store,
+            redis_url = redis.redis_url_redacted(),
+            redis_sentinels = ?redis.redis_sentinels.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            redis_sentinel_master = redis.redis_sentinel_master,
+            redis_cluster_nodes = ?redis.redis_cluster_nodes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            revocation_replicas = self.revocation_replicas(),
+            clock_skew_ms = self.clock_skew().as_millis() as u64,
+            enabled = self.enabled,
+            ttl_seconds = self.ttl_seconds,
+            marker_ttl_seconds = self.marker_ttl_seconds,
+            store_timeout_ms = self.store_timeout_ms,
+            redis_connections = redis.redis_connections,
+            max_in_flight = self.max_in_flight,
+            tls = self.tls_cert.is_some(),
+            mutual_tls = self.tls_client_ca.is_some(),
+            authenticated,
+            keyed_token_hashing = self.token_hmac_secret_file.is_some(),
+            metrics_listen = ?self.metrics_listen,
+            max_connections = self.max_connections,
+            idle_timeout_seconds = self.idle_timeout_seconds,
+            request_timeout_ms = self.request_timeout_ms,
+            stall_timeout_seconds = self.stall_timeout_seconds,
+            max_open_calls = self.max_open_calls,
+            idp = ?self.idp.idp,
+            idp_timeout_ms = self.idp.idp_timeout_ms,
+            idp_max_in_flight = self.idp.idp_max_in_flight,
+            negative_ttl_seconds = self.idp.negative_ttl_seconds,
+            "serving"
+        );
     }
 
     /// Which store the flags name.
     pub fn topology(&self) -> Topology {
-        if !self.redis_sentinels.is_empty() {
-            Topology::Sentinel
-        } else if !self.redis_cluster_nodes.is_empty() {
-            Topology::Cluster
-        } else if self.redis_url.is_some() {
-            Topology::Redis
-        } else {
-            Topology::Memory
-        }
+        self.redis.topology()
     }
 
     /// `--revocation-replicas`, or its default for the topology (SPEC §8).
     pub fn revocation_replicas(&self) -> u32 {
-        self.revocation_replicas.unwrap_or(match self.topology() {
-            Topology::Sentinel | Topology::Cluster => 1,
-            Topology::Redis | Topology::Memory => 0,
-        })
+        self.redis.revocation_replicas()
     }
 
-    /// `--clock-skew-ms`, or its default for the topology (SPEC §8): one Redis has one
-    /// clock; a failover brings another, and a Cluster has one per primary.
+    /// `--clock-skew-ms`, or its default for the topology (SPEC §8).
     pub fn clock_skew(&self) -> Duration {
-        let millis = self.clock_skew_ms.unwrap_or(match self.topology() {
-            Topology::Sentinel | Topology::Cluster => 500,
-            Topology::Redis | Topology::Memory => 0,
-        });
-        Duration::from_millis(millis.into())
+        self.redis.clock_skew()
     }
 
     /// The store timeout.
@@ -572,17 +356,6 @@ impl Config {
     }
 }
 
-/// Why [`Config::load`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// A flag or variable did not parse (or `--help`/`--version` was asked for).
-    #[error(transparent)]
-    Parse(clap::Error),
-    /// The values parse but do not fit together.
-    #[error(transparent)]
-    Invalid(ConfigError),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,7 +374,7 @@ mod tests {
         assert_eq!(config.marker_ttl_seconds, 2_592_000);
         assert!(config.enabled);
         assert_eq!(config.store_timeout_ms, 100);
-        assert!(config.redis_url.is_none());
+        assert!(config.redis.redis_url.is_none());
     }
 
     /// SPEC §8's defaults follow the topology; a flag overrides them.
@@ -628,7 +401,7 @@ mod tests {
         let config = parse(&sentinel).unwrap();
         assert_eq!(config.topology(), Topology::Sentinel);
         assert_eq!(
-            config.redis_sentinels,
+            config.redis.redis_sentinels,
             [
                 HostPort {
                     host: "10.0.0.1".into(),
@@ -653,7 +426,7 @@ mod tests {
         );
         let config = parse(&["--redis-cluster-nodes", "10.0.0.1:7000,10.0.0.2:7000"]).unwrap();
         assert_eq!(config.topology(), Topology::Cluster);
-        assert_eq!(config.redis_cluster_nodes.len(), 2);
+        assert_eq!(config.redis.redis_cluster_nodes.len(), 2);
         assert_eq!(
             (config.revocation_replicas(), config.clock_skew()),
             (1, Duration::from_millis(500))
@@ -694,11 +467,20 @@ mod tests {
     fn redacts_redis_password() {
         let config = parse(&["--redis-url", "redis://cache:hunter2@redis:6379/2"]).unwrap();
         assert_eq!(
-            config.redis_url_redacted().unwrap(),
+            config.redis.redis_url_redacted().unwrap(),
             "redis://cache:***@redis:6379/2"
         );
         let config = parse(&["--redis-url", "redis://redis:6379"]).unwrap();
-        assert_eq!(config.redis_url_redacted().unwrap(), "redis://redis:6379");
+        assert_eq!(
+            config.redis.redis_url_redacted().unwrap(),
+            "redis://redis:6379"
+        );
+        // A user and no password: nothing to hide, and nothing to claim was hidden.
+        let config = parse(&["--redis-url", "redis://cache@redis:6379"]).unwrap();
+        assert_eq!(
+            config.redis.redis_url_redacted().unwrap(),
+            "redis://cache@redis:6379"
+        );
     }
 
     /// Values that cannot work are refused with a message naming the flag.
@@ -745,12 +527,4 @@ mod tests {
         assert_eq!(traced.otlp_service_name, "session-cache");
         assert!(parse(&["--otlp-endpoint", "http://otel-collector.monitoring:4317/"]).is_ok());
     }
-}
-
-/// `--redis-lookup` (see `store::redis::LookupMode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RedisLookup {
-    Commands,
-    Script,
-    Mixed,
 }
