@@ -161,8 +161,8 @@ def check_request(token):
 
 
 def check_allowed(reply):
-    """Whether a framed CheckResponse is OK with an ok_response (field 2), by walking its
-    top-level fields (all length-delimited)."""
+    """Whether a framed CheckResponse carries an ok_response (field 3) and no
+    denied_response (field 2), by walking its top-level fields (all length-delimited)."""
     body, at, fields = reply[5:], 0, set()
     while at < len(body):
         tag, at = body[at], at + 1
@@ -177,7 +177,7 @@ def check_allowed(reply):
             return False
         fields.add(tag >> 3)
         at += length
-    return 2 in fields and 3 not in fields
+    return 3 in fields and 2 not in fields
 
 
 def first_varint_field(reply):
