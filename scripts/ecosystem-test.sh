@@ -8,8 +8,12 @@
 #     the Python and Node.js example clients (the Validate flow, counting the stand-in's
 #     calls, and the Get/Set flow), the grpc.health.v1 checker, the Python service's
 #     shared Redis layout, the clients once Redis is stopped, the deploy/ manifests'
-#     fields, the dashboard's and alerts' metric names against a live /metrics, and
-#     the spans a stand-in OTLP collector receives (and a dead collector's cost);
+#     fields, the dashboard's and alerts' metric names against a live /metrics,
+#     the spans a stand-in OTLP collector receives (and a dead collector's cost),
+#     Envoy's Check through grpcurl and Envoy's Python protos, deploy/envoy/envoy.yaml
+#     parsed into Envoy's Bootstrap, deploy/istio/ against Istio's CRD schemas
+#     (tests/ecosystem/istio, npm), and real nginx and Caddy with the configs of
+#     deploy/ in front of /auth (when the build serves --http-listen);
 #   - buf lint of the proto; promtool check/test of deploy/prometheus/;
 #     kubernetes-validate --strict of deploy/kubernetes/.
 # It installs what is missing: the Python packages (scripts/python-env.sh, a venv in
@@ -158,7 +162,7 @@ step "Debian tools: redis-server, h2load, promtool" debian_tools
 TOOLS_READY=$?
 
 if [ "$PY_READY$NPM_READY$BUILT$TOOLS_READY" = 0000 ]; then
-  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, Validate, health, Redis down, tracing, manifests, metrics)" \
+  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, Validate, Check, edge proxies, health, Redis down, tracing, manifests, metrics)" \
     ecosystem_tests "$@"
 else
   skip "pytest tests/ecosystem" "a set-up step failed"

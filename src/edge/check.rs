@@ -136,13 +136,16 @@ impl<S: Store> CheckService<S> {
             .map(|(name, value)| overwrite(name, value))
             .collect();
         // The client's headers under the prefix that the answer does not set.
+        let prefix = identity.prefix();
         let mut remove: Vec<String> = headers
             .names()
-            .map(str::to_ascii_lowercase)
+            // Only names under the prefix are copied (and lowercased).
             .filter(|name| {
-                name.starts_with(identity.prefix())
-                    && !identity.names().iter().any(|own| own == name)
+                name.len() >= prefix.len()
+                    && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
             })
+            .map(str::to_ascii_lowercase)
+            .filter(|name| !identity.names().iter().any(|own| own == name))
             .collect();
         if self.settings.strip_credentials {
             match carrier {

@@ -420,6 +420,10 @@ impl Identity {
 /// would end the header, and a proxy would drop the whole header, leaving the
 /// client's own value in place) become spaces; the rest, UTF-8 included, is kept.
 fn header_text(text: &str) -> String {
+    // The usual value needs no change: one copy, no scan of chars.
+    if !text.bytes().any(|b| b.is_ascii_control()) && !text.contains(char::is_control) {
+        return text.trim().to_owned();
+    }
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect::<String>()
