@@ -15,7 +15,6 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench
@@ -50,14 +49,9 @@ def main():
         redis_port = bench.start_redis(procs, workdir)
         sides = {}
         for side, line in (("A", args.a), ("B", args.b)):
-            port = bench.free_port()
             cmd = [part.replace("{redis}", f"redis://127.0.0.1:{redis_port}") for part in shlex.split(line)]
-            cmd += ["--listen", f"127.0.0.1:{port}"]
             uses_redis = any("{redis}" in part for part in shlex.split(line))
-            sides[side] = (port, procs.start(cmd, env=dict(os.environ, RUST_LOG="warn")),
-                           [redis_port] if uses_redis else [])
-            bench.wait_port(port)
-        time.sleep(1.5)  # the first health ping turns the store SERVING
+            sides[side] = (*bench.start_service(procs, workdir, cmd), [redis_port] if uses_redis else [])
         for port, _, _ in sides.values():
             bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
             bench.call_once(port, "Set", bench.set_request("bench-set", "bench-set-user"), workdir)

@@ -19,23 +19,27 @@ and its ratios against the floor are the medians of the pairs' ratios.
 """
 
 import argparse
-import http.server
+import contextlib
 import json
 import os
 import shlex
-import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+# testkit (tests/testkit): what the benchmarks share with the ecosystem tests.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from testkit.appwrite import AppwriteStandIn
+from testkit.local import eventually, free_cluster_port, free_port, wait_port, wait_redis
+from testkit.measure import cpu_seconds, quantiles, rss_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 SERVICE = "sessioncache.v1.SessionCache"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+HEALTH = "grpc.health.v1.Health"
 
 
 # --- protobuf, by hand: the messages are small and fixed ---------------------------
@@ -93,48 +97,16 @@ def validate_request(token):
     return frame(field_bytes(1, token.encode()))
 
 
-class AppwriteStandIn(http.server.BaseHTTPRequestHandler):
-    """Appwrite's `GET /v1/account` and `GET /v1/account/sessions/current` for one
-    session secret, VALIDATE_TOKEN: the provider behind the Validate scenario, asked
-    once to warm the cache, then never while Validate hits."""
-
-    def do_GET(self):
-        if self.headers.get("X-Appwrite-Session") != VALIDATE_TOKEN:
-            body = {"message": "User (role: guests) missing scope (account)",
-                    "code": 401, "type": "general_unauthorized_scope", "version": "1.6.0"}
-            return self.answer(401, body)
-        stamp = "2024-01-15T10:30:00.000+00:00"
-        if self.path == "/v1/account":
-            return self.answer(200, {
-                "$id": "bench-validate-user", "$createdAt": stamp, "$updatedAt": stamp,
-                "name": "Bench User", "email": "bench@example.com", "emailVerification": True,
-                "status": True, "prefs": {"tier": "pro"}})
-        if self.path == "/v1/account/sessions/current":
-            return self.answer(200, {"$id": "bench-session", "$createdAt": stamp,
-                                     "userId": "bench-validate-user",
-                                     "expire": "2099-01-01T00:00:00.000+00:00", "current": True})
-        return self.answer(404, {"message": "Route not found", "code": 404,
-                                 "type": "general_route_not_found", "version": "1.6.0"})
-
-    def answer(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_):
-        pass
-
-
+# The session secret the stand-in Appwrite vouches for: the provider behind the Validate
+# scenario, asked once per store to warm the cache, then never while Validate hits.
 VALIDATE_TOKEN = "bench-validate-token"
 
 
 def start_appwrite_stand_in():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AppwriteStandIn)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    stand_in = AppwriteStandIn(project="bench").start()
+    stand_in.add_session(VALIDATE_TOKEN, "bench-validate-user", email="bench@example.com",
+                         name="Bench User", expire="2099-01-01T00:00:00Z")
+    return stand_in
 
 
 def invalidate_user_request(user_id):
@@ -192,52 +164,6 @@ def first_varint_field(reply):
 
 # --- processes ---------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_cluster_port():
-    """A free port below 55536 whose cluster bus port (+10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port >= 55536:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-            return port
-        except OSError:
-            continue
-    raise SystemExit("no free port pair for a cluster node")
-
-
-def wait_port(port, deadline=10.0):
-    end = time.time() + deadline
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing listened on {port}")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def peak_rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class Procs:
     def __init__(self):
         self.procs = []
@@ -284,11 +210,11 @@ def redis_io(ports):
 
 def start_redis(procs, workdir, *extra):
     """A redis-server of the run's own on a free loopback port, without persistence;
-    returns its port once it accepts connections."""
+    returns its port once it answers as itself."""
     port = free_port()
-    procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", workdir, *extra])
-    wait_port(port)
+    proc = procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                        "--save", "", "--appendonly", "no", "--dir", workdir, *extra])
+    wait_redis(port, proc)
     return port
 
 
@@ -296,34 +222,78 @@ def start_cluster(procs, workdir, primaries=3):
     """Three cluster-enabled redis-servers joined by redis-cli; returns their ports once
     every node says cluster_state:ok."""
     ports = [free_cluster_port() for _ in range(primaries)]
-    for port in ports:
-        procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", workdir,
-                     "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-                     "--cluster-node-timeout", "5000"])
-    for port in ports:
-        wait_port(port)
+    nodes = [procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--dir", workdir,
+                          "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                          "--cluster-node-timeout", "5000"])
+             for port in ports]
+    for port, proc in zip(ports, nodes):
+        wait_redis(port, proc)
     subprocess.run(["redis-cli", "--cluster", "create",
                     *[f"127.0.0.1:{port}" for port in ports], "--cluster-yes"],
                    capture_output=True, text=True, check=True, timeout=60)
-    end = time.time() + 30
-    while time.time() < end:
-        if all("cluster_state:ok" in redis_cli(port, "cluster", "info") for port in ports):
-            return ports
-        time.sleep(0.05)
-    raise SystemExit("the benchmark cluster did not settle")
+    if not eventually(30, lambda: all("cluster_state:ok" in redis_cli(port, "cluster", "info")
+                                      for port in ports)):
+        raise SystemExit("the benchmark cluster did not settle")
+    return ports
+
+
+def start_service(procs, workdir, command):
+    """`command` (session-cache and its flags) listening on a free loopback port, logging
+    at WARN; returns the port and the process once the service serves from its store."""
+    port = free_port()
+    proc = procs.start([*command, "--listen", f"127.0.0.1:{port}"], env=dict(os.environ, RUST_LOG="warn"))
+    wait_port(port, proc=proc)
+    wait_serving(port, workdir)
+    return port, proc
+
+
+@contextlib.contextmanager
+def service_on_redis(name, service_flags=(), redis_args=()):
+    """A Redis of the run's own (`redis_args` added) and the release session-cache on it
+    (`service_flags` added), for the scripts that measure one service: yields the work
+    directory, the Redis port, the service's port and its process, and stops both on the
+    way out."""
+    procs = Procs()
+    workdir = tempfile.mkdtemp(prefix=f"session-cache-{name}-")
+    try:
+        redis_port = start_redis(procs, workdir, *redis_args)
+        port, proc = start_service(procs, workdir, [
+            os.path.join(RELEASE, "session-cache"), "--redis-url", f"redis://127.0.0.1:{redis_port}",
+            *service_flags])
+        yield workdir, redis_port, port, proc
+    finally:
+        procs.stop()
+
+
+def wait_serving(port, workdir, deadline_s=10.0):
+    """Waits until grpc.health.v1 says the service on `port` serves from its store (its
+    first ping has passed); before that, calls would be refused."""
+    check = frame(field_bytes(1, SERVICE.encode()))
+
+    def serving():
+        try:
+            reply, _ = call_once(port, "Check", check, workdir, service=HEALTH)
+        except subprocess.CalledProcessError:
+            return False
+        return first_varint_field(reply) == 1  # HealthCheckResponse.SERVING
+
+    if not eventually(deadline_s, serving):
+        raise SystemExit(f"the service on {port} was not SERVING within {deadline_s} s")
 
 
 # --- load --------------------------------------------------------------------------
 
-def percentile(sorted_values, q):
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, int(q * len(sorted_values)))
-    return sorted_values[index]
+def h2load_latencies(log):
+    """The latency of each call in an h2load log, in microseconds."""
+    with open(log) as f:
+        for line in f:
+            fields = line.split("\t")
+            if len(fields) >= 3:
+                yield int(fields[2])
 
 
-def call_once(port, method, body, workdir):
+def call_once(port, method, body, workdir, service=SERVICE):
     """One call through curl; returns the framed reply and the grpc-status trailer."""
     path = os.path.join(workdir, "sample.bin")
     with open(path, "wb") as f:
@@ -332,16 +302,16 @@ def call_once(port, method, body, workdir):
         ["curl", "-s", "--http2-prior-knowledge", "-H", "content-type: application/grpc",
          "-H", "te: trailers", "--data-binary", f"@{path}", "-D", "-", "-o",
          os.path.join(workdir, "reply.bin"),
-         f"http://127.0.0.1:{port}/{grpc_path(method)}"],
+         f"http://127.0.0.1:{port}/{grpc_path(method, service)}"],
         capture_output=True, text=True, check=True)
     with open(os.path.join(workdir, "reply.bin"), "rb") as f:
         reply = f.read()
     return reply, out.stdout
 
 
-def grpc_path(method):
-    """A SessionCache method by its name, any other by its full path."""
-    return method if "/" in method else f"{SERVICE}/{method}"
+def grpc_path(method, service=SERVICE):
+    """A method by its name within `service`, or by its full path."""
+    return method if "/" in method else f"{service}/{method}"
 
 
 def h2load(port, method, body, requests, connections, streams, workdir):
@@ -369,15 +339,14 @@ def h2load(port, method, body, requests, connections, streams, workdir):
             data = int(line.rsplit("(", 1)[1].split(")")[0])
     if rps is None:
         raise SystemExit(f"h2load failed:\n{text}\n{out.stderr}")
-    with open(log) as f:
-        latencies = sorted(int(line.split("\t")[2]) for line in f if line.strip())
+    p50, p99, p999 = quantiles(h2load_latencies(log), (0.50, 0.99, 0.999))
     return {
         "rps": rps,
         "ok": succeeded,
         "bytes_per_reply": data / max(1, succeeded),
-        "p50": percentile(latencies, 0.50) / 1000,
-        "p99": percentile(latencies, 0.99) / 1000,
-        "p999": percentile(latencies, 0.999) / 1000,
+        "p50": p50 / 1000,
+        "p99": p99 / 1000,
+        "p999": p999 / 1000,
     }
 
 
@@ -394,7 +363,7 @@ def measure(port, pid, redis_ports, method, body, requests, in_flight, workdir):
     # What Redis did per call: commands run, and socket reads (a pipeline's worth each).
     result["redis_commands"] = (commands - commands0) / requests if redis_ports else None
     result["redis_reads"] = (reads - reads0) / requests if redis_ports else None
-    result["rss"] = peak_rss_mib(pid)
+    result["rss"] = rss_mib(pid, peak=True)
     return result
 
 
@@ -451,7 +420,7 @@ def median_result(results):
     return out
 
 
-# --- the issue's targets ----------------------------------------------------------
+# --- the targets ----------------------------------------------------------------
 
 def targets(rows, floors, floor_of):
     """The targets, from this run's rows: (figure, value, target, met or None
@@ -552,6 +521,7 @@ def main():
     procs = Procs()
     workdir = tempfile.mkdtemp(prefix="session-cache-bench-")
     rows = []
+    appwrite = None
     try:
         redis_port = start_redis(procs, workdir)
 
@@ -560,17 +530,13 @@ def main():
         floor_port = free_port()
         floor = procs.start([os.path.join(bin_dir, "examples", "constant_server"),
                              f"127.0.0.1:{floor_port}"])
-        wait_port(floor_port)
+        wait_port(floor_port, proc=floor)
 
         appwrite = start_appwrite_stand_in()
-        appwrite_endpoint = f"http://127.0.0.1:{appwrite.server_address[1]}/v1"
         subjects = {}
         redis_ports = {"redis": [redis_port], "cluster": cluster_ports, "memory": []}
         for store in ("redis", "cluster", "memory"):
-            port = free_port()
-            cmd = [os.path.join(bin_dir, "session-cache"), "--listen", f"127.0.0.1:{port}",
-                   "--idp", "appwrite", "--appwrite-endpoint", appwrite_endpoint,
-                   "--appwrite-project", "bench"]
+            cmd = [os.path.join(bin_dir, "session-cache"), *appwrite.flags()]
             if store == "redis":
                 cmd += ["--redis-url", f"redis://127.0.0.1:{redis_port}"]
             if store == "cluster":
@@ -583,10 +549,7 @@ def main():
                 # reply is the hit the smoke checks for.
                 cmd += ["--store-timeout-ms", "2000"]
             cmd += shlex.split(args.service_args)
-            env = dict(os.environ, RUST_LOG="warn")
-            subjects[store] = (port, procs.start(cmd, env=env))
-            wait_port(port)
-        time.sleep(1.5)  # the first health ping turns the store SERVING
+            subjects[store] = start_service(procs, workdir, cmd)
 
         hit_body = get_request("bench-token")
         # The floor and each subject must answer the sample as expected.
@@ -674,6 +637,8 @@ def main():
                      seed_equivalent(redis_port, few)))
     finally:
         procs.stop()
+        if appwrite is not None:
+            appwrite.stop()
 
     floors = {f: r for name, f, r in rows if name == "floor: constant server, Get"}
     print()

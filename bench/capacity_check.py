@@ -12,11 +12,11 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench
+import bench  # (and tests/ on the path)
+from testkit.measure import cpu_seconds
 
 CLIENTS = 50  # h2load --rps is per client; 50 connections, as bench.py
 
@@ -55,19 +55,9 @@ def main():
     parser.add_argument("--redis-invalidate-us", type=float, required=True)
     args = parser.parse_args()
 
-    procs = bench.Procs()
-    workdir = tempfile.mkdtemp(prefix="session-cache-capacity-")
-    try:
-        redis_port = bench.start_redis(procs, workdir)
-        port = bench.free_port()
-        service = procs.start([os.path.join(bench.RELEASE, "session-cache"),
-                               "--listen", f"127.0.0.1:{port}",
-                               "--redis-url", f"redis://127.0.0.1:{redis_port}"],
-                              env=dict(os.environ, RUST_LOG="warn"))
-        bench.wait_port(port)
-        time.sleep(1.5)
+    with bench.service_on_redis("capacity") as (workdir, redis_port, port, service):
         bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
-        cpu0, rcpu0, t0 = bench.cpu_seconds(service.pid), bench.redis_cpu_seconds([redis_port]), time.time()
+        cpu0, rcpu0, t0 = cpu_seconds(service.pid), bench.redis_cpu_seconds([redis_port]), time.time()
         runs = [
             ("Get", load(port, "Get", bench.get_request("bench-token"), args.get, args.seconds, workdir)),
             ("Set", load(port, "Set", bench.set_request("bench-set", "bench-set-user"), args.set,
@@ -78,10 +68,8 @@ def main():
         ]
         calls = {method: done_calls(run.communicate()[0]) for method, run in runs}
         elapsed = time.time() - t0
-        cores = (bench.cpu_seconds(service.pid) - cpu0) / elapsed
+        cores = (cpu_seconds(service.pid) - cpu0) / elapsed
         redis_cores = (bench.redis_cpu_seconds([redis_port]) - rcpu0) / elapsed
-    finally:
-        procs.stop()
     rates = {m: n / elapsed for m, n in calls.items()}
     predicted = (rates["Get"] * args.get_us + rates["Set"] * args.set_us
                  + rates["InvalidateUser"] * args.invalidate_us) / 1e6

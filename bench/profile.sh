@@ -22,7 +22,10 @@ for tool in perf h2load redis-server inferno-collapse-perf inferno-flamegraph; d
   command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
 done
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Ports and waits from tests/testkit, as bench.py uses them.
+free_port() { PYTHONPATH=tests python3 -m testkit.local free-port; }
+wait_port() { PYTHONPATH=tests python3 -m testkit.local wait-port "$1"; }
+wait_redis() { PYTHONPATH=tests python3 -m testkit.local wait-redis "$1" "$2"; }
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
@@ -30,7 +33,7 @@ trap cleanup EXIT
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
 pids+=($!)
-sleep 0.5
+wait_redis "$redis_port" "$!"
 python3 - "$out" <<'EOF'
 import sys, os
 sys.path.insert(0, "bench")
@@ -49,7 +52,10 @@ for store in redis memory; do
   RUST_LOG=warn target/release/session-cache "${args[@]}" >/dev/null 2>&1 &
   pid=$!
   pids+=("$pid")
-  sleep 1.5
+  wait_port "$port"
+  # Serving once the store's first ping has passed.
+  python3 -c 'import sys; sys.path.insert(0, "bench"); import bench; bench.wait_serving(int(sys.argv[1]), sys.argv[2])' \
+    "$port" "$out"
   h2() { h2load "$@" -H 'content-type: application/grpc' -H 'te: trailers' >/dev/null; }
   h2 -n 1 -c 1 --data "$out/seed.bin" "http://127.0.0.1:$port/sessioncache.v1.SessionCache/Set"
   # Load for longer than the recording, which starts once the load has settled.

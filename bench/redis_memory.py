@@ -14,8 +14,6 @@ import argparse
 import hashlib
 import os
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench
@@ -31,15 +29,7 @@ def main():
     args = parser.parse_args()
     import redis
 
-    procs = bench.Procs()
-    workdir = tempfile.mkdtemp(prefix="session-cache-memory-")
-    try:
-        redis_port = bench.start_redis(procs, workdir)
-        port = bench.free_port()
-        procs.start([os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
-                     "--redis-url", f"redis://127.0.0.1:{redis_port}"])
-        bench.wait_port(port)
-        time.sleep(1.5)
+    with bench.service_on_redis("memory") as (workdir, redis_port, port, _):
         bench.call_once(port, "Set", bench.set_request("mem-token", "mem-user-0000000001"), workdir)
         bench.call_once(port, "InvalidateUser", bench.invalidate_user_request("mem-user-0000000002"),
                         workdir)
@@ -78,9 +68,6 @@ def main():
             print(f"| {kind} | {len(key)} | {len(value)} | {ttl // 1000} | {usage} | "
                   f"{(after - before) / args.copies:.0f} |")
             client.flushall()
-    finally:
-        procs.stop()
-
 
 if __name__ == "__main__":
     sys.exit(main())

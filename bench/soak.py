@@ -11,19 +11,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # the benchmark's helpers: messages, processes, h2load parsing
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+import bench  # the benchmark's helpers: messages, processes, h2load parsing (and tests/ on the path)
+from testkit.measure import cpu_seconds, quantiles, rss_mib
 
 
 def h2load_for(port, method, body, seconds, connections, streams, workdir, name):
@@ -38,32 +29,6 @@ def h2load_for(port, method, body, seconds, connections, streams, workdir, name)
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log
 
 
-def percentiles(log, quantiles):
-    """Latency quantiles in ms from an h2load log, streamed into 10 us buckets (a soak's
-    log holds tens of millions of calls)."""
-    buckets = {}
-    total = 0
-    with open(log) as f:
-        for line in f:
-            fields = line.split("\t")
-            if len(fields) < 3:
-                continue
-            bucket = int(fields[2]) // 10
-            buckets[bucket] = buckets.get(bucket, 0) + 1
-            total += 1
-    result, seen = [], 0
-    ordered = sorted(buckets.items())
-    for q in quantiles:
-        target, seen, value = q * total, 0, float("nan")
-        for bucket, count in ordered:
-            seen += count
-            if seen >= target:
-                value = bucket * 10 / 1000
-                break
-        result.append(value)
-    return result
-
-
 def summarize(name, proc, log, seconds):
     out, _ = proc.communicate(timeout=seconds + 120)
     done = succeeded = failed = errored = 0
@@ -74,7 +39,8 @@ def summarize(name, proc, log, seconds):
             counts = {p.split()[1]: int(p.split()[0]) for p in parts}
             done, succeeded = counts.get("done", 0), counts.get("succeeded", 0)
             failed, errored = counts.get("failed", 0), counts.get("errored", 0)
-    p50, p99, p999 = percentiles(log, (0.5, 0.99, 0.999))
+    # Latencies in 10 us buckets: a soak's log holds tens of millions of calls.
+    p50, p99, p999 = (us / 1000 for us in quantiles(bench.h2load_latencies(log), (0.5, 0.99, 0.999), bucket=10))
     os.remove(log)
     print(f"{name:16} calls {done:>10,}  ok {succeeded:>10,}  failed {failed + errored:>6,}  "
           f"p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  p999 {p999:7.2f} ms")
@@ -87,25 +53,15 @@ def main():
     args = parser.parse_args()
     seconds = max(5, int(args.minutes * 60))
 
-    procs = bench.Procs()
-    workdir = tempfile.mkdtemp(prefix="session-cache-soak-")
-    try:
-        redis_port = bench.start_redis(procs, workdir, "--maxmemory", "256mb",
-                                       "--maxmemory-policy", "noeviction")
-        port = bench.free_port()
-        service = procs.start(
-            [os.path.join(bench.RELEASE, "session-cache"), "--listen", f"127.0.0.1:{port}",
-             "--redis-url", f"redis://127.0.0.1:{redis_port}",
-             # Sessions outlive the soak; TTLs are exercised, not waited for.
-             "--ttl-seconds", "3600"],
-            env=dict(os.environ, RUST_LOG="warn"))
-        bench.wait_port(port)
-        time.sleep(1.5)
+    # Sessions outlive the soak; TTLs are exercised, not waited for.
+    with bench.service_on_redis("soak", service_flags=["--ttl-seconds", "3600"],
+                                redis_args=["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
+                                ) as (workdir, _, port, service):
         reply, _ = bench.call_once(port, "Set", bench.set_request("soak-token", "soak-user"), workdir)
         assert bench.first_varint_field(reply) == 1, "the soak's session is stored"
 
         rss_start = rss_mib(service.pid)
-        cpu_start = bench.cpu_seconds(service.pid)
+        cpu_start = cpu_seconds(service.pid)
         print(f"soak: {seconds} s of mixed load; service RSS at start {rss_start:.1f} MiB")
         streams = [
             ("Get hit", "Get", bench.get_request("soak-token"), 20, 10),
@@ -117,15 +73,13 @@ def main():
                    for name, method, body, c, m in streams]
         errors = sum(summarize(name, proc, log, seconds) for name, proc, log in running)
         rss_end = rss_mib(service.pid)
-        cpu = bench.cpu_seconds(service.pid) - cpu_start
+        cpu = cpu_seconds(service.pid) - cpu_start
         reply, _ = bench.call_once(port, "Get", bench.get_request("soak-token"), workdir)
         still_hit = bench.first_varint_field(reply) == 1
         print(f"service RSS: start {rss_start:.1f} MiB, end {rss_end:.1f} MiB, "
-              f"peak {bench.peak_rss_mib(service.pid):.1f} MiB; CPU {cpu:.1f} s")
+              f"peak {rss_mib(service.pid, peak=True):.1f} MiB; CPU {cpu:.1f} s")
         print(f"errors: {errors}; the soak's session still hits: {still_hit}")
         return 0 if errors == 0 and still_hit else 1
-    finally:
-        procs.stop()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 //! transport's own accounting (`crate::transport::Track`): a request whose message is
 //! slow to arrive holds an open call, as it should, but no slot of the calls being
 //! served. Handlers below it only answer: they find the caller's name in the request's
-//! extensions ([`Caller`]) and put their answer's outcome in the response's
+//! extensions ([`CallerName`]) and put their answer's outcome in the response's
 //! ([`Outcome`]).
 
 use std::{
@@ -46,7 +46,7 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(2);
 /// The authenticated caller of a call, for the handlers' logs; `None` when the service
 /// authenticates no one.
 #[derive(Clone, Debug)]
-pub struct Caller(pub Option<String>);
+pub struct CallerName(pub Option<String>);
 
 /// Largest request message accepted, in bytes; a larger one is refused with
 /// OUT_OF_RANGE before any handler runs. A Set with a 4 KiB token and a generous user
@@ -61,34 +61,20 @@ struct Shared {
     request_timeout: Duration,
 }
 
-/// The [`tower_layer::Layer`] of [`Call`].
-#[derive(Clone)]
-pub(crate) struct CallLayer {
-    shared: Arc<Shared>,
-}
-
-impl CallLayer {
-    /// Checks callers against `auth`, and tells a call cut at `request_timeout` from
-    /// one the client cancelled.
-    pub(crate) fn new(auth: auth::Current, request_timeout: Duration) -> CallLayer {
-        CallLayer {
-            shared: Arc::new(Shared {
-                auth,
-                request_timeout,
-            }),
-        }
-    }
-}
-
-impl<S> tower_layer::Layer<S> for CallLayer {
-    type Service = Call<S>;
-
-    fn layer(&self, inner: S) -> Call<S> {
-        Call {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
+/// The layer of [`Call`]: checks callers against `auth`, and tells a call cut at
+/// `request_timeout` from one the client cancelled.
+pub(crate) fn layer<S>(
+    auth: auth::Current,
+    request_timeout: Duration,
+) -> impl tower_layer::Layer<S, Service = Call<S>> + Clone {
+    let shared = Arc::new(Shared {
+        auth,
+        request_timeout,
+    });
+    tower_layer::layer_fn(move |inner| Call {
+        inner,
+        shared: shared.clone(),
+    })
 }
 
 /// See the module's documentation.
@@ -145,7 +131,7 @@ where
                 }
             }
         };
-        request.extensions_mut().insert(Caller(caller));
+        request.extensions_mut().insert(CallerName(caller));
         request.extensions_mut().insert(rpc);
         let answer = self.inner.call(request).instrument(span);
         Box::pin(async move {
@@ -270,30 +256,16 @@ fn refuse<R: Default + Send + 'static, E: Send + 'static>(status: Status) -> Ref
     Box::pin(std::future::ready(Ok(status.into_http())))
 }
 
-/// The [`tower_layer::Layer`] of [`Admission`].
-#[derive(Clone)]
-pub(crate) struct AdmissionLayer {
-    slots: Arc<Semaphore>,
-}
-
-impl AdmissionLayer {
-    /// Serves at most `max_in_flight` of the service's own calls at once.
-    pub(crate) fn new(max_in_flight: usize) -> AdmissionLayer {
-        AdmissionLayer {
-            slots: Arc::new(Semaphore::new(max_in_flight)),
-        }
-    }
-}
-
-impl<S> tower_layer::Layer<S> for AdmissionLayer {
-    type Service = Admission<S>;
-
-    fn layer(&self, inner: S) -> Admission<S> {
-        Admission {
-            inner,
-            slots: self.slots.clone(),
-        }
-    }
+/// The layer of [`Admission`]: serves at most `max_in_flight` of the service's own calls
+/// at once.
+pub(crate) fn admission<S>(
+    max_in_flight: usize,
+) -> impl tower_layer::Layer<S, Service = Admission<S>> + Clone {
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    tower_layer::layer_fn(move |inner| Admission {
+        inner,
+        slots: slots.clone(),
+    })
 }
 
 /// The second half of the call layer: for a call that takes a `--max-in-flight` slot

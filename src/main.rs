@@ -16,7 +16,7 @@ use tracing_subscriber::{
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    match run() {
+    match launch() {
         Ok(()) => ExitCode::SUCCESS,
         // --help and --version
         Err(SetupError::Parse(e)) if !e.use_stderr() => {
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 }
 
 /// Everything the binary does, up to the end of serving.
-fn run() -> Result<(), SetupError> {
+fn launch() -> Result<(), SetupError> {
     let config = Config::load()?;
     let runtime = tokio::runtime::Runtime::new().map_err(SetupError::Runtime)?;
     // The exporter's connection lives on the runtime; it is built lazily, so a collector

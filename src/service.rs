@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::{
-    call::Caller,
+    call::CallerName,
     clock::Micros,
     decision::{Decider, Decision, Refused, Via},
     entry::{Session, User},
@@ -145,8 +145,8 @@ fn answer<R: Labelled>(result: Result<R, Status>) -> Result<Response<R>, Status>
 fn caller<T>(request: &Request<T>) -> Option<String> {
     request
         .extensions()
-        .get::<Caller>()
-        .and_then(|Caller(name)| name.clone())
+        .get::<CallerName>()
+        .and_then(|CallerName(name)| name.clone())
 }
 
 #[tonic::async_trait]

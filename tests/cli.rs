@@ -2,17 +2,14 @@
 
 mod support;
 
-use std::{
-    io::Read,
-    process::{Child, Command, ExitStatus, Stdio},
-    time::Duration,
+use std::process::{Command, Stdio};
+
+use session_cache::pb;
+use support::{
+    PATIENCE, eventually, free_port, in_an_hour, pki,
+    process::{BIN, Process, command, connect},
+    user,
 };
-
-use session_cache::pb::{self, session_cache_client::SessionCacheClient};
-use support::{PATIENCE, free_port, in_an_hour, pki, user};
-use tokio::time::Instant;
-
-const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
 
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
@@ -234,8 +231,8 @@ fn introspection_secret_from_the_environment_is_never_shown() {
 #[tokio::test]
 async fn json_logs_state_the_configuration_without_secrets() {
     let port = free_port();
-    let mut process = Process(
-        Command::new(BIN)
+    let mut process = Process::spawn(
+        command()
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
@@ -243,15 +240,11 @@ async fn json_logs_state_the_configuration_without_secrets() {
                 "json",
             ])
             .args(["--redis-url", "redis://cache:hunter2@127.0.0.1:1"])
-            .env_clear()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stdout(Stdio::piped()),
     );
     connect(port).await;
     process.signal("-TERM");
-    assert!(process.wait().await.success());
+    assert!(process.wait(PATIENCE).await.success());
     let logs = process.stdout();
     assert!(!logs.contains("hunter2"), "{logs}");
     let lines: Vec<serde_json::Value> = logs
@@ -269,76 +262,16 @@ async fn json_logs_state_the_configuration_without_secrets() {
     assert_eq!(serving["fields"]["ttl_seconds"], 300);
 }
 
-/// The process under test; killed if the test fails half-way.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn signal(&self, signal: &str) {
-        let pid = self.0.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args([signal, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-
-    async fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the process did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn stdout(&mut self) -> String {
-        let mut text = String::new();
-        self.0
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut text)
-            .unwrap();
-        text
-    }
-}
-
-async fn connect(port: u16) -> SessionCacheClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Ok(client) = SessionCacheClient::connect(format!("http://127.0.0.1:{port}")).await {
-            return client;
-        }
-        assert!(Instant::now() < deadline, "the service never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Started with no store flags, the binary serves from memory and says so at WARN; on
 /// SIGTERM it exits 0; at debug level its logs never carry a token.
 #[tokio::test]
 async fn serves_then_exits_cleanly_on_sigterm_without_logging_tokens() {
     let port = free_port();
-    let mut process = Process(
-        Command::new(BIN)
+    let mut process = Process::spawn(
+        command()
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env_clear()
             .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stdout(Stdio::piped()),
     );
     let mut client = connect(port).await;
     let token = "tok-in-the-clear-4c1d";
@@ -367,7 +300,10 @@ async fn serves_then_exits_cleanly_on_sigterm_without_logging_tokens() {
     let _ = client.get(get("")).await; // an error path too
 
     process.signal("-TERM");
-    assert!(process.wait().await.success(), "exit status 0 on SIGTERM");
+    assert!(
+        process.wait(PATIENCE).await.success(),
+        "exit status 0 on SIGTERM"
+    );
     let logs = process.stdout();
     assert!(
         logs.contains("WARN") && logs.contains("in this process only"),
@@ -689,15 +625,12 @@ fn no_task_outlives_a_failed_run() {
                 .unwrap_err();
             assert_eq!(error.exit_code(), code, "{args:?}: {error}");
             // Cancelled tasks end at their next poll: wait for that, boundedly.
-            let deadline = Instant::now() + PATIENCE;
-            while alive() > before && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let after = alive();
-            assert!(
-                after <= before,
-                "{after} tasks alive after {args:?}, {before} before"
-            );
+            let what = format!("the tasks of {args:?} to end ({before} alive before)");
+            eventually(PATIENCE, what, async || match alive() {
+                after if after <= before => Ok(()),
+                after => Err(format!("{after} tasks alive")),
+            })
+            .await;
         }
     });
 }

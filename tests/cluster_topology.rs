@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use bb8_redis::redis;
 use support::{
     cluster::{Cluster, ClusterTopology, SLOTS, SlotRange},
-    sentinel::info_field,
+    redis_server::info_field,
 };
 use tokio::time::Instant;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use session_cache::pb::{self, GetOutcome, SetOutcome};
 use support::{
-    Backend, Harness, PATIENCE, in_an_hour,
+    Backend, Harness, PATIENCE, eventually, in_an_hour,
     load::{Load, Sample, quantile},
     user,
 };
@@ -80,20 +80,19 @@ fn check_samples(name: &str, samples: &[Sample], fault: Instant, recovered: Inst
 /// Waits until the load has seen hits since `since` (bounded), by watching a probe
 /// token of the test's own.
 async fn wait_for_hits(h: &mut Harness) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
+    eventually(PATIENCE, "a hit of the probe token", async || {
         let got = h.get("probe").await;
         match got.outcome() {
-            GetOutcome::Hit => return,
+            GetOutcome::Hit => return Ok(()),
             GetOutcome::Unavailable => {}
             _ => {
                 h.set("probe", user("probe-user"), in_an_hour(), &got.fence)
                     .await;
             }
         }
-        assert!(Instant::now() < deadline, "no hits within the patience");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(got.outcome())
+    })
+    .await;
 }
 
 /// Redis killed (SIGKILL) and restarted under load: no Get or Set fails, Gets during the

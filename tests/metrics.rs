@@ -9,32 +9,12 @@ use std::time::Duration;
 use chrono::Utc;
 use session_cache::pb;
 use support::{
-    Harness, Redis, free_port,
+    Harness, PATIENCE, Redis, eventually, free_port,
     idp::{AppwriteStandIn, Mode},
-    in_an_hour, user,
+    in_an_hour,
+    scrape::scrape,
+    user,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
-};
-
-async fn scrape(port: u16) -> String {
-    let deadline = Instant::now() + support::PATIENCE;
-    loop {
-        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await {
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .await
-                .unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).await.unwrap();
-            return text;
-        }
-        assert!(Instant::now() < deadline, "the metrics port never opened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn line<'a>(text: &'a str, name: &str, labels: &[&str]) -> &'a str {
     text.lines()
@@ -116,10 +96,22 @@ async fn exports_calls_latency_store_and_pool() {
     h.get("tok").await;
     h.get("tok").await;
     let _ = h.invalidate_user("").await; // INVALID_ARGUMENT
-    // Let the health loop record the store and the pool.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let text = scrape(port).await;
+    // The health loop records the store's ping and the pool at its next tick.
+    let text = eventually(
+        PATIENCE,
+        "the health loop to record the store's ping and the pool",
+        async || {
+            let text = scrape(port).await;
+            let recorded = [
+                "session_cache_store_ping_seconds",
+                "session_cache_redis_connections{",
+            ]
+            .iter()
+            .all(|name| text.lines().any(|l| l.starts_with(name)));
+            if recorded { Ok(text) } else { Err(text) }
+        },
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let hits = line(
         &text,

@@ -6,7 +6,6 @@ mod support;
 use std::{
     ffi::OsStr,
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -17,8 +16,9 @@ use std::{
 use session_cache::pb::{self, session_cache_client::SessionCacheClient};
 use sha2::{Digest, Sha256};
 use support::{
-    PATIENCE, free_port,
+    PATIENCE, eventually, free_port,
     pki::{Ca, Dir, Leaf},
+    process::{self, Process},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -29,7 +29,6 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
 const OLD_KEY: &str = "old-key-5b7e21";
 const NEW_KEY: &str = "new-key-c30f98";
 /// A change on disk is noticed within this long (the promise is 10 s).
@@ -60,16 +59,9 @@ fn replace(path: &Path, content: &str) {
 
 /// The binary, killed if the test fails half-way.
 struct Service {
-    child: Child,
+    process: Process,
     port: u16,
     metrics_port: u16,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Service {
@@ -85,50 +77,31 @@ impl Service {
     async fn start_with(args: &[&OsStr], config: &str) -> Service {
         let port = free_port();
         let metrics_port = free_port();
-        let child = Command::new(BIN)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(args)
-            .env_clear()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let process = Process::spawn(
+            process::command()
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+                .args(args),
+        );
         let service = Service {
-            child,
+            process,
             port,
             metrics_port,
         };
-        let deadline = Instant::now() + PATIENCE;
-        while service.reloads(config, "ok").await.is_none() {
-            assert!(Instant::now() < deadline, "the service never listened");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("the metrics to count reloads of {config}");
+        eventually(PATIENCE, what, async || {
+            service.reloads(config, "ok").await.ok_or("no answer")
+        })
+        .await;
         service
     }
 
     async fn client(&self) -> SessionCacheClient<Channel> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(client) =
-                SessionCacheClient::connect(format!("http://127.0.0.1:{}", self.port)).await
-            {
-                return client;
-            }
-            assert!(Instant::now() < deadline, "the service never listened");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        process::connect(self.port).await
     }
 
     fn hangup(&mut self) {
-        let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        self.process.signal("-HUP");
     }
 
     /// `session_cache_config_reloads_total{config="api_keys",result}`.
@@ -161,22 +134,18 @@ impl Service {
     }
 
     async fn wait_reloads(&self, config: &str, result: &str, want: u64) {
-        let deadline = Instant::now() + NOTICE;
-        loop {
-            let seen = self.reloads(config, result).await;
-            if seen == Some(want) {
-                return;
+        let what = format!("reloads {{config={config},result={result}}} to be {want}");
+        eventually(NOTICE, what, async || {
+            match self.reloads(config, result).await {
+                Some(seen) if seen == want => Ok(()),
+                seen => Err(seen),
             }
-            assert!(
-                Instant::now() < deadline,
-                "reloads {{config={config},result={result}}}: {seen:?}, want {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
     fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.process.running()
     }
 }
 
@@ -191,16 +160,15 @@ async fn get(client: &mut SessionCacheClient<Channel>, key: &str) -> Result<(), 
 }
 
 /// Waits until a call with `key` gets `want` (`None`: the call succeeds).
-async fn wait_for(client: &mut SessionCacheClient<Channel>, key: &str, want: Option<Code>) {
-    let deadline = Instant::now() + NOTICE;
-    loop {
-        let seen = get(client, key).await.err().map(|status| status.code());
-        if seen == want {
-            return;
+async fn wait_for_answer(client: &mut SessionCacheClient<Channel>, key: &str, want: Option<Code>) {
+    let what = format!("a call with {key} to get {want:?}");
+    eventually(NOTICE, what, async || {
+        match get(client, key).await.err().map(|status| status.code()) {
+            seen if seen == want => Ok(()),
+            seen => Err(seen),
         }
-        assert!(Instant::now() < deadline, "{key}: {seen:?}, want {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 /// A key rotated while 16 tasks call: the new key is added (SIGHUP), callers move to
@@ -254,16 +222,20 @@ async fn a_key_rotated_under_load_fails_no_call() {
     let mut probe = client.clone();
     replace(&path, &keys_toml(&[OLD_KEY, NEW_KEY]));
     service.hangup();
-    wait_for(&mut probe, NEW_KEY, None).await;
+    wait_for_answer(&mut probe, NEW_KEY, None).await;
     moved.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + PATIENCE;
-    while on_new_key.load(Ordering::SeqCst) < 16 {
-        assert!(Instant::now() < deadline, "the callers did not move");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        PATIENCE,
+        "the 16 callers to move to the new key",
+        async || match on_new_key.load(Ordering::SeqCst) {
+            16.. => Ok(()),
+            moved => Err(format!("{moved} moved")),
+        },
+    )
+    .await;
     replace(&path, &keys_toml(&[NEW_KEY]));
     service.hangup();
-    wait_for(&mut probe, OLD_KEY, Some(Code::Unauthenticated)).await;
+    wait_for_answer(&mut probe, OLD_KEY, Some(Code::Unauthenticated)).await;
     stop.store(true, Ordering::SeqCst);
     for task in tasks {
         task.await.unwrap();
@@ -300,7 +272,7 @@ async fn a_bad_keys_file_keeps_the_old_keys_and_counts_a_failed_reload() {
     assert!(service.running(), "SIGHUP stopped the process");
 
     replace(&path, &keys_toml(&[NEW_KEY]));
-    wait_for(&mut client, NEW_KEY, None).await;
+    wait_for_answer(&mut client, NEW_KEY, None).await;
     assert_eq!(
         get(&mut client, OLD_KEY).await.unwrap_err().code(),
         Code::Unauthenticated
@@ -330,7 +302,7 @@ async fn a_symlink_swapped_secret_directory_is_picked_up_without_a_signal() {
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
     std::fs::remove_dir_all(root.join("..2026_01_01")).unwrap();
 
-    wait_for(&mut client, NEW_KEY, None).await;
+    wait_for_answer(&mut client, NEW_KEY, None).await;
     assert_eq!(
         get(&mut client, OLD_KEY).await.unwrap_err().code(),
         Code::Unauthenticated
@@ -498,14 +470,16 @@ async fn a_certificate_rotated_under_load_fails_no_call() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = calls.load(Ordering::SeqCst);
     secret.update(&new);
-    let deadline = Instant::now() + NOTICE;
-    while served_certificate(port, &ca).await != der(&new.cert) {
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was not served"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let renewed = der(&new.cert);
+    eventually(
+        NOTICE,
+        "the new certificate to be served",
+        async || match served_certificate(port, &ca).await {
+            served if served == renewed => Ok(()),
+            _ => Err("the old one"),
+        },
+    )
+    .await;
     // Calls go on for a while on both kinds of connection after the swap.
     let swapped = calls.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -586,14 +560,12 @@ async fn a_client_ca_rotated_live_verifies_the_new_clients() {
         Path::new(&client_ca),
         &format!("{}{}", old_ca.pem(), new_ca.pem()),
     );
-    let deadline = Instant::now() + NOTICE;
-    while tls_get(port, &server_ca, Some(&new_client)).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the new client CA was not loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        NOTICE,
+        "a client of the new CA to be accepted",
+        async || tls_get(port, &server_ca, Some(&new_client)).await,
+    )
+    .await;
     tls_get(port, &server_ca, Some(&old_client)).await.unwrap();
     service.wait_reloads("tls", "ok", 1).await;
 }

@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use support::{
     Harness, Redis, Server, in_an_hour,
     pki::{Ca, Dir},
-    user,
+    redis_server::{Options, Role, Tls},
+    user, wait_health,
 };
 use tonic::{
     Code, Request,
@@ -259,24 +260,13 @@ async fn mutual_tls() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args).await;
     // The store is ready once its first ping has passed; calls before that are refused.
-    let mut health = HealthClient::new(tls_channel(&server, &ca, None).await.unwrap());
-    let ready = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
-                service: "sessioncache.v1.SessionCache".into(),
-            })
-            .await
-            .map(|r| r.into_inner().status());
-        if matches!(status, Ok(ServingStatus::Serving)) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < ready,
-            "the store stayed {status:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let health = HealthClient::new(tls_channel(&server, &ca, None).await.unwrap());
+    wait_health(
+        health,
+        "sessioncache.v1.SessionCache",
+        ServingStatus::Serving,
+    )
+    .await;
 
     let gateway = ca.client("gateway.internal");
     let mut client =
@@ -353,28 +343,22 @@ async fn redis_acl_user_over_tls() {
     let dir = Dir::new();
     let ca = Ca::new("redis test CA");
     let leaf = ca.server();
-    let port = support::free_port();
-    let acl = "user default off\n\
-               user cache on >s3cret-pass ~session_cache:* ~user_invalidated:* ~session_revoked:* ~session_refused:* \
-               -@all +evalsha +eval +script|load +ping +get +mget +set +del +exists +pttl +time +info\n";
-    let args = vec![
-        "--port".to_string(),
-        "0".into(),
-        "--tls-port".into(),
-        port.to_string(),
-        "--tls-cert-file".into(),
-        dir.write("redis.pem", &leaf.cert),
-        "--tls-key-file".into(),
-        dir.write("redis.key", &leaf.key),
-        "--tls-ca-cert-file".into(),
-        dir.write("ca.pem", ca.pem()),
-        "--tls-auth-clients".into(),
-        "no".into(),
-        "--aclfile".into(),
-        dir.write("users.acl", acl),
-    ];
-    let redis = Redis::start_tls(port, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let url = format!("rediss://cache:s3cret-pass@localhost:{port}");
+    // The one-Redis user docs/OPERATIONS.md documents.
+    let documented = support::acl::documented("redis");
+    let acl = format!(
+        "user default off\nuser {} {}\n",
+        documented.name,
+        documented.rules.join(" ")
+    );
+    let mut options = Options::new(Role::Plain).args(&["--aclfile", &dir.write("users.acl", acl)]);
+    options.tls = Some(Tls {
+        cert: dir.write("redis.pem", &leaf.cert),
+        key: dir.write("redis.key", &leaf.key),
+        ca: dir.write("ca.pem", ca.pem()),
+    });
+    options.auth = Some((Some(documented.name.clone()), support::acl::PASSWORD.into()));
+    let redis = Redis::start_as(options).await;
+    let url = redis.url();
     let ca_file = dir.path().join("ca.pem").to_string_lossy().into_owned();
     let server = Server::start(&["--redis-url", &url, "--redis-ca-file", &ca_file]).await;
     server
@@ -423,24 +407,35 @@ async fn redis_acl_user_over_tls() {
     drop(redis);
 }
 
-/// Batched lookups read with one `MGET` a round. An ACL written before they did (the
-/// README's list without `+mget`) refuses it; then lookups read key by key, and every
+/// Batched lookups read with one `MGET` a round. An ACL without `+mget` (the documented
+/// one-Redis user less that right) refuses it; then lookups read key by key, and every
 /// answer is still right: a hit, and INVALIDATED once the user's marker is set.
 #[tokio::test]
 async fn batched_lookups_read_key_by_key_where_the_acl_refuses_mget() {
-    const ACL: &str = "~session_cache:* ~user_invalidated:* ~session_revoked:* ~session_refused:* \
-                       -@all +evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info";
+    let documented = support::acl::documented("redis");
     for mget in [true, false] {
         let dir = Dir::new();
+        let rules: Vec<&str> = documented
+            .rules
+            .iter()
+            .map(String::as_str)
+            .filter(|rule| mget || *rule != "+mget")
+            .collect();
+        assert!(
+            documented.rules.iter().any(|rule| rule == "+mget"),
+            "the documented user reads batches with MGET"
+        );
         let acl = format!(
-            "user default on nopass ~* +@all\nuser cache on >s3cret-pass {ACL}{}\n",
-            if mget { " +mget" } else { "" }
+            "user default on nopass ~* +@all\nuser {} {}\n",
+            documented.name,
+            rules.join(" ")
         );
         let acl_file = dir.write("users.acl", acl);
         let redis = Redis::start_with(&["--aclfile", &acl_file]).await;
-        let url = redis
-            .url()
-            .replace("redis://", "redis://cache:s3cret-pass@");
+        let url = redis.url().replace(
+            "redis://",
+            &format!("redis://{}:{}@", documented.name, support::acl::PASSWORD),
+        );
         // Every lookup as plain commands, so that the first one already tries MGET.
         let server = Server::start(&["--redis-url", &url, "--redis-lookup", "commands"]).await;
         server
@@ -563,71 +558,27 @@ async fn evicting_redis_is_refused() {
 /// serve: the service refuses to start on it (exit 64) and names the flag to use.
 #[tokio::test]
 async fn cluster_node_behind_a_url_is_refused() {
+    // A bus port of its own: the node's port plus 10000 may be taken or out of range.
     let bus = support::free_port().to_string();
-    let nodes = std::env::temp_dir().join(format!("session-cache-nodes-{bus}.conf"));
-    let redis = Redis::start_with(&[
-        "--cluster-enabled",
-        "yes",
-        "--cluster-port",
-        &bus,
-        "--cluster-config-file",
-        &nodes.to_string_lossy(),
-    ])
-    .await;
+    let node = Options::new(Role::ClusterNode {
+        node_timeout_ms: 1000,
+    })
+    .args(&["--cluster-port", &bus]);
+    let redis = Redis::start_as(node).await;
     let error = refusal(&redis).await;
     assert_eq!(error.exit_code(), 64);
     assert!(
         error.to_string().contains("--redis-cluster-nodes"),
         "{error}"
     );
-    drop(redis);
-    let _ = std::fs::remove_file(nodes);
 }
 
-/// On a Cluster (three primaries, each with a replica), an ACL user with the README's
-/// rights on every node serves everything: the slot map (CLUSTER SLOTS), the health
-/// check (CLUSTER INFO), and revocations that wait for a replica (WAIT).
+/// On a Cluster (three primaries, each with a replica), the documented Cluster user on
+/// every node serves everything: the slot map (CLUSTER SLOTS), the health check (CLUSTER
+/// INFO), and revocations that wait for a replica (WAIT).
 #[tokio::test]
 async fn redis_acl_user_on_a_cluster() {
-    let dir = Dir::new();
-    let topology = support::cluster::ClusterTopology::start(support::cluster::Cluster {
-        primaries: 3,
-        replicas_per_primary: 1,
-    })
-    .await;
-    for port in topology.ports() {
-        let mut conn = topology.conn(port).await;
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("cache")
-            .arg("on")
-            .arg(">s3cret-pass")
-            .arg("~session_cache:*")
-            .arg("~user_invalidated:*")
-            .arg("~session_revoked:*")
-            .arg("~session_refused:*")
-            .arg("-@all")
-            .arg(
-                "+evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info \
-                 +wait +asking +cluster|slots +cluster|info"
-                    .split(' ')
-                    .collect::<Vec<_>>(),
-            )
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-    let password = dir.write("password", "s3cret-pass\n");
-    let mut h = Harness::over_cluster(
-        &topology,
-        &[
-            "--redis-username",
-            "cache",
-            "--redis-password-file",
-            &password,
-        ],
-    )
-    .await;
+    let mut h = support::acl::harness(support::Backend::Cluster, &[]).await;
     for token in ["tok-1", "tok-2", "tok-3", "tok-4"] {
         let miss = h.get(token).await;
         assert_eq!(miss.outcome(), GetOutcome::Miss);

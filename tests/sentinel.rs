@@ -19,10 +19,11 @@ use session_cache::{
     pb::{GetOutcome, SetOutcome},
 };
 use support::{
-    Harness,
+    Harness, eventually,
     failover::{FailoverLoad, MAX_LOAD, check_failover},
     in_an_hour,
     sentinel::{SentinelTopology, Topology},
+    subject::Caller,
     user,
 };
 use tokio::time::Instant;
@@ -247,11 +248,7 @@ async fn race_across_skewed_failover(args: &[&str]) -> Race {
                     }
                     if invalidate {
                         let began = Instant::now();
-                        let until = began + FAILOVER_PATIENCE;
-                        while caller.invalidate_user_id(&user_id).await.is_err() {
-                            assert!(Instant::now() < until, "InvalidateUser never succeeded");
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
+                        invalidate_until_acknowledged(caller.clone(), user_id.clone()).await;
                         retried = retried.max(began.elapsed());
                     }
                     let set = caller
@@ -289,6 +286,18 @@ async fn race_across_skewed_failover(args: &[&str]) -> Race {
         totals.retried = totals.retried.max(race.retried);
     }
     totals
+}
+
+/// InvalidateUser of `user_id`, retried until acknowledged (at most
+/// [`FAILOVER_PATIENCE`]). The wait owns what it sends: the spawned task that waits
+/// must be `Send`, which the compiler cannot prove of a wait that borrows
+/// (rust-lang/rust#110338).
+async fn invalidate_until_acknowledged(caller: Caller, user_id: String) {
+    eventually(FAILOVER_PATIENCE, "InvalidateUser to succeed", move || {
+        let (caller, user_id) = (caller.clone(), user_id.clone());
+        async move { caller.invalidate_user_id(&user_id).await }
+    })
+    .await;
 }
 
 /// What the skewed race saw.

@@ -4,35 +4,32 @@
 
 mod support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bb8_redis::redis;
 use futures_util::StreamExt;
 use support::{
-    PATIENCE,
-    sentinel::{FAILOVER_PATIENCE, MASTER_NAME, SentinelTopology, Topology, info_field},
+    PATIENCE, eventually,
+    redis_server::info_field,
+    sentinel::{FAILOVER_PATIENCE, MASTER_NAME, SentinelTopology, Topology},
 };
 use tokio::time::Instant;
 
-/// Polls `check` every 20 ms until it holds, at most `patience`.
-async fn eventually(what: &str, patience: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + patience;
-    while !check().await {
-        assert!(Instant::now() < deadline, "waited {patience:?} for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits until `port` is a replica of `primary` with its link up.
 async fn wait_replica_of(topology: &SentinelTopology, port: u16, primary: u16) {
+    let primary_port = primary.to_string();
     eventually(
-        &format!("{port} to replicate {primary}"),
         FAILOVER_PATIENCE,
+        format!("{port} to replicate {primary} with its link up"),
         async || {
             let info = topology.info_replication(port).await.unwrap_or_default();
-            info_field(&info, "role") == Some("slave")
-                && info_field(&info, "master_port") == Some(primary.to_string().as_str())
-                && info_field(&info, "master_link_status") == Some("up")
+            let seen =
+                ["role", "master_port", "master_link_status"].map(|field| info_field(&info, field));
+            if seen == [Some("slave"), Some(primary_port.as_str()), Some("up")] {
+                Ok(())
+            } else {
+                Err(seen.map(|f| f.map(str::to_string)))
+            }
         },
     )
     .await;
@@ -41,14 +38,21 @@ async fn wait_replica_of(topology: &SentinelTopology, port: u16, primary: u16) {
 /// Waits until `GET key` on `port` answers `value`.
 async fn wait_value(topology: &SentinelTopology, port: u16, key: &str, value: &str) {
     let mut conn = topology.conn(port).await;
-    eventually(&format!("{key} on {port}"), PATIENCE, async || {
-        let got: Option<String> = redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or(None);
-        got.as_deref() == Some(value)
-    })
+    eventually(
+        PATIENCE,
+        format!("{key} on {port} to be {value}"),
+        async || {
+            let got: Option<String> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            match got {
+                Some(got) if got == value => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
     .await;
 }
 

@@ -9,7 +9,6 @@ use std::{
     future::Future,
     hash::{BuildHasher, Hasher},
     pin::Pin,
-    process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -36,7 +35,7 @@ use session_cache::{
     store::{Lookup, MemoryStore, Store, traced::Traced},
     validate::{Departure, Validator, Verdict},
 };
-use support::{PATIENCE, free_port, in_an_hour, user};
+use support::{PATIENCE, eventually, free_port, in_an_hour, process::Process, user};
 use tokio::{sync::oneshot, time::Instant};
 use tonic::{Request, Response, Status, transport::Channel};
 use tracing::Instrument;
@@ -45,8 +44,6 @@ use tracing_subscriber::layer::SubscriberExt;
 /// Server spans are named by the full method, as OpenTelemetry's RPC conventions say.
 const GET: &str = "sessioncache.v1.SessionCache/Get";
 const SET: &str = "sessioncache.v1.SessionCache/Set";
-
-const BIN: &str = env!("CARGO_BIN_EXE_session-cache");
 
 /// How long the collector may wait for spans: SPEC §10's 10 s, plus slack for a busy
 /// machine.
@@ -124,70 +121,24 @@ impl Collector {
     }
 }
 
-/// The process under test; killed if the test fails half-way.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn start(args: &[&str]) -> Process {
-        Process(
-            Command::new(BIN)
-                .args(args)
-                .env_clear()
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn terminate(&self) {
-        let pid = self.0.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(status.success());
-    }
-
-    async fn wait(&mut self, patience: Duration) -> ExitStatus {
-        let deadline = Instant::now() + patience;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the process did not exit within {patience:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
 /// A client of the service on `port`, once the service serves from its store (before
 /// the health loop's first ping, Get answers UNAVAILABLE).
 async fn connect(port: u16) -> SessionCacheClient<Channel> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Ok(mut client) =
-            SessionCacheClient::connect(format!("http://127.0.0.1:{port}")).await
-        {
-            let probe = pb::GetRequest {
-                token: "tok-probe".into(),
-            };
-            if let Ok(reply) = client.get(probe).await
-                && reply.into_inner().outcome() == pb::GetOutcome::Miss
-            {
-                return client;
-            }
+    let url = format!("http://127.0.0.1:{port}");
+    eventually(PATIENCE, "the service to serve a miss", async || {
+        let mut client = SessionCacheClient::connect(url.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let probe = pb::GetRequest {
+            token: "tok-probe".into(),
+        };
+        let reply = client.get(probe).await.map_err(|e| e.to_string())?;
+        match reply.into_inner().outcome() {
+            pb::GetOutcome::Miss => Ok(client),
+            outcome => Err(format!("{outcome:?}")),
         }
-        assert!(Instant::now() < deadline, "the service never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// `bytes` random bytes, as lowercase hex.
@@ -310,23 +261,24 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
 
     // Bounded poll until the Get and Set spans and their store children have arrived.
     let ours = |span: &Span| hex(&span.trace_id) == trace_id;
-    let spans = loop {
-        let spans: Vec<_> = collector
-            .spans()
-            .into_iter()
-            .filter(|(_, span)| ours(span))
-            .collect();
-        let has = |name: &str| spans.iter().any(|(_, s)| s.name == name);
-        if [GET, SET, "store.get", "store.set"].iter().all(|n| has(n)) {
-            break spans;
-        }
-        assert!(
-            called.elapsed() < EXPORT_PATIENCE,
-            "the collector has {:?} of our trace after {EXPORT_PATIENCE:?}",
-            spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let spans = eventually(
+        EXPORT_PATIENCE,
+        "the collector to have the Get and Set spans and their store children",
+        async || {
+            let spans: Vec<_> = collector
+                .spans()
+                .into_iter()
+                .filter(|(_, span)| ours(span))
+                .collect();
+            let has = |name: &str| spans.iter().any(|(_, s)| s.name == name);
+            if [GET, SET, "store.get", "store.set"].iter().all(|n| has(n)) {
+                Ok(spans)
+            } else {
+                Err(spans.into_iter().map(|(_, s)| s.name).collect::<Vec<_>>())
+            }
+        },
+    )
+    .await;
     eprintln!(
         "spans reached the collector {:?} after the calls",
         called.elapsed()
@@ -452,7 +404,7 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
         "the token was exported"
     );
 
-    process.terminate();
+    process.signal("-TERM");
     assert!(process.wait(PATIENCE).await.success(), "exit 0 on SIGTERM");
 }
 
@@ -490,7 +442,7 @@ async fn a_dead_collector_costs_callers_nothing() {
     let took = load(port, 8, 2_000).await;
     eprintln!("2000 Gets with the collector down took {took:?}");
     let stopping = Instant::now();
-    process.terminate();
+    process.signal("-TERM");
     assert!(process.wait(PATIENCE).await.success(), "exit 0 on SIGTERM");
     eprintln!("exited {:?} after SIGTERM", stopping.elapsed());
 }
@@ -523,7 +475,7 @@ async fn overhead() {
             "{label}: 2000 Gets from 8 tasks, median {:?} (runs {runs:?})",
             runs[2]
         );
-        process.terminate();
+        process.signal("-TERM");
         process.wait(PATIENCE).await;
     }
 }

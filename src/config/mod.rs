@@ -136,7 +136,7 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// OpenTelemetry collector to send traces to over OTLP/gRPC (http://host:4317); off
-    /// when not given. Spans leave in batches off the request path, within about 10 s;
+    /// when not given. Spans leave in batches off the request path, within about 5 s;
     /// while the collector is down they are dropped, and calls do not wait for it.
     #[arg(long, env = "SESSION_CACHE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,

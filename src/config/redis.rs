@@ -6,6 +6,8 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Args};
 
+pub use crate::store::redis::HostPort;
+
 /// Where the store lives, and how to reach it.
 #[derive(Clone, Debug, Args)]
 pub struct RedisFlags {
@@ -254,19 +256,6 @@ impl RedisFlags {
             );
         }
         Ok(())
-    }
-}
-
-/// A `host:port` pair, as the Sentinel flags take them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostPort {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for HostPort {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
     }
 }
 

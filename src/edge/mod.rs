@@ -24,10 +24,7 @@ use std::{borrow::Cow, sync::Arc};
 use chrono::SecondsFormat;
 use clap::Args;
 
-use crate::{
-    auth::Current as Keys, config::Config, decision::Decider, entry::Session, idp::IdpKind,
-    store::Store,
-};
+use crate::{auth::Current as Keys, decision::Decider, entry::Session, store::Store};
 
 pub use check::{CheckService, EdgeSettings};
 
@@ -40,18 +37,19 @@ pub(crate) struct Edge<S> {
 }
 
 impl<S: Store> Edge<S> {
-    /// The edge paths of `config`, deciding with `decider`; `/auth` checks its callers
-    /// against `keys` (Check's are checked by the gRPC call path).
-    pub(crate) fn new(config: &Config, decider: Decider<S>, keys: Keys) -> Self {
-        let appwrite = match config.idp.idp {
-            Some(IdpKind::Appwrite) => config.idp.appwrite_project.as_deref(),
-            _ => None,
-        };
-        let flags = &config.edge;
+    /// The edge paths of `flags`, deciding with `decider`; `appwrite_project` names
+    /// the Appwrite session cookie (`--idp appwrite`). `/auth` checks its callers
+    /// against `keys` (Check's are checked by the call layer).
+    pub(crate) fn new(
+        flags: &EdgeFlags,
+        appwrite_project: Option<&str>,
+        decider: Decider<S>,
+        keys: Keys,
+    ) -> Self {
         Edge {
             decider,
             settings: Arc::new(EdgeSettings {
-                extractor: Extractor::new(flags, appwrite),
+                extractor: Extractor::new(flags, appwrite_project),
                 identity: Identity::new(&flags.edge_header_prefix),
                 strip_credentials: flags.edge_strip_credentials,
             }),

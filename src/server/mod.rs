@@ -20,8 +20,7 @@ use tonic_health::ServingStatus;
 use tracing::{error, warn};
 
 use crate::{
-    auth,
-    call::{AdmissionLayer, CallLayer},
+    auth, call,
     config::Config,
     error::SetupError,
     health::StoreStatus,
@@ -149,7 +148,16 @@ async fn serve_store<S: Store>(
     }
     // Validation at the edge (SPEC §11): Envoy's Check on this listener, and /auth for
     // the HTTP listener, both over Validate's decision.
-    let edge = crate::edge::Edge::new(config, service.decider(), auth.clone());
+    let appwrite_project = match config.idp.idp {
+        Some(crate::idp::IdpKind::Appwrite) => config.idp.appwrite_project.as_deref(),
+        _ => None,
+    };
+    let edge = crate::edge::Edge::new(
+        &config.edge,
+        appwrite_project,
+        service.decider(),
+        auth.clone(),
+    );
     let _routes: Vec<Arc<dyn crate::http::Route>> = vec![edge.auth_route()];
     let (routes, reporter) = router::routes(service, edge.check_server())?;
     let router = Server::builder()
@@ -158,9 +166,9 @@ async fn serve_store<S: Store>(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .layer(CallLayer::new(auth.clone(), request_timeout))
+        .layer(call::layer(auth.clone(), request_timeout))
         .layer(Track::layer(connections.clone()))
-        .layer(AdmissionLayer::new(config.max_in_flight as usize))
+        .layer(call::admission(config.max_in_flight as usize))
         .add_routes(routes);
     // The last step that can fail: the metrics port.
     let metrics = match config.metrics_listen {

@@ -26,7 +26,7 @@ use moka::{Expiry, sync::Cache};
 use tracing::warn;
 
 use super::{
-    Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, fence_in_range, judge_cached,
+    Fence, Judgement, Limits, Lookup, Store, StoreError, Stored, fence_in_range, judge_cached,
     marker_revokes_fence, ttl_for,
 };
 use crate::{
@@ -374,9 +374,9 @@ impl Store for MemoryStore {
             now,
             self.limits.clock_skew,
         ) {
-            Verdict::Hit(session) => Ok(Lookup::Hit(session)),
-            Verdict::Miss => Ok(Lookup::Miss(fence)),
-            Verdict::Remove(outcome) => {
+            Judgement::Hit(session) => Ok(Lookup::Hit(session)),
+            Judgement::Miss => Ok(Lookup::Miss(fence)),
+            Judgement::Remove(outcome) => {
                 let _writes = self.lock();
                 // Only the entry judged, never one a concurrent Set wrote meanwhile.
                 if self
@@ -411,13 +411,12 @@ impl Store for MemoryStore {
         {
             return Ok(Stored::Revoked);
         }
-        if let Some(fence) = fence {
-            if self
+        if let Some(fence) = fence
+            && self
                 .marker_for(&session.user)
                 .is_some_and(|at| marker_revokes_fence(at, fence, self.limits.clock_skew))
-            {
-                return Ok(Stored::Stale);
-            }
+        {
+            return Ok(Stored::Stale);
         }
         let expire = Micros::from_datetime(session.session_expire);
         let Some(ttl_seconds) = ttl_for(expire, now, self.limits.ttl_seconds) else {

@@ -184,7 +184,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// How a read turns out, before any clean-up.
 #[derive(Debug)]
-pub(crate) enum Verdict {
+pub(crate) enum Judgement {
     Hit(Session),
     Miss,
     /// The entry must go (expired, invalidated or corrupt); `Lookup` says which.
@@ -199,12 +199,12 @@ pub(crate) fn judge(
     marker: Option<&[u8]>,
     now: Micros,
     margin: Micros,
-) -> Verdict {
+) -> Judgement {
     let Some(raw) = raw else {
-        return Verdict::Miss;
+        return Judgement::Miss;
     };
     let Ok(cached) = entry::decode(raw) else {
-        return Verdict::Remove(Lookup::Corrupt);
+        return Judgement::Remove(Lookup::Corrupt);
     };
     judge_cached(cached, marker.map(read_marker), now, margin)
 }
@@ -215,16 +215,16 @@ pub(crate) fn judge_cached(
     marker: Option<Option<Micros>>,
     now: Micros,
     margin: Micros,
-) -> Verdict {
+) -> Judgement {
     if Micros::from_datetime(cached.session.session_expire) < now {
-        return Verdict::Remove(Lookup::Expired);
+        return Judgement::Remove(Lookup::Expired);
     }
     match marker {
         Some(Some(at)) if !marker_revokes_entry(at, cached.cached_at, margin) => {}
         None => {}
-        Some(_) => return Verdict::Remove(Lookup::Invalidated),
+        Some(_) => return Judgement::Remove(Lookup::Invalidated),
     }
-    Verdict::Hit(cached.session)
+    Judgement::Hit(cached.session)
 }
 
 /// A marker's instant; `None` when it does not read as seconds.

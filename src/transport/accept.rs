@@ -13,7 +13,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::conn::{Conn, Connections};
+use super::conn::{Connection, Connections};
 
 /// After an accept error other than a peer's own (EMFILE, ENFILE, ENOBUFS...), the
 /// loop waits this long before accepting again: retrying at once spins a core while
@@ -59,7 +59,7 @@ pub(crate) fn incoming(
     listener: TcpListener,
     connections: Arc<Connections>,
     keepalive: Duration,
-) -> impl Stream<Item = io::Result<Conn>> {
+) -> impl Stream<Item = io::Result<Connection>> {
     let keepalive = TcpKeepalive::new().with_time(keepalive);
     let last_logged: Option<Instant> = None;
     stream::unfold(
@@ -77,7 +77,7 @@ pub(crate) fn incoming(
                 if let Err(e) = SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
                     warn!(error = %e, "cannot set TCP keepalive");
                 }
-                let conn = Conn::new(tcp, peer, permit, &connections);
+                let conn = Connection::new(tcp, peer, permit, &connections);
                 return Some((Ok(conn), (listener, connections, keepalive, last_logged)));
             }
         },

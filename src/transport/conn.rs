@@ -2,7 +2,7 @@
 //! `--max-connections`, what it has in flight, and the sweep that closes the idle
 //! (`--idle-timeout-seconds`) and the stalled (`--stall-timeout-seconds`).
 //!
-//! Each accepted [`Conn`] registers its [`Activity`] under its peer address (unique per
+//! Each accepted [`Connection`] registers its [`Activity`] under its peer address (unique per
 //! listener); `track` finds it from the request's `TcpConnectInfo` and counts the
 //! stream until its answer has been handed to the peer's flow control. The sweep closes
 //! the connections past a bound by failing their socket's next read and write.
@@ -116,7 +116,7 @@ impl Connections {
 
 /// An accepted connection: holds its place under the cap and fails its reads and
 /// writes once the sweep closes it.
-pub(crate) struct Conn {
+pub(crate) struct Connection {
     tcp: TcpStream,
     peer: SocketAddr,
     activity: Arc<Activity>,
@@ -125,13 +125,13 @@ pub(crate) struct Conn {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Conn {
+impl Connection {
     pub(super) fn new(
         tcp: TcpStream,
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
         connections: &Arc<Connections>,
-    ) -> Conn {
+    ) -> Connection {
         let close = CancellationToken::new();
         let activity = Arc::new(Activity {
             close: close.clone(),
@@ -145,7 +145,7 @@ impl Conn {
             .unwrap()
             .insert(peer, activity.clone());
         crate::metrics::connections_open(connections.open_count());
-        Conn {
+        Connection {
             tcp,
             peer,
             activity,
@@ -171,7 +171,7 @@ impl Connections {
     }
 }
 
-impl Drop for Conn {
+impl Drop for Connection {
     fn drop(&mut self) {
         let mut open = self.connections.open.lock().unwrap();
         if open
@@ -186,7 +186,7 @@ impl Drop for Conn {
     }
 }
 
-impl Connected for Conn {
+impl Connected for Connection {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
@@ -194,7 +194,7 @@ impl Connected for Conn {
     }
 }
 
-impl AsyncRead for Conn {
+impl AsyncRead for Connection {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -208,7 +208,7 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for Connection {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

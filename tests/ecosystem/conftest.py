@@ -3,7 +3,7 @@ ports, started once per session (or per module, for tests that break them) and s
 by process id when their scope ends. The processes themselves are in support.py.
 
 Every session-cache started here asks the session's Appwrite stand-in
-(appwrite_stand_in.py) on a Validate miss, so Validate works in every test.
+(tests/testkit/appwrite.py) on a Validate miss, so Validate works in every test.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from appwrite_stand_in import AppwriteStandIn, readme_session
 from support import STORES, Redis, Server
+from testkit.appwrite import AppwriteStandIn, readme_session
 
 
 def _interrupted(signum, frame):

@@ -1,5 +1,6 @@
 """What the ecosystem tests share: redis-server and session-cache on free loopback ports
-(stopped by process id), the clients' command lines, and small helpers.
+(stopped by process id), and the clients' command lines. Ports, waits and stopping come
+from testkit (tests/testkit), which the benchmarks share.
 
 The binary is target/debug/session-cache (scripts/ecosystem-test.sh builds it first);
 logs go to target/ecosystem/logs. redis-server must be on PATH, grpcurl too (the venv).
@@ -10,18 +11,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from testkit.local import eventually, free_port, stop_process, wait_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("SESSION_CACHE_BIN", ROOT / "target" / "debug" / "session-cache"))
@@ -33,38 +33,15 @@ SERVICE = "sessioncache.v1.SessionCache"
 STORES = ("memory", "redis")
 
 
-def free_port() -> int:
-    """A port free on loopback now (the kernel's pick; nothing holds it afterwards)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(deadline_s: float, probe: Callable[[], object], every_s: float = 0.1) -> object:
-    """Calls `probe` until it returns something truthy or `deadline_s` passes; returns
-    its last answer either way."""
-    end = time.monotonic() + deadline_s
-    while True:
-        answer = probe()
-        if answer or time.monotonic() >= end:
-            return answer
-        time.sleep(every_s)
-
-
-def stop_process(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after `grace_s`: by process id, never by name."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def log_path(name: str) -> Path:
     LOGS.mkdir(parents=True, exist_ok=True)
     return LOGS / f"{name}.out"
+
+
+def spawn(argv: list[str], log_name: str) -> subprocess.Popen:
+    """`argv` started with its output in log_path(log_name)."""
+    with log_path(log_name).open("w") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 @dataclass
@@ -82,25 +59,15 @@ class Redis:
     def start(self) -> Redis:
         directory = WORK / "redis" / self.name
         directory.mkdir(parents=True, exist_ok=True)
-        with log_path(f"redis-{self.name}").open("w") as log:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(directory), "--maxmemory-policy", "noeviction"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        if not eventually(5, self.answers):
-            self.stop()
-            pytest.fail(f"redis-server did not answer PING on {self.port}: "
-                        + log_path(f"redis-{self.name}").read_text())
-        return self
-
-    def answers(self) -> bool:
+        self.proc = spawn(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", str(directory), "--maxmemory-policy", "noeviction"],
+                          f"redis-{self.name}")
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+            wait_redis(self.port, self.proc, deadline_s=5)
+        except (RuntimeError, TimeoutError) as err:
+            self.stop()
+            pytest.fail(f"{err}: " + log_path(f"redis-{self.name}").read_text())
+        return self
 
     def freeze(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)
@@ -132,12 +99,9 @@ class Server:
     def start(self) -> Server:
         if not BIN.is_file():
             pytest.fail(f"no {BIN}: build it first (cargo build --bin session-cache)")
-        with log_path(f"server-{self.name}").open("w") as log:
-            self.proc = subprocess.Popen(
-                [str(BIN), "--listen", self.address,
-                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.flags],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
+        self.proc = spawn([str(BIN), "--listen", self.address,
+                           "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *self.flags],
+                          f"server-{self.name}")
         return self
 
     def health(self, service: str = SERVICE) -> str:

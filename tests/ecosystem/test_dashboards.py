@@ -14,7 +14,8 @@ import subprocess
 import pytest
 import yaml
 
-from support import ROOT, SERVICE, Redis, Server, eventually, python_client, run
+from support import ROOT, SERVICE, Redis, Server, python_client, run
+from testkit.local import eventually
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "session-cache.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

@@ -18,7 +18,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from support import SERVICE, Server, eventually, free_port, log_path, run
+from support import SERVICE, Server, log_path, run
+from testkit.local import eventually, free_port
 
 TOKEN = "tracing-secret-token-5d1c"
 

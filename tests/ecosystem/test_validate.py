@@ -13,8 +13,8 @@ from collections import Counter
 import grpc
 import pytest
 
-from appwrite_stand_in import ACCOUNT, CURRENT_SESSION, AppwriteStandIn
 from support import SERVICE, Server, node_client, python_client, run
+from testkit.appwrite import ACCOUNT, CURRENT_SESSION, AppwriteStandIn
 
 CLIENTS = {"python": python_client, "node": node_client}
 # client.py's and client.js's REPEATS: Validates of the known token after the first.

@@ -13,10 +13,9 @@
 //! up. Waits are bounded polls of a real condition, never fixed sleeps.
 
 use std::{
-    collections::HashMap,
-    fs,
+    collections::{HashMap, HashSet},
     net::TcpListener,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::Mutex,
     time::Duration,
 };
@@ -24,13 +23,13 @@ use std::{
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use tokio::{task::JoinHandle, time::Instant};
 
-use session_cache::{keys::TokenHash, pb::SetOutcome};
-
 use super::{
-    Harness, PATIENCE, in_an_hour,
-    links::{Links, kill_and_reap},
+    Harness,
+    nodes::{Nodes, addresses},
     pki::Dir,
-    user,
+    poll::PATIENCE,
+    redis_server::{Options, Redis, Role, info_field},
+    stored_on_primary,
 };
 
 /// The longest a failover may take, from the kill to a settled cluster without the
@@ -42,8 +41,6 @@ pub const SLOTS: u16 = 16384;
 const NODE_TIMEOUT_MS: u64 = 1000;
 /// The cluster bus listens on the node's port plus this.
 const BUS_OFFSET: u16 = 10000;
-/// The pause between two looks at a condition.
-const POLL: Duration = Duration::from_millis(20);
 
 /// What to start; `Cluster::default()` is three primaries without replicas.
 #[derive(Clone, Debug)]
@@ -71,25 +68,10 @@ pub struct SlotRange {
     pub primary: u16,
 }
 
-/// A `redis-server` of the cluster.
-struct Node {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Node {
-    /// SIGKILL and reap, so that nothing is left behind.
-    fn kill(&mut self) {
-        kill_and_reap(&mut self.child);
-    }
-}
-
 /// The running cluster; dropping it kills and reaps every node and removes its directory.
 pub struct ClusterTopology {
-    nodes: Vec<Node>,
+    nodes: Nodes,
     dir: Dir,
-    /// Connections the polls reuse, dropped on any error.
-    links: Links,
     /// The slot map and each replica's primary (ports) when the cluster last settled.
     settled: Mutex<(Vec<SlotRange>, HashMap<u16, u16>)>,
 }
@@ -139,20 +121,21 @@ impl ClusterTopology {
         let started = Instant::now();
         let count = options.primaries * (1 + options.replicas_per_primary);
         let mut topology = ClusterTopology {
-            nodes: Vec::new(),
+            nodes: Nodes::default(),
             dir: Dir::new(),
-            links: Links::default(),
             settled: Mutex::default(),
         };
         for port in cluster_ports(count) {
-            let child = topology.spawn_node(port);
-            topology.nodes.push(Node {
-                port,
-                child: Some(child),
+            let mut options = Options::new(Role::ClusterNode {
+                node_timeout_ms: NODE_TIMEOUT_MS,
             });
+            options.port = port;
+            options.parent = Some(topology.dir.path().to_path_buf());
+            // Every node starts at once; then each is waited for.
+            topology.nodes.push(Redis::spawn(options));
         }
-        for port in topology.ports() {
-            topology.wait_until_answers(port).await;
+        for node in topology.nodes.iter_mut() {
+            node.wait_until_answers().await;
         }
         let nodes: Vec<String> = topology
             .ports()
@@ -185,16 +168,12 @@ impl ClusterTopology {
     /// The service's `--redis-cluster-nodes` value: every node as started,
     /// `127.0.0.1:p1,127.0.0.1:p2,…`.
     pub fn seeds(&self) -> String {
-        self.ports()
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        addresses(&self.ports())
     }
 
     /// Every node's port, running or not, in the order they were started.
     pub fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(|n| n.port).collect()
+        self.nodes.ports()
     }
 
     /// The ports of the primaries that serve slots now (as a running node tells), sorted.
@@ -218,6 +197,7 @@ impl ClusterTopology {
     pub async fn primary_for_key(&self, key: &str) -> u16 {
         let port = self.any_running();
         let slot: u16 = self
+            .nodes
             .ask(port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
             .await
             .unwrap_or_else(|e| panic!("CLUSTER KEYSLOT on {port}: {e}"));
@@ -250,30 +230,11 @@ impl ClusterTopology {
     /// through `h` answers STORED and the entry is on the primary that serves its slot
     /// now; returns when the Set answered.
     pub async fn first_stored(&self, h: &mut Harness, probe: &str) -> Instant {
-        let deadline = Instant::now() + FAILOVER_PATIENCE;
-        let key = TokenHash::of(probe).entry_key();
-        loop {
-            let got = h.get(probe).await;
-            if !got.fence.is_empty() {
-                let set = h
-                    .set(probe, user("probe-user"), in_an_hour(), &got.fence)
-                    .await;
-                if set.outcome() == SetOutcome::Stored {
-                    let stored = Instant::now();
-                    let port = self.primary_for_key(&key).await;
-                    let there: Result<bool, String> =
-                        self.ask(port, redis::cmd("EXISTS").arg(&key)).await;
-                    if there == Ok(true) {
-                        return stored;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no STORED of {probe} on its primary within {FAILOVER_PATIENCE:?}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        stored_on_primary(h, probe, FAILOVER_PATIENCE, async |key| {
+            let port = self.primary_for_key(key).await;
+            self.nodes.ask(port, redis::cmd("EXISTS").arg(key)).await
+        })
+        .await
     }
 
     /// The port of the primary that serves `slot`, as a running node tells.
@@ -284,28 +245,22 @@ impl ClusterTopology {
     /// A direct connection to the node on `port`, to look at or plant keys (it follows
     /// no redirection).
     pub async fn conn(&self, port: u16) -> MultiplexedConnection {
-        redis::Client::open(url(port))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap_or_else(|e| panic!("cluster node {port} answers: {e}"))
+        self.nodes.get(port).conn().await
     }
 
-    /// `CLUSTER INFO` of `port` as text (read fields with
-    /// [`super::sentinel::info_field`]); `None` when nothing answers there.
+    /// `CLUSTER INFO` of `port` as text (read fields with [`info_field`]); `None` when
+    /// nothing answers there.
     pub async fn cluster_info(&self, port: u16) -> Option<String> {
-        self.ask(port, redis::cmd("CLUSTER").arg("INFO")).await.ok()
+        self.nodes
+            .ask(port, redis::cmd("CLUSTER").arg("INFO"))
+            .await
+            .ok()
     }
 
     /// SIGKILL of the node on `port`, reaped (a no-op if it is not running).
     /// Synchronous, so that the fault happens exactly where the test calls it.
     pub fn kill(&mut self, port: u16) {
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("{port} is not a node of this cluster"))
-            .kill();
-        self.links.forget(port);
+        self.nodes.kill(port);
     }
 
     /// Waits (at most [`FAILOVER_PATIENCE`]) until a replica of the killed primary `old`
@@ -330,24 +285,32 @@ impl ClusterTopology {
             "{old} had no replica when the cluster last settled"
         );
         let new = self
+            .nodes
             .wait_for(
                 &format!("a replica of {old} ({replicas:?}) to take over its slots"),
                 FAILOVER_PATIENCE,
-                async |t| {
+                async || {
+                    let mut seen = Vec::new();
                     for &replica in &replicas {
-                        let Ok(map) = t.ask_slot_map(replica).await else {
-                            continue;
+                        let map = match self.ask_slot_map(replica).await {
+                            Ok(map) => map,
+                            Err(e) => {
+                                seen.push(format!("{replica}: {e}"));
+                                continue;
+                            }
                         };
                         let serves = old_ranges.iter().all(|old| {
                             map.iter().any(|r| {
                                 r.primary == replica && r.first <= old.first && old.last <= r.last
                             })
                         });
-                        if serves && t.role(replica).await.as_deref() == Some("master") {
-                            return Some(replica);
+                        let role = self.role(replica).await;
+                        if serves && role.as_deref() == Some("master") {
+                            return Ok(replica);
                         }
+                        seen.push(format!("{replica}: ROLE {role:?}, serves them: {serves}"));
                     }
-                    None
+                    Err(seen)
                 },
             )
             .await;
@@ -363,8 +326,7 @@ impl ClusterTopology {
     /// The first element of `ROLE` on `port`: `master` or `slave`; `None` when nothing
     /// answers there.
     pub async fn role(&self, port: u16) -> Option<String> {
-        let role: Vec<redis::Value> = self.ask(port, &redis::cmd("ROLE")).await.ok()?;
-        redis::from_redis_value(role.into_iter().next()?).ok()
+        self.nodes.role(port).await
     }
 
     /// Starts `redis-cli --cluster reshard` moving `slots` slots from the primary on
@@ -387,7 +349,8 @@ impl ClusterTopology {
 
     /// `CLUSTER MYID` of the node on `port`.
     async fn my_id(&self, port: u16) -> String {
-        self.ask(port, redis::cmd("CLUSTER").arg("MYID"))
+        self.nodes
+            .ask(port, redis::cmd("CLUSTER").arg("MYID"))
             .await
             .unwrap_or_else(|e| panic!("CLUSTER MYID on {port}: {e}"))
     }
@@ -397,57 +360,64 @@ impl ClusterTopology {
     /// `shape = Some((primaries, replicas))`, also that the map names that many primaries,
     /// each with that many replicas.
     pub async fn wait_until_settled(&self, patience: Duration, shape: Option<(usize, usize)>) {
-        self.wait_for("the cluster to settle", patience, async |t| {
-            let mut maps = Vec::new();
-            for port in t.running() {
-                let info = t.cluster_info(port).await?;
-                if info_line(&info, "cluster_state") != Some("ok") {
-                    return None;
+        self.nodes
+            .wait_for("the cluster to settle", patience, async || {
+                let mut maps = Vec::new();
+                for port in self.nodes.running() {
+                    let info = self
+                        .cluster_info(port)
+                        .await
+                        .ok_or(format!("{port}: no answer"))?;
+                    let state = info_field(&info, "cluster_state");
+                    if state != Some("ok") {
+                        return Err(format!("{port}: cluster_state {state:?}"));
+                    }
+                    let replication: String = self
+                        .nodes
+                        .ask(port, redis::cmd("INFO").arg("replication"))
+                        .await?;
+                    let link = info_field(&replication, "master_link_status");
+                    if info_field(&replication, "role") == Some("slave") && link != Some("up") {
+                        return Err(format!("{port}: master_link_status {link:?}"));
+                    }
+                    maps.push(self.ask_slot_map(port).await?);
                 }
-                let replication: String = t
-                    .ask(port, redis::cmd("INFO").arg("replication"))
-                    .await
-                    .ok()?;
-                if info_line(&replication, "role") == Some("slave")
-                    && info_line(&replication, "master_link_status") != Some("up")
-                {
-                    return None;
+                let first = maps.first().ok_or("no node runs")?;
+                let covered: usize = first
+                    .iter()
+                    .map(|r| usize::from(r.last - r.first) + 1)
+                    .sum();
+                if covered != usize::from(SLOTS) || maps.iter().any(|m| m != first) {
+                    return Err(format!("{covered} slots covered; slot maps {maps:?}"));
                 }
-                maps.push(t.ask_slot_map(port).await.ok()?);
-            }
-            let first = maps.first()?;
-            let covered: usize = first
-                .iter()
-                .map(|r| usize::from(r.last - r.first) + 1)
-                .sum();
-            if covered != usize::from(SLOTS) || maps.iter().any(|m| m != first) {
-                return None;
-            }
-            let nodes: String = t
-                .ask(t.running()[0], redis::cmd("CLUSTER").arg("NODES"))
-                .await
-                .ok()?;
-            let replica_of = replica_of(&nodes)?;
-            if let Some((primaries, replicas)) = shape {
-                let per_primary = |p: &u16| replica_of.values().filter(|q| *q == p).count();
-                let ports: Vec<u16> = first.iter().map(|r| r.primary).collect();
-                let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
-                if distinct.len() != primaries
-                    || distinct.iter().any(|p| per_primary(p) != replicas)
-                {
-                    return None;
+                let nodes: String = self
+                    .nodes
+                    .ask(self.nodes.running()[0], redis::cmd("CLUSTER").arg("NODES"))
+                    .await?;
+                let replica_of = replica_of(&nodes).ok_or(format!("CLUSTER NODES: {nodes}"))?;
+                if let Some((primaries, replicas)) = shape {
+                    let per_primary = |p: &u16| replica_of.values().filter(|q| *q == p).count();
+                    let distinct: HashSet<u16> = first.iter().map(|r| r.primary).collect();
+                    if distinct.len() != primaries
+                        || distinct.iter().any(|p| per_primary(p) != replicas)
+                    {
+                        return Err(format!(
+                            "primaries {distinct:?}, replicas of each {replica_of:?}"
+                        ));
+                    }
                 }
-            }
-            *t.settled.lock().unwrap() = (first.clone(), replica_of);
-            Some(())
-        })
-        .await;
+                *self.settled.lock().unwrap() = (first.clone(), replica_of);
+                Ok(())
+            })
+            .await;
     }
 
     /// `CLUSTER SLOTS` of `port`, as sorted ranges.
     async fn ask_slot_map(&self, port: u16) -> Result<Vec<SlotRange>, String> {
-        let reply: Vec<Vec<redis::Value>> =
-            self.ask(port, redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        let reply: Vec<Vec<redis::Value>> = self
+            .nodes
+            .ask(port, redis::cmd("CLUSTER").arg("SLOTS"))
+            .await?;
         let mut map = Vec::new();
         for entry in reply {
             let mut items = entry.into_iter();
@@ -472,105 +442,12 @@ impl ClusterTopology {
         Ok(map)
     }
 
-    fn spawn_node(&self, port: u16) -> Child {
-        let dir = self.dir.path();
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-            .arg(dir.join(format!("nodes-{port}.conf")))
-            .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
-            .args(["--cluster-announce-ip", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .arg("--logfile")
-            .arg(dir.join(format!("redis-{port}.log")))
-            // Diskless full syncs start at once instead of after 5 s.
-            .args(["--repl-diskless-sync-delay", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (Debian package redis-server)")
-    }
-
-    /// Waits until the node on `port` answers PING; panics with the end of its log if
-    /// it exits.
-    async fn wait_until_answers(&mut self, port: u16) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
-            if let Ok(Some(status)) = node.child.as_mut().unwrap().try_wait() {
-                node.child = None;
-                let log = self.dir.path().join(format!("redis-{port}.log"));
-                panic!(
-                    "redis-server on {port} exited with {status}:\n{}",
-                    fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            let pong: Result<String, String> = self.ask(port, &redis::cmd("PING")).await;
-            if pong.is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on {port}: {pong:?}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// The ports of the nodes this topology has not killed.
-    fn running(&self) -> Vec<u16> {
-        self.nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(|n| n.port)
-            .collect()
-    }
-
     fn any_running(&self) -> u16 {
-        *self.running().first().expect("a cluster node is running")
-    }
-
-    /// Polls `check` every [`POLL`] until it gives a value, at most `patience`; the panic
-    /// names `what` and shows each running node's `CLUSTER NODES`.
-    async fn wait_for<T>(
-        &self,
-        what: &str,
-        patience: Duration,
-        check: impl AsyncFn(&ClusterTopology) -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + patience;
-        loop {
-            if let Some(value) = check(self).await {
-                return value;
-            }
-            if Instant::now() >= deadline {
-                let mut views = String::new();
-                for port in self.running() {
-                    let nodes: Result<String, String> =
-                        self.ask(port, redis::cmd("CLUSTER").arg("NODES")).await;
-                    views += &format!("\n-- CLUSTER NODES on {port} --\n{nodes:?}");
-                }
-                panic!("waited {patience:?} for {what}{views}");
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// One command to `port`, on the connection kept for it (see [`Links::ask`]).
-    async fn ask<T: redis::FromRedisValue>(
-        &self,
-        port: u16,
-        cmd: &redis::Cmd,
-    ) -> Result<T, String> {
-        self.links.ask(port, &url(port), cmd).await
-    }
-}
-
-impl Drop for ClusterTopology {
-    fn drop(&mut self) {
-        self.nodes.iter_mut().for_each(Node::kill);
+        *self
+            .nodes
+            .running()
+            .first()
+            .expect("a cluster node is running")
     }
 }
 
@@ -598,13 +475,9 @@ pub fn serving(map: &[SlotRange], slot: u16) -> u16 {
         .primary
 }
 
-fn url(port: u16) -> String {
-    format!("redis://127.0.0.1:{port}")
-}
-
 /// `count` distinct ports below 65536 - [`BUS_OFFSET`] whose bus ports are free too:
 /// every port and bus port is held bound until all are chosen, so none repeats.
-fn cluster_ports(count: usize) -> Vec<u16> {
+pub fn cluster_ports(count: usize) -> Vec<u16> {
     let mut held = Vec::new();
     let mut ports = Vec::new();
     for _ in 0..1000 {
@@ -655,15 +528,6 @@ fn replica_of(nodes: &str) -> Option<HashMap<u16, u16>> {
         .into_iter()
         .map(|(port, master)| Some((port, *ports.get(master)?)))
         .collect()
-}
-
-/// The value of `field` in INFO text (`field:value` lines).
-fn info_line<'a>(info: &'a str, field: &str) -> Option<&'a str> {
-    info.lines().find_map(|line| {
-        line.strip_prefix(field)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .map(str::trim_end)
-    })
 }
 
 /// The last `lines` lines of a command's stdout and stderr, for a failure message.

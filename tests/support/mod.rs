@@ -1,29 +1,34 @@
-//! What every integration test stands on: a real `redis-server` on a free port (that the
-//! test can kill, freeze and restart), the real server on port 0, and real clients.
+//! What every integration test stands on: real `redis-server` processes on free ports
+//! (`redis_server`: that the test can kill, freeze and restart; `sentinel` and `cluster`
+//! topologies of them), the real server on port 0, and real clients.
 //!
-//! Waits are bounded polls of a real condition, never fixed sleeps.
+//! Waits are bounded polls of a real condition, never fixed sleeps (`poll`).
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod acl;
 pub mod cluster;
 pub mod failover;
 pub mod idp;
-pub mod links;
 pub mod load;
+pub mod nodes;
 pub mod pki;
+pub mod poll;
+pub mod process;
+pub mod redis_server;
+pub mod scrape;
 pub mod sentinel;
 pub mod subject;
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use prost_types::Timestamp;
 use session_cache::{
     Config,
+    keys::TokenHash,
     pb::{self, session_cache_client::SessionCacheClient},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle, time::Instant};
@@ -32,172 +37,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-/// The longest any test waits for a condition to come true.
-pub const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A `redis-server` of the test's own, on a free loopback port, with no persistence.
-pub struct Redis {
-    child: Option<Child>,
-    port: u16,
-    extra: Vec<String>,
-    tls: bool,
-}
-
-impl Redis {
-    /// Starts a Redis and waits until it answers PING.
-    pub async fn start() -> Redis {
-        Redis::start_with(&[]).await
-    }
-
-    /// Starts a Redis with extra `redis-server` arguments, such as `--maxmemory 2mb`.
-    pub async fn start_with(extra: &[&str]) -> Redis {
-        let mut redis = Redis {
-            child: None,
-            port: free_port(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            tls: false,
-        };
-        redis.spawn().await;
-        redis
-    }
-
-    /// A Redis that serves TLS on `port` (its arguments name the TLS files).
-    pub async fn start_tls(port: u16, args: &[&str]) -> Redis {
-        let mut redis = Redis {
-            child: None,
-            port,
-            extra: args.iter().map(|s| s.to_string()).collect(),
-            tls: true,
-        };
-        redis.spawn().await;
-        redis
-    }
-
-    /// A Redis that is not running yet, on a port of its own: [`Redis::restart`] starts it.
-    pub fn not_started() -> Redis {
-        Redis {
-            child: None,
-            port: free_port(),
-            extra: Vec::new(),
-            tls: false,
-        }
-    }
-
-    async fn spawn(&mut self) {
-        let port_args = if self.tls {
-            Vec::new()
-        } else {
-            vec!["--port".to_string(), self.port.to_string()]
-        };
-        let child = Command::new("redis-server")
-            .args(&port_args)
-            .args(["--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &std::env::temp_dir().to_string_lossy(),
-            ])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect(
-                "redis-server must be installed (Debian package redis-server); .ci/run installs it",
-            );
-        self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        if self.tls {
-            // The caller speaks TLS to it; wait until the port accepts.
-            while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_err()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "redis-server did not start on port {}",
-                    self.port
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            return;
-        }
-        loop {
-            if let Ok(mut conn) = self.try_connect().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {}",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn try_connect(&self) -> redis::RedisResult<MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
-    }
-
-    /// The URL the service is given.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// A direct connection, to look at or plant keys as another program would.
-    pub async fn conn(&self) -> MultiplexedConnection {
-        self.try_connect().await.expect("test redis answers")
-    }
-
-    /// SIGKILL: Redis vanishes without a word, as in a crash.
-    pub fn kill(&mut self) {
-        links::kill_and_reap(&mut self.child);
-    }
-
-    /// Starts Redis again on the same port, empty.
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-
-    /// SIGSTOP: Redis keeps its connections but answers nothing.
-    pub fn freeze(&self) {
-        self.signal("-STOP");
-    }
-
-    /// SIGCONT after [`Redis::freeze`].
-    pub fn thaw(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("redis is running").id();
-        let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.thaw();
-        }
-        self.kill();
-    }
-}
+pub use poll::{PATIENCE, eventually};
+pub use redis_server::Redis;
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -293,24 +134,7 @@ impl Server {
 
     /// Waits until health says `service` has `want`.
     pub async fn wait_health(&self, service: &str, want: ServingStatus) {
-        let mut health = self.health().await;
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let status = health
-                .check(HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .map(|r| r.into_inner().status());
-            if matches!(status, Ok(s) if s == want) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "health of {service:?} stayed {status:?}, wanted {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_health(self.health().await, service, want).await;
     }
 
     /// Asks the server to stop and returns what `run` returned.
@@ -326,6 +150,60 @@ impl Drop for Server {
             task.abort();
         }
     }
+}
+
+/// Waits until `health` says `service` has `want`.
+pub async fn wait_health(mut health: HealthClient<Channel>, service: &str, want: ServingStatus) {
+    let what = format!("health of {service:?} to be {want:?}");
+    eventually(PATIENCE, what, async || {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status());
+        match status {
+            Ok(status) if status == want => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+}
+
+/// Waits (at most `patience`) until a Set of the test's own `probe` token through `h`
+/// answers STORED and `on_primary` says the entry (by its key) is on the primary that
+/// should hold it; returns when the Set answered. What the failover tests measure a
+/// topology's recovery by.
+pub async fn stored_on_primary(
+    h: &mut Harness,
+    probe: &str,
+    patience: Duration,
+    on_primary: impl AsyncFn(&str) -> Result<bool, String>,
+) -> Instant {
+    let key = TokenHash::of(probe).entry_key();
+    eventually(
+        patience,
+        format!("a STORED of {probe} on its primary"),
+        async || {
+            let got = h.get(probe).await;
+            if got.fence.is_empty() {
+                return Err(format!("Get answered {:?} without a fence", got.outcome()));
+            }
+            let set = h
+                .set(probe, user("probe-user"), in_an_hour(), &got.fence)
+                .await;
+            if set.outcome() != pb::SetOutcome::Stored {
+                return Err(format!("Set answered {:?}", set.outcome()));
+            }
+            let stored = Instant::now();
+            match on_primary(&key).await {
+                Ok(true) => Ok(stored),
+                Ok(false) => Err("STORED, but not on the primary".to_string()),
+                Err(e) => Err(e),
+            }
+        },
+    )
+    .await
 }
 
 /// A test's whole set-up: a store (Redis, Sentinels or memory) and the server over it,

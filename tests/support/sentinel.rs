@@ -25,7 +25,7 @@ use std::{
     fs,
     hash::{Hash, Hasher},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::OnceLock,
     time::Duration,
 };
@@ -33,13 +33,13 @@ use std::{
 use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use tokio::time::Instant;
 
-use session_cache::{keys::TokenHash, pb::SetOutcome};
-
 use super::{
-    Harness, PATIENCE, free_port, in_an_hour,
-    links::{ANSWER, Links, kill_and_reap},
+    Harness, free_port,
+    nodes::{ANSWER, Nodes, addresses},
     pki::Dir,
-    user,
+    poll::PATIENCE,
+    redis_server::{Options, Redis, Role, info_field},
+    stored_on_primary,
 };
 
 /// The name the Sentinels monitor the primary under.
@@ -61,8 +61,6 @@ const SENTINEL_DEBUG: &[(&str, &str)] = &[
     ("ask-period", "500"),
     ("publish-period", "500"),
 ];
-/// The pause between two looks at a condition.
-const POLL: Duration = Duration::from_millis(20);
 /// The environment variable the clock shim reads.
 const SKEW_VAR: &str = "SESSION_CACHE_TEST_CLOCK_SKEW_MS";
 
@@ -101,65 +99,25 @@ impl Default for Topology {
     }
 }
 
-/// A `redis-server`, data node or Sentinel, that this module started.
-struct Node {
-    port: u16,
-    child: Option<Child>,
-    /// For a data node: its clock offset, kept for a restart.
-    clock_offset_ms: Option<i64>,
-}
-
-impl Node {
-    /// SIGKILL and reap, so that nothing is left behind.
-    fn kill(&mut self) {
-        kill_and_reap(&mut self.child);
-    }
-}
-
 /// The running topology; dropping it kills every process and removes its directory.
 pub struct SentinelTopology {
-    data: Vec<Node>,
-    sentinels: Vec<Node>,
+    nodes: Nodes,
     data_args: &'static [&'static str],
     data_password: Option<&'static str>,
     sentinel_password: Option<&'static str>,
     dir: Dir,
-    /// Connections the polls reuse (they poll every 20 ms), dropped on any error.
-    links: Links,
 }
 
 impl SentinelTopology {
-    /// Waits (bounded) until a Set of the test's own `probe` token through `h` answers
-    /// STORED and the entry is on the node the Sentinels name as primary; returns when
-    /// the Set answered.
+    /// Waits (at most [`FAILOVER_PATIENCE`]) until a Set of the test's own `probe` token
+    /// through `h` answers STORED and the entry is on the node the Sentinels name as
+    /// primary; returns when the Set answered.
     pub async fn first_stored(&self, h: &mut Harness, probe: &str) -> Instant {
-        let deadline = Instant::now() + FAILOVER_PATIENCE;
-        let key = TokenHash::of(probe).entry_key();
-        loop {
-            let got = h.get(probe).await;
-            if !got.fence.is_empty() {
-                let set = h
-                    .set(probe, user("probe-user"), in_an_hour(), &got.fence)
-                    .await;
-                if set.outcome() == SetOutcome::Stored {
-                    let stored = Instant::now();
-                    let mut primary = self.conn(self.primary_port().await).await;
-                    let there: bool = redis::cmd("EXISTS")
-                        .arg(&key)
-                        .query_async(&mut primary)
-                        .await
-                        .unwrap_or(false);
-                    if there {
-                        return stored;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no STORED on the primary within {FAILOVER_PATIENCE:?}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        stored_on_primary(h, probe, FAILOVER_PATIENCE, async |key| {
+            let primary = self.primary_port().await;
+            self.nodes.ask(primary, redis::cmd("EXISTS").arg(key)).await
+        })
+        .await
     }
 
     /// Starts the primary and the replicas, waits until every replica's link is up, then
@@ -184,17 +142,15 @@ impl SentinelTopology {
         }
         let started = Instant::now();
         let mut topology = SentinelTopology {
-            data: Vec::new(),
-            sentinels: Vec::new(),
+            nodes: Nodes::default(),
             data_args: options.data_args,
             data_password: options.data_password,
             sentinel_password: options.sentinel_password,
             dir: Dir::new(),
-            links: Links::default(),
         };
         let primary = free_port();
         topology
-            .start_data_node(primary, None, options.primary_clock_offset_ms)
+            .start_data_node(primary, Role::Plain, options.primary_clock_offset_ms)
             .await;
         for index in 0..options.replicas {
             let offset = options
@@ -202,14 +158,21 @@ impl SentinelTopology {
                 .filter(|(i, _)| *i == index)
                 .map(|(_, ms)| ms);
             topology
-                .start_data_node(free_port(), Some(primary), offset)
+                .start_data_node(free_port(), Role::Replica { of: primary }, offset)
                 .await;
         }
         for replica in topology.data_ports().into_iter().skip(1) {
             topology
-                .wait_for("the replica's link to be up", PATIENCE, async |t| {
-                    let info = t.info_replication(replica).await?;
-                    (info_field(&info, "master_link_status") == Some("up")).then_some(())
+                .nodes
+                .wait_for("the replica's link to be up", PATIENCE, async || {
+                    let info = topology.info_replication(replica).await;
+                    match info
+                        .as_deref()
+                        .and_then(|i| info_field(i, "master_link_status"))
+                    {
+                        Some("up") => Ok(()),
+                        other => Err(format!("master_link_status {other:?}")),
+                    }
                 })
                 .await;
         }
@@ -221,24 +184,32 @@ impl SentinelTopology {
         // are slow to acknowledge (a WAIT then times out): ready means that writes are
         // acknowledged by every replica several times in a row.
         let replicas = options.replicas;
-        let in_a_row = std::cell::Cell::new(0);
+        let mut in_a_row = 0;
         topology
-            .wait_for("every replica to acknowledge writes", PATIENCE, async |t| {
-                let mut write = redis::cmd("SET");
-                write.arg("session-cache-test:ready").arg(in_a_row.get());
-                t.ask::<()>(primary, &write).await.ok()?;
-                let mut wait = redis::cmd("WAIT");
-                wait.arg(replicas).arg(50);
-                let acked: usize = t.ask(primary, &wait).await.ok()?;
-                in_a_row.set(if acked >= replicas {
-                    in_a_row.get() + 1
-                } else {
-                    0
-                });
-                (in_a_row.get() >= 5).then_some(())
-            })
+            .nodes
+            .wait_for(
+                "every replica to acknowledge writes",
+                PATIENCE,
+                async || {
+                    let mut write = redis::cmd("SET");
+                    write.arg("session-cache-test:ready").arg(in_a_row);
+                    topology.nodes.ask::<()>(primary, &write).await?;
+                    let mut wait = redis::cmd("WAIT");
+                    wait.arg(replicas).arg(50);
+                    let acked: usize = topology.nodes.ask(primary, &wait).await?;
+                    in_a_row = if acked >= replicas { in_a_row + 1 } else { 0 };
+                    if in_a_row >= 5 {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{acked} of {replicas} acknowledged, {in_a_row} in a row"
+                        ))
+                    }
+                },
+            )
             .await;
         let _: Result<(), _> = topology
+            .nodes
             .ask(primary, redis::cmd("DEL").arg("session-cache-test:ready"))
             .await;
         eprintln!(
@@ -252,16 +223,12 @@ impl SentinelTopology {
 
     /// The service's `--redis-sentinels` value: `127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3`.
     pub fn sentinels(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        addresses(&self.sentinel_ports())
     }
 
     /// The Sentinels' ports.
     pub fn sentinel_ports(&self) -> Vec<u16> {
-        self.sentinels.iter().map(|s| s.port).collect()
+        self.nodes.ports_of_sentinels(true)
     }
 
     /// The service's `--redis-sentinel-master` value.
@@ -272,46 +239,40 @@ impl SentinelTopology {
     /// Every data node's port, running or not: the initial primary first, then the
     /// replicas in order.
     pub fn data_ports(&self) -> Vec<u16> {
-        self.data.iter().map(|n| n.port).collect()
+        self.nodes.ports_of_sentinels(false)
     }
 
     /// The primary a majority of the Sentinels name (waits, bounded, while they
     /// disagree).
     pub async fn primary_port(&self) -> u16 {
-        self.wait_for(
-            "a majority of Sentinels to name one primary",
-            PATIENCE,
-            async |t| majority(&t.sentinel_views().await),
-        )
-        .await
+        self.nodes
+            .wait_for(
+                "a majority of Sentinels to name one primary",
+                PATIENCE,
+                async || {
+                    let views = self.sentinel_views().await;
+                    majority(&views).ok_or(views)
+                },
+            )
+            .await
     }
 
     /// A direct connection to the data node on `port`, to look at or plant keys
     /// (authenticated when the data nodes require a password).
     pub async fn conn(&self, port: u16) -> MultiplexedConnection {
-        redis::Client::open(self.url(port))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap_or_else(|e| panic!("data node {port} answers: {e}"))
+        self.nodes.get(port).conn().await
     }
 
     /// The first element of `ROLE` on `port`: `master`, `slave` or `sentinel`; `None`
     /// when nothing answers there.
     pub async fn role(&self, port: u16) -> Option<String> {
-        let mut role: Vec<redis::Value> = self.ask(port, &redis::cmd("ROLE")).await.ok()?;
-        if role.is_empty() {
-            return None;
-        }
-        redis::from_redis_value(role.swap_remove(0)).ok()
+        self.nodes.role(port).await
     }
 
     /// `INFO replication` of `port` as text (read fields with [`info_field`]); `None`
     /// when nothing answers there.
     pub async fn info_replication(&self, port: u16) -> Option<String> {
-        self.ask(port, redis::cmd("INFO").arg("replication"))
-            .await
-            .ok()
+        self.nodes.info(port, "replication").await
     }
 
     /// `SENTINEL FAILOVER` (retried while a Sentinel refuses, as right after an earlier
@@ -319,34 +280,29 @@ impl SentinelTopology {
     /// answers ROLE as master. Returns its port; prints how long it took.
     pub async fn failover(&self) -> u16 {
         let started = Instant::now();
-        let deadline = started + FAILOVER_PATIENCE;
         let mut attempt = 0;
-        let old = loop {
-            let old = self.primary_port().await;
-            let sentinel = self.sentinels[attempt % SENTINELS].port;
-            let answer: Result<String, String> = self
-                .ask(
-                    sentinel,
-                    redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
-                )
-                .await;
-            match answer {
-                Ok(_) => break old,
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "SENTINEL FAILOVER refused for {FAILOVER_PATIENCE:?}: {e}{}",
-                    self.log_tails()
-                ),
-            }
-            attempt += 1;
-            tokio::time::sleep(POLL * 10).await;
-        };
-        let new = self.wait_for_primary_other_than(old, deadline).await;
-        eprintln!(
-            "sentinel topology: SENTINEL FAILOVER moved the primary {old} -> {new} in {:?}",
-            started.elapsed()
-        );
-        new
+        let old = self
+            .nodes
+            .wait_for(
+                "a Sentinel to accept SENTINEL FAILOVER",
+                FAILOVER_PATIENCE,
+                async || {
+                    let old = self.primary_port().await;
+                    let sentinel = self.sentinel_ports()[attempt % SENTINELS];
+                    attempt += 1;
+                    let answer: Result<String, String> = self
+                        .nodes
+                        .ask(
+                            sentinel,
+                            redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
+                        )
+                        .await;
+                    answer.map(|_| old)
+                },
+            )
+            .await;
+        self.new_primary_since(old, started, "SENTINEL FAILOVER")
+            .await
     }
 
     /// SIGKILL of the primary the Sentinels name; returns its port for
@@ -356,7 +312,7 @@ impl SentinelTopology {
         let views: Vec<Option<u16>> = self
             .sentinel_ports()
             .into_iter()
-            .map(|port| sentinel_view_blocking(&self.url(port)))
+            .map(|port| sentinel_view_blocking(&self.nodes.get(port).url()))
             .collect();
         let primary = majority(&views)
             .unwrap_or_else(|| panic!("no majority of Sentinels names a primary: {views:?}"));
@@ -368,43 +324,42 @@ impl SentinelTopology {
     /// primary other than `old` that answers ROLE as master; returns its port and prints
     /// how long it took.
     pub async fn wait_for_new_primary(&self, old: u16) -> u16 {
-        let started = Instant::now();
-        let new = self
-            .wait_for_primary_other_than(old, started + FAILOVER_PATIENCE)
-            .await;
-        eprintln!(
-            "sentinel topology: primary {old} -> {new} after waiting {:?}",
-            started.elapsed()
-        );
-        new
+        self.new_primary_since(old, Instant::now(), "a wait").await
     }
 
     /// Waits (bounded) until the primary the Sentinels name answers ROLE as master and
     /// has at least `n` replicas online.
     pub async fn wait_until_replica_count(&self, n: usize) {
-        self.wait_for(
-            &format!("the primary to have {n} replicas online"),
-            FAILOVER_PATIENCE,
-            async |t| {
-                let primary = majority(&t.sentinel_views().await)?;
-                let info = t.info_replication(primary).await?;
-                let online = info
-                    .lines()
-                    .filter(|l| l.starts_with("slave") && l.contains("state=online"))
-                    .count();
-                (info_field(&info, "role") == Some("master") && online >= n).then_some(())
-            },
-        )
-        .await;
+        self.nodes
+            .wait_for(
+                &format!("the primary to have {n} replicas online"),
+                FAILOVER_PATIENCE,
+                async || {
+                    let views = self.sentinel_views().await;
+                    let primary = majority(&views).ok_or(format!("Sentinels name {views:?}"))?;
+                    let info = self
+                        .info_replication(primary)
+                        .await
+                        .ok_or(format!("no INFO from {primary}"))?;
+                    let online = info
+                        .lines()
+                        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                        .count();
+                    let role = info_field(&info, "role");
+                    if role == Some("master") && online >= n {
+                        Ok(())
+                    } else {
+                        Err(format!("{primary}: role {role:?}, {online} online"))
+                    }
+                },
+            )
+            .await;
     }
 
     /// SIGKILL of the data node on `port` (a no-op if it is not running).
     pub fn kill(&mut self, port: u16) {
-        self.data
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("{port} is not a data node of this topology"))
-            .kill();
+        self.assert_data_node(port);
+        self.nodes.kill(port);
     }
 
     /// Starts the data node on `port` again (killing it first if it runs), empty and as a
@@ -413,70 +368,35 @@ impl SentinelTopology {
     /// have replaced it, a killed primary stays primary, and its replicas copy its empty
     /// dataset.
     pub async fn restart(&mut self, port: u16) {
-        let offset = {
-            let node = self
-                .data
-                .iter_mut()
-                .find(|n| n.port == port)
-                .unwrap_or_else(|| panic!("{port} is not a data node of this topology"));
-            node.kill();
-            node.clock_offset_ms
-        };
-        let child = self.spawn_data_node(port, None, offset);
-        self.data.iter_mut().find(|n| n.port == port).unwrap().child = Some(child);
-        self.wait_until_answers(port).await;
+        self.assert_data_node(port);
+        self.nodes.restart_as(port, Role::Plain).await;
     }
 
-    async fn start_data_node(&mut self, port: u16, replica_of: Option<u16>, offset: Option<i64>) {
-        let child = self.spawn_data_node(port, replica_of, offset);
-        self.data.push(Node {
-            port,
-            child: Some(child),
-            clock_offset_ms: offset,
-        });
-        self.wait_until_answers(port).await;
+    fn assert_data_node(&self, port: u16) {
+        assert!(
+            self.data_ports().contains(&port),
+            "{port} is not a data node of this topology"
+        );
     }
 
-    fn spawn_data_node(&self, port: u16, replica_of: Option<u16>, offset: Option<i64>) -> Child {
-        let dir = self.dir.path().join(format!("node-{port}"));
-        fs::create_dir_all(&dir).unwrap();
-        let mut command = Command::new("redis-server");
-        command
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--logfile")
-            .arg(self.log_path(port))
-            // Diskless full syncs start at once instead of after 5 s.
-            .args(["--repl-diskless-sync-delay", "0"]);
-        if let Some(primary) = replica_of {
-            command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
-        }
+    async fn start_data_node(&mut self, port: u16, role: Role, clock_offset_ms: Option<i64>) {
+        let mut options = Options::new(role).args(self.data_args);
+        options.port = port;
+        options.parent = Some(self.dir.path().to_path_buf());
         if let Some(password) = self.data_password {
-            command
-                .args(["--requirepass", password])
-                .args(["--masterauth", password]);
+            options = options.args(&["--requirepass", password, "--masterauth", password]);
+            options.auth = Some((None, password.to_string()));
         }
-        command.args(self.data_args);
-        if let Some(ms) = offset {
-            command
-                .env("LD_PRELOAD", clock_shim())
-                .env(SKEW_VAR, ms.to_string());
+        if let Some(ms) = clock_offset_ms {
+            options.env = vec![
+                ("LD_PRELOAD".into(), clock_shim().display().to_string()),
+                (SKEW_VAR.into(), ms.to_string()),
+            ];
         }
-        command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (Debian package redis-server)")
+        self.nodes.push(Redis::start_as(options).await);
     }
 
     async fn start_sentinel(&mut self, primary: u16) {
-        let port = free_port();
-        let dir = self.dir.path().join(format!("sentinel-{port}"));
-        fs::create_dir_all(&dir).unwrap();
-        // The Sentinel rewrites this file as it learns the topology.
-        let config = dir.join("sentinel.conf");
         let mut auth = String::new();
         if let Some(password) = self.data_password {
             auth += &format!("sentinel auth-pass {MASTER_NAME} {password}\n");
@@ -486,138 +406,105 @@ impl SentinelTopology {
             // each other whether the primary is down, and no failover starts.
             auth += &format!("requirepass {password}\nsentinel sentinel-pass {password}\n");
         }
-        fs::write(
-            &config,
-            format!(
-                "port {port}\n\
-                 bind 127.0.0.1\n\
-                 daemonize no\n\
-                 dir {dir}\n\
-                 logfile {log}\n\
-                 sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} {QUORUM}\n\
-                 sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
-                 sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n\
-                 sentinel parallel-syncs {MASTER_NAME} 1\n\
-                 {auth}",
-                dir = dir.display(),
-                log = self.log_path(port).display(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new("redis-server")
-            .arg(&config)
-            .args(["--sentinel", "--port", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (Debian package redis-server)");
-        self.sentinels.push(Node {
-            port,
-            child: Some(child),
-            clock_offset_ms: None,
-        });
-        self.wait_until_answers(port).await;
+        let config = format!(
+            "sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} {QUORUM}\n\
+             sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
+             sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n\
+             sentinel parallel-syncs {MASTER_NAME} 1\n\
+             {auth}"
+        );
+        let mut options = Options::new(Role::Sentinel { config });
+        options.parent = Some(self.dir.path().to_path_buf());
+        options.auth = self.sentinel_password.map(|p| (None, p.to_string()));
+        let sentinel = Redis::start_as(options).await;
+        let port = sentinel.port();
+        self.nodes.push(sentinel);
         let mut debug = redis::cmd("SENTINEL");
         debug.arg("DEBUG");
         for (name, value) in SENTINEL_DEBUG {
             debug.arg(*name).arg(*value);
         }
         let _: String = self
+            .nodes
             .ask(port, &debug)
             .await
             .unwrap_or_else(|e| panic!("SENTINEL DEBUG on {port}: {e}"));
     }
 
-    /// Waits until the process on `port` answers PING and is the one this topology
-    /// started there (not another test's on a port that was free a moment ago).
-    async fn wait_until_answers(&mut self, port: u16) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let node = self
-                .data
-                .iter_mut()
-                .chain(self.sentinels.iter_mut())
-                .find(|n| n.port == port)
-                .unwrap();
-            let child = node.child.as_mut().unwrap();
-            let pid = child.id().to_string();
-            if let Ok(Some(status)) = child.try_wait() {
-                node.child = None;
-                panic!(
-                    "redis-server on {port} exited with {status}:\n{}",
-                    tail(&self.log_path(port), 10)
-                );
-            }
-            let info: Result<String, String> =
-                self.ask(port, redis::cmd("INFO").arg("server")).await;
-            if info
-                .as_deref()
-                .is_ok_and(|i| info_field(i, "process_id") == Some(pid.as_str()))
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on {port}: {info:?}\n{}",
-                tail(&self.log_path(port), 10)
-            );
-            tokio::time::sleep(POLL).await;
+    async fn wait_until_sentinels_ready(&self, primary: u16) {
+        let replicas = self.data_ports().len() - 1;
+        for sentinel in self.sentinel_ports() {
+            self.nodes
+                .wait_for(
+                    &format!("Sentinel {sentinel} to know {replicas} replicas and 2 Sentinels"),
+                    PATIENCE,
+                    async || {
+                        let master: Vec<String> = self
+                            .nodes
+                            .ask(
+                                sentinel,
+                                redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
+                            )
+                            .await?;
+                        let master = pairs(master);
+                        let known: Vec<Vec<String>> = self
+                            .nodes
+                            .ask(
+                                sentinel,
+                                redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
+                            )
+                            .await?;
+                        let linked = known
+                            .into_iter()
+                            .map(pairs)
+                            .filter(|r| {
+                                field(r, "flags") == "slave"
+                                    && field(r, "master-link-status") == "ok"
+                                    && field(r, "master-port") == primary.to_string()
+                            })
+                            .count();
+                        let ready = field(&master, "flags") == "master"
+                            && field(&master, "port") == primary.to_string()
+                            && field(&master, "num-other-sentinels") == (SENTINELS - 1).to_string()
+                            && linked == replicas;
+                        if ready {
+                            Ok(())
+                        } else {
+                            Err(format!("{linked} replicas linked; master {master:?}"))
+                        }
+                    },
+                )
+                .await;
         }
     }
 
-    async fn wait_until_sentinels_ready(&self, primary: u16) {
-        let replicas = self.data.len() - 1;
-        for sentinel in self.sentinel_ports() {
-            self.wait_for(
-                &format!("Sentinel {sentinel} to know {replicas} replicas and 2 Sentinels"),
-                PATIENCE,
-                async |t| {
-                    let master: Vec<String> = t
-                        .ask(
-                            sentinel,
-                            redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME),
-                        )
-                        .await
-                        .ok()?;
-                    let master = pairs(master);
-                    let known: Vec<Vec<String>> = t
-                        .ask(
-                            sentinel,
-                            redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
-                        )
-                        .await
-                        .ok()?;
-                    let linked = known
-                        .into_iter()
-                        .map(pairs)
-                        .filter(|r| {
-                            field(r, "flags") == "slave"
-                                && field(r, "master-link-status") == "ok"
-                                && field(r, "master-port") == primary.to_string()
-                        })
-                        .count();
-                    (field(&master, "flags") == "master"
-                        && field(&master, "port") == primary.to_string()
-                        && field(&master, "num-other-sentinels") == (SENTINELS - 1).to_string()
-                        && linked == replicas)
-                        .then_some(())
+    /// Waits until a majority of Sentinels name a primary other than `old` that answers
+    /// ROLE as master, at most [`FAILOVER_PATIENCE`] from `started`; returns its port and
+    /// prints how long it took since then, and after what.
+    async fn new_primary_since(&self, old: u16, started: Instant, after: &str) -> u16 {
+        let patience = FAILOVER_PATIENCE.saturating_sub(started.elapsed());
+        let new = self
+            .nodes
+            .wait_for(
+                &format!("a majority of Sentinels to name a primary other than {old}"),
+                patience,
+                async || {
+                    let views = self.sentinel_views().await;
+                    let new = majority(&views)
+                        .filter(|p| *p != old)
+                        .ok_or(format!("Sentinels name {views:?}"))?;
+                    match self.role(new).await.as_deref() {
+                        Some("master") => Ok(new),
+                        role => Err(format!("{new} answers ROLE {role:?}")),
+                    }
                 },
             )
             .await;
-        }
-    }
-
-    async fn wait_for_primary_other_than(&self, old: u16, deadline: Instant) -> u16 {
-        let patience = deadline.saturating_duration_since(Instant::now());
-        self.wait_for(
-            &format!("a majority of Sentinels to name a primary other than {old}"),
-            patience,
-            async |t| {
-                let new = majority(&t.sentinel_views().await).filter(|p| *p != old)?;
-                (t.role(new).await.as_deref() == Some("master")).then_some(new)
-            },
-        )
-        .await
+        eprintln!(
+            "sentinel topology: primary {old} -> {new}, {:?} after {after} began",
+            started.elapsed()
+        );
+        new
     }
 
     /// Each Sentinel's answer to GET-MASTER-ADDR-BY-NAME (`None`: no answer).
@@ -625,6 +512,7 @@ impl SentinelTopology {
         let mut views = Vec::new();
         for port in self.sentinel_ports() {
             let addr: Result<Option<(String, String)>, String> = self
+                .nodes
                 .ask(
                     port,
                     redis::cmd("SENTINEL")
@@ -636,100 +524,15 @@ impl SentinelTopology {
         }
         views
     }
-
-    /// Polls `check` every [`POLL`] until it gives a value, at most `patience`; the panic
-    /// names `what` and shows the end of each Sentinel's log.
-    async fn wait_for<T>(
-        &self,
-        what: &str,
-        patience: Duration,
-        check: impl AsyncFn(&SentinelTopology) -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + patience;
-        loop {
-            if let Some(value) = check(self).await {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited {patience:?} for {what}{}",
-                self.log_tails()
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// One command to `port`, on the connection kept for it (see [`Links::ask`]).
-    async fn ask<T: redis::FromRedisValue>(
-        &self,
-        port: u16,
-        cmd: &redis::Cmd,
-    ) -> Result<T, String> {
-        self.links.ask(port, &self.url(port), cmd).await
-    }
-
-    /// The URL of the node on `port`, with the password it requires (a Sentinel's own,
-    /// or the data nodes').
-    fn url(&self, port: u16) -> String {
-        let password = if self.sentinels.iter().any(|s| s.port == port) {
-            self.sentinel_password
-        } else {
-            self.data_password
-        };
-        match password {
-            Some(password) => format!("redis://:{}@127.0.0.1:{port}", percent_encoded(password)),
-            None => format!("redis://127.0.0.1:{port}"),
-        }
-    }
-
-    fn log_path(&self, port: u16) -> PathBuf {
-        self.dir.path().join(format!("redis-{port}.log"))
-    }
-
-    fn log_tails(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|s| {
-                format!(
-                    "\n-- Sentinel {} --\n{}",
-                    s.port,
-                    tail(&self.log_path(s.port), 12)
-                )
-            })
-            .collect()
-    }
 }
 
 impl Drop for SentinelTopology {
     fn drop(&mut self) {
         // Sentinels first, so that none reconfigures a data node on its way down.
-        for node in self.sentinels.iter_mut().chain(self.data.iter_mut()) {
-            node.kill();
+        for port in self.sentinel_ports().into_iter().chain(self.data_ports()) {
+            self.nodes.kill(port);
         }
     }
-}
-
-/// The value of `field` in INFO text (`field:value` lines).
-pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
-    info.lines().find_map(|line| {
-        line.strip_prefix(field)
-            .and_then(|rest| rest.strip_prefix(':'))
-            .map(str::trim_end)
-    })
-}
-
-/// `text` as a URL's userinfo may carry it: everything but unreserved characters
-/// percent-encoded.
-fn percent_encoded(text: &str) -> String {
-    text.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// A Sentinel's primary, asked without async (for the synchronous kill) at `url` (see
@@ -769,13 +572,6 @@ fn pairs(flat: Vec<String>) -> HashMap<String, String> {
 
 fn field<'a>(map: &'a HashMap<String, String>, key: &str) -> &'a str {
     map.get(key).map(String::as_str).unwrap_or("")
-}
-
-/// The last `lines` lines of a log, for a failure message.
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Shifts the wall clock by `SESSION_CACHE_TEST_CLOCK_SKEW_MS` milliseconds. Calls the

@@ -22,8 +22,11 @@ use bb8_redis::redis::{
 };
 use tokio::time::{Instant, sleep};
 
-use super::{CONNECT_TIMEOUT, RedisConfig, connection::Conn, connection::Handle};
-use crate::{config::HostPort, store::StoreError};
+use super::{
+    connection::{Conn, Handle},
+    settings::{CONNECT_TIMEOUT, HostPort, RedisConfig},
+};
+use crate::store::StoreError;
 
 /// How long a revocation waits before it tries again on a slot that a Cluster is moving
 /// (`TRYAGAIN`) or cannot serve yet (`CLUSTERDOWN`), within its deadline.
@@ -200,10 +203,10 @@ pub(super) struct Primaries(Mutex<Option<(Instant, BTreeMap<String, u16>)>>);
 
 impl Primaries {
     async fn get(&self, conn: &mut ClusterConnection) -> RedisResult<BTreeMap<String, u16>> {
-        if let Some((at, primaries)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            if at.elapsed() < PRIMARIES_LIFETIME {
-                return Ok(primaries.clone());
-            }
+        if let Some((at, primaries)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && at.elapsed() < PRIMARIES_LIFETIME
+        {
+            return Ok(primaries.clone());
         }
         let slots = conn
             .route_command(

@@ -8,7 +8,7 @@
 //! records the address. Each connection is stamped with the [`Primary`]'s epoch at its
 //! dial; when the primary may have moved (a `+switch-master` from a Sentinel, a
 //! `READONLY` or `NOREPLICAS` reply) the epoch moves on, and bb8 replaces every older
-//! connection at its next checkout. A dropped connection is replaced alone, as before.
+//! connection at its next checkout. A dropped connection is replaced alone.
 //!
 //! A Cluster connection follows its primaries itself: redis-rs's cluster client learns
 //! the slot map, follows MOVED and ASK, and reconnects to a node that went away. bb8
@@ -22,7 +22,7 @@
 
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+    atomic::{AtomicBool, Ordering},
 };
 
 use bb8::{ErrorSink, ManageConnection};
@@ -32,8 +32,9 @@ use bb8_redis::redis::{
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
+use super::{primary::Primary, sentinel::Resolver};
 use crate::store::StoreError;
 
 /// Where connections go.
@@ -41,7 +42,7 @@ pub(crate) enum Target {
     /// One Redis at a fixed address (`--redis-url`).
     Direct(Client),
     /// The primary that the Sentinels name, asked at every dial.
-    Sentinel(super::sentinel::Resolver),
+    Sentinel(Resolver),
     /// The primaries of a Redis Cluster, found from seed nodes.
     Cluster(ClusterClient),
 }
@@ -77,90 +78,6 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Node(conn) => conn.get_db(),
             Conn::Cluster(conn) => conn.get_db(),
-        }
-    }
-}
-
-/// What the pool knows of the primary: the epoch that connections must match, the
-/// address of the last dial (for the Sentinel watchers' comparison and the logs), and
-/// the address the Sentinels last announced in a `+switch-master`.
-#[derive(Debug, Default)]
-pub(crate) struct Primary {
-    epoch: AtomicU64,
-    address: Mutex<Option<String>>,
-    announced: Mutex<Option<String>>,
-}
-
-impl Primary {
-    /// The primary may have moved since `seen` (the epoch of the connection that
-    /// noticed): every connection of that epoch or older is replaced. Noticed by many
-    /// calls at once, it moves the epoch once.
-    pub(crate) fn moved(&self, seen: u64, why: &str) {
-        if self
-            .epoch
-            .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            warn!(
-                why,
-                primary = self.address().as_deref(),
-                "the Redis primary may have moved: replacing connections"
-            );
-            crate::metrics::redis_primary_moved();
-        }
-    }
-
-    /// A Sentinel names `address` as the primary: connections to anywhere else are
-    /// replaced.
-    pub(crate) fn named(&self, address: &str) {
-        let current = self.address();
-        if current.as_deref() != Some(address) {
-            let seen = self.epoch();
-            self.moved(seen, "a Sentinel names another primary");
-        }
-    }
-
-    /// A Sentinel announced a failover to `address` (`+switch-master`): the next dials
-    /// try it first. Right after a failover the Sentinels disagree, and one that has
-    /// not switched yet may even report the new epoch with the old address; the
-    /// announcement is the one thing that names the new primary for sure.
-    pub(crate) fn switched(&self, address: &str) {
-        // Every Sentinel announces the same failover: the first one moves the epoch.
-        let previous = self
-            .announced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(address.to_owned());
-        if previous.as_deref() != Some(address) {
-            self.named(address);
-        }
-    }
-
-    /// The address of the last `+switch-master`, if any.
-    pub(crate) fn announced(&self) -> Option<String> {
-        self.announced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// The address of the last dial, `host:port`.
-    pub(crate) fn address(&self) -> Option<String> {
-        self.address
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn dialled(&self, address: String) {
-        let mut current = self.address.lock().unwrap_or_else(|e| e.into_inner());
-        if current.as_deref() != Some(address.as_str()) {
-            info!(primary = %address, "connected to the Redis primary");
-            *current = Some(address);
         }
     }
 }

@@ -22,7 +22,7 @@
 //! `WAIT` blocks the connection it is sent on, so each holds a connection of a second,
 //! small pool to itself while it waits.
 //!
-//! Concurrent Gets do not go to Redis one by one: `batch` sends the lookups that are
+//! Concurrent Gets do not go to Redis one by one: `coalesce` sends the lookups that are
 //! ready at the same moment as one pipeline of plain commands (GET and TIME, then the
 //! markers of the live entries), which cost Redis a third of the Get script's CPU. A
 //! lone Get takes the script, one round trip instead of two, and goes straight. Sets
@@ -38,6 +38,15 @@
 //! writes. Outside Cluster both stay one script and one round trip. Lookups are not
 //! batched in Cluster: a pipeline goes to one node, and consecutive lookups rarely
 //! share one.
+//!
+//! # The parts
+//! - `settings`: what the flags say; `pool` and `connection`: the connections, and
+//!   `primary`: where the primary is; `sentinel` and `cluster`: what each topology adds.
+//! - `scripts`: the Lua scripts and how a script call is sent.
+//! - `read`: how a lookup reads, on one Redis and in Cluster side by side; `coalesce`:
+//!   concurrent calls sent as pipelines.
+//! - `readiness`: whether a Redis that answers may serve.
+//! - Here: the store itself, and how each of its calls runs within its deadline.
 
 use std::{
     sync::{
@@ -47,114 +56,45 @@ use std::{
     time::Duration,
 };
 
-use bb8::{Pool, RunError};
+use bb8::Pool;
 use bb8_redis::redis::{
     self, AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError,
-    Script, ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
+    ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
 };
-use tokio::time::{Instant, timeout_at};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::{Instant, timeout_at},
+};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{debug, warn};
-
-use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
 
 use super::{
-    Fence, Limits, Lookup, Store, StoreError, Stored, Verdict, judge_cached, marker_revokes_fence,
-    read_marker,
+    Fence, Judgement, Limits, Lookup, Store, StoreError, Stored, marker_revokes_fence, read_marker,
 };
 
-mod batch;
 mod cluster;
+mod coalesce;
 mod connection;
+mod pool;
+mod primary;
+mod read;
+mod readiness;
+mod scripts;
 mod sentinel;
+mod settings;
 
-pub use batch::LookupMode;
-use connection::{Conn, DialErrors, Handle, Manager, Primary, Target};
-pub use sentinel::SentinelConfig;
+use connection::{DialErrors, Handle, Manager, Target};
+use pool::{DURABLE_CONNECTIONS, checkout, pool, pool_error};
+use primary::Primary;
+use scripts::{Lua, Scripts};
+use settings::CONNECT_TIMEOUT;
+pub use settings::{Credentials, HostPort, LookupMode, RedisConfig, RedisTopology, SentinelConfig};
 
 use crate::{
     clock::Micros,
-    config::HostPort,
     entry::{self, Session},
     keys::{TokenHash, marker_key},
 };
-
-/// How long dialling Redis may take. A dial to a healthy Redis takes milliseconds; this
-/// bounds a dial to one that accepts TCP but never answers (a frozen process), so that
-/// dials cannot pile up. It runs off the request path: bb8 dials in the background, and
-/// every call is bounded by the store timeout whatever the dial does.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Connections held by revocations that wait for replicas. `WAIT` blocks the
-/// connection it is sent on, so each such revocation holds one connection of this pool
-/// to itself, apart from the pipelined connections that lookups share: a lookup never
-/// queues behind a `WAIT`.
-const DURABLE_CONNECTIONS: u32 = 8;
-
-/// A user name and password for Redis or the Sentinels; the password never prints.
-#[derive(Clone, Default)]
-pub struct Credentials {
-    pub username: Option<String>,
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .finish()
-    }
-}
-
-/// Where the Redis primary is (SPEC §8).
-#[derive(Clone)]
-pub enum RedisTopology {
-    /// One Redis: a `redis://` or `rediss://` URL, with credentials and database if any.
-    Url(String),
-    /// The primary that these Sentinels name.
-    Sentinel(SentinelConfig),
-    /// A Redis Cluster, found from these seed nodes.
-    Cluster(Vec<HostPort>),
-}
-
-/// Never shows the URL, which may carry a password.
-impl std::fmt::Debug for RedisTopology {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RedisTopology::Url(_) => f.write_str("Url(..)"),
-            RedisTopology::Sentinel(sentinels) => {
-                f.debug_tuple("Sentinel").field(sentinels).finish()
-            }
-            RedisTopology::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
-        }
-    }
-}
-
-/// Settings of the Redis store.
-#[derive(Clone, Debug)]
-pub struct RedisConfig {
-    pub topology: RedisTopology,
-    /// Credentials for the data nodes, besides (never as well as) those in a URL.
-    pub credentials: Credentials,
-    /// TLS to the Sentinels and the data nodes they name, or to the Cluster's nodes (a
-    /// URL says so itself).
-    pub tls: bool,
-    /// The bound on every call: checkout, command and reply together.
-    pub timeout: Duration,
-    /// How many pipelined connections to keep open.
-    pub connections: u32,
-    /// Entry, tombstone and marker lifetimes, and the clock-skew margin.
-    pub limits: Limits,
-    /// A PEM CA to trust for TLS besides the system's roots.
-    pub ca_pem: Option<Vec<u8>>,
-    /// Whether to serve from a Redis that may evict any key.
-    pub allow_evicting: bool,
-    /// Replicas that must have a revocation before it is acknowledged (Redis `WAIT`).
-    pub revocation_replicas: u32,
-    /// How a lookup reads Redis outside Cluster (see `batch`).
-    pub lookup: LookupMode,
-}
 
 /// Sessions in Redis, in the layout the Python service shares.
 pub struct RedisStore {
@@ -168,15 +108,15 @@ pub struct RedisStore {
     /// when no replica is waited for.
     durable: Option<Pool<Manager>>,
     revocation_replicas: u32,
-    /// Get lookups, coalesced into pipelines (see `batch`).
-    gets: mpsc::UnboundedSender<batch::Job>,
+    /// Get lookups, coalesced into pipelines (see `coalesce`).
+    gets: mpsc::UnboundedSender<coalesce::Job>,
     /// Sets and revocations (those that wait for no replica), coalesced the same way
     /// outside Cluster.
-    calls: mpsc::UnboundedSender<batch::Call>,
+    calls: mpsc::UnboundedSender<coalesce::ScriptCall>,
     /// Script calls in progress: one with no other beside it goes straight to Redis.
     calling: AtomicUsize,
-    /// How a lookup reads Redis outside Cluster.
-    reader: Arc<batch::Reader>,
+    /// How a lookup reads Redis outside Cluster (see `read`).
+    reader: Arc<read::Reader>,
     /// Lookups in progress: a lookup with no other beside it goes straight to Redis,
     /// since there is nothing to coalesce and the batcher's hop would only add latency.
     lookups: AtomicUsize,
@@ -187,99 +127,6 @@ pub struct RedisStore {
     /// Ends the Sentinel watchers when the store goes.
     _watchers: DropGuard,
 }
-
-struct Scripts {
-    get: Script,
-    set: Arc<Lua>,
-    invalidate_token: Arc<Lua>,
-    invalidate_user: Arc<Lua>,
-    remove_if: Script,
-    ping: Lua,
-}
-
-/// A script with its text, for where it goes as `EVAL`: inside the pipeline of a
-/// revocation that waits for replicas, where a primary that lost its script cache (a
-/// failover) could not be answered `NOSCRIPT` and retried, and to every Cluster primary
-/// at once for a ping; and for `SCRIPT LOAD` where a batched call is answered
-/// `NOSCRIPT`.
-struct Lua {
-    script: Script,
-    code: String,
-}
-
-impl Lua {
-    fn new(code: String) -> Self {
-        Lua {
-            script: Script::new(&code),
-            code,
-        }
-    }
-
-    /// `EVAL` of this script with these keys and arguments.
-    fn eval(&self, keys: &[String], args: &[String]) -> Cmd {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(&self.code).arg(keys.len()).arg(keys).arg(args);
-        cmd
-    }
-
-    /// `EVALSHA` of this script with these keys and arguments, as a command of its own
-    /// (for the batcher; see `batch::evalsha` for the `NOSCRIPT` that may answer it).
-    fn evalsha(&self, keys: &[String], args: &[String]) -> Cmd {
-        let mut cmd = self.evalsha_of(keys.len());
-        cmd.arg(keys).arg(args);
-        cmd
-    }
-
-    /// `EVALSHA` of this script, to be given its `keys` keys and then its arguments.
-    fn evalsha_of(&self, keys: usize) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(keys);
-        cmd
-    }
-
-    /// `EVALSHA` of this script, loading it where it is missing.
-    fn invocation(&self, keys: &[String], args: &[String]) -> ScriptInvocation<'_> {
-        let mut invocation = self.script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(arg);
-        }
-        invocation
-    }
-}
-
-/// The first line of every script. A script with a shebang and without the `no-writes`
-/// flag is one that Redis (7.0 and later) refuses on a replica (`READONLY`) and on a
-/// primary short of `min-replicas-to-write` (`NOREPLICAS`): so no call, not even a
-/// lookup, is ever served by a demoted primary or a replica, whatever this process
-/// believes about where the primary is. `allow-oom` lets the scripts that only read or
-/// delete run on a full Redis, as plain scripts did; Set and the revocations leave it
-/// off, and a full Redis refuses them (under `noeviction`) before they run.
-const SHEBANG: &str = "#!lua\n";
-const SHEBANG_ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
-
-macro_rules! lua {
-    ($shebang:expr, $file:literal) => {
-        [
-            $shebang,
-            include_str!("scripts/lib.lua"),
-            include_str!(concat!("scripts/", $file)),
-        ]
-        .concat()
-    };
-}
-
-macro_rules! script {
-    ($shebang:expr, $file:literal) => {
-        Script::new(&lua!($shebang, $file))
-    };
-}
-
-/// The Get script's argument that has it read the marker in the same round trip
-/// (outside Cluster only; see `scripts/get.lua`).
-const READ_MARKER: &str = "marker";
 
 impl RedisStore {
     /// Sets up the pools without dialling: the service starts, and reports NOT_SERVING,
@@ -344,10 +191,10 @@ impl RedisStore {
                 .min_idle(Some(1))
                 .build_unchecked(manager)
         });
-        let get = script!(SHEBANG_ALLOW_OOM, "get.lua");
-        let reader = Arc::new(batch::Reader {
+        let scripts = Scripts::new();
+        let reader = Arc::new(read::Reader {
             mode: config.lookup,
-            script: get.clone(),
+            script: scripts.get.clone(),
             margin: config.limits.clock_skew,
             mget: AtomicBool::new(true),
         });
@@ -355,8 +202,8 @@ impl RedisStore {
             kind,
             cluster,
             primaries: cluster::Primaries::default(),
-            gets: batch::lookups(shared.clone(), reader.clone()),
-            calls: batch::calls(shared.clone()),
+            gets: coalesce::lookups(shared.clone(), reader.clone()),
+            calls: coalesce::calls(shared.clone()),
             calling: AtomicUsize::new(0),
             reader,
             lookups: AtomicUsize::new(0),
@@ -366,14 +213,7 @@ impl RedisStore {
             timeout: config.timeout,
             limits: config.limits,
             allow_evicting: config.allow_evicting,
-            scripts: Scripts {
-                get,
-                set: Arc::new(Lua::new(lua!(SHEBANG, "set.lua"))),
-                invalidate_token: Arc::new(Lua::new(lua!(SHEBANG, "invalidate_token.lua"))),
-                invalidate_user: Arc::new(Lua::new(lua!(SHEBANG, "invalidate_user.lua"))),
-                remove_if: script!(SHEBANG_ALLOW_OOM, "remove_if.lua"),
-                ping: Lua::new(lua!(SHEBANG_ALLOW_OOM, "ping.lua")),
-            },
+            scripts,
             _watchers: stop.drop_guard(),
         })
     }
@@ -382,26 +222,39 @@ impl RedisStore {
         checkout(&self.pool).await
     }
 
-    /// Runs one script within `deadline`.
-    async fn run<T: FromRedisValue>(
+    /// Runs `work` on a connection of the shared pool, checkout included, within
+    /// `deadline`.
+    async fn within<T>(
         &self,
         deadline: Instant,
-        invocation: &ScriptInvocation<'_>,
+        work: impl AsyncFnOnce(&mut Handle) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let call = async {
             let mut handle = self.connection().await?;
-            invocation
-                .invoke_async(&mut handle.conn)
-                .await
-                .map_err(|e| handle.failed(e))
+            work(&mut handle).await
         };
         timeout_at(deadline, call)
             .await
             .unwrap_or(Err(StoreError::Timeout))
     }
 
+    /// Runs one script within `deadline`.
+    async fn run<T: FromRedisValue>(
+        &self,
+        deadline: Instant,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.within(deadline, async |handle| {
+            invocation
+                .invoke_async(&mut handle.conn)
+                .await
+                .map_err(|e| handle.failed(e))
+        })
+        .await
+    }
+
     /// Runs one script call (`cmd`, an `EVALSHA` of `script`) within `deadline`: outside
-    /// Cluster, through the batcher when another call is in progress (see `batch`), else
+    /// Cluster, through the coalescer when another call is in progress (see `coalesce`), else
     /// straight away.
     async fn call<T: FromRedisValue>(
         &self,
@@ -411,16 +264,13 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let counted = Counted::enter(&self.calling);
         let value = if self.cluster || counted.alone {
-            let call = async {
-                let mut handle = self.connection().await?;
-                batch::evalsha(&mut handle, script, &cmd).await
-            };
-            timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout))?
+            self.within(deadline, async |handle| {
+                scripts::evalsha(handle, script, &cmd).await
+            })
+            .await?
         } else {
             let (reply, replied) = oneshot::channel();
-            let call = batch::Call {
+            let call = coalesce::ScriptCall {
                 cmd,
                 script: script.clone(),
                 reply,
@@ -442,15 +292,12 @@ impl RedisStore {
         deadline: Instant,
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
+        self.within(deadline, async |handle| {
             cmd.query_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e))
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+        })
+        .await
     }
 
     /// Runs a revocation's script and, with `--revocation-replicas`, waits until that
@@ -501,73 +348,30 @@ impl RedisStore {
             .unwrap_or(Err(StoreError::Timeout))
     }
 
-    /// Judges an entry that a Cluster lookup found, reading its user's marker after it
-    /// (SPEC §8: a marker only moves forward, so the later read is the safe one). A
-    /// marker that cannot be read fails the lookup: never a hit without the check.
-    async fn judge_in_cluster(
-        &self,
-        deadline: Instant,
-        raw: &[u8],
-        now: Micros,
-    ) -> Result<Verdict, StoreError> {
-        let Ok(cached) = entry::decode(raw) else {
-            return Ok(Verdict::Remove(Lookup::Corrupt));
-        };
-        if Micros::from_datetime(cached.session.session_expire) < now {
-            return Ok(judge_cached(cached, None, now, self.limits.clock_skew));
-        }
-        let marker: Option<Vec<u8>> = self
-            .query(
-                deadline,
-                redis::cmd("GET").arg(marker_key(&cached.session.user.id)),
-            )
-            .await?;
-        Ok(judge_cached(
-            cached,
-            marker.as_deref().map(read_marker),
-            now,
-            self.limits.clock_skew,
-        ))
-    }
-
     /// The Cluster's health within `deadline` (see `cluster::ping`).
     async fn ping_cluster(&self, deadline: Instant) -> Result<(), StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
-            cluster::ping(
-                &mut handle,
-                &self.primaries,
-                self.scripts.ping.eval(&[], &[]),
-            )
-            .await
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
-    }
-
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.timeout
+        self.within(deadline, async |handle| {
+            cluster::ping(handle, &self.primaries, self.scripts.ping.eval(&[], &[])).await
+        })
+        .await
     }
 
     /// Looks `key` up outside Cluster: directly when no other lookup is in progress,
-    /// else through the batcher.
-    async fn lookup(&self, deadline: Instant, key: &str) -> Result<batch::Looked, StoreError> {
+    /// else through the coalescer.
+    async fn lookup(&self, deadline: Instant, key: &str) -> Result<read::Looked, StoreError> {
         let counted = Counted::enter(&self.lookups);
         if counted.alone {
-            let call = async {
-                let mut handle = self.connection().await?;
-                let mut outcomes = self.reader.read(&mut handle, &[key], true).await;
-                outcomes
-                    .pop()
-                    .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
-            };
-            return timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout));
+            return self
+                .within(deadline, async |handle| {
+                    let mut outcomes = self.reader.read(handle, &[key], true).await;
+                    outcomes
+                        .pop()
+                        .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
+                })
+                .await;
         }
         let (reply, replied) = oneshot::channel();
-        let job = batch::Job {
+        let job = coalesce::Job {
             key: key.to_owned(),
             reply,
         };
@@ -580,114 +384,8 @@ impl RedisStore {
             .map_err(|_| StoreError::Failed("the get batcher dropped a lookup".into()))?
     }
 
-    /// Looks `key` up in Cluster: the Get script on the entry's node, then the marker
-    /// of a live entry (see `judge_in_cluster`).
-    async fn lookup_in_cluster(
-        &self,
-        deadline: Instant,
-        key: &str,
-    ) -> Result<batch::Looked, StoreError> {
-        let (raw, _, now): (Option<Vec<u8>>, Option<Vec<u8>>, i64) =
-            self.run(deadline, &self.scripts.get.key(key)).await?;
-        let now = Micros(now);
-        let verdict = match &raw {
-            Some(value) => self.judge_in_cluster(deadline, value, now).await?,
-            None => Verdict::Miss,
-        };
-        Ok(batch::Looked { raw, now, verdict })
-    }
-
-    /// Redis's `maxmemory-policy`, from CONFIG GET or, where an ACL forbids that, from
-    /// INFO; `None` when neither is allowed. In Cluster, the first `allkeys-*` policy of
-    /// any primary, else the first primary's.
-    pub async fn eviction_policy(&self) -> Result<Option<String>, StoreError> {
-        let mut handle = self.connection().await?;
-        let mut config = redis::cmd("CONFIG");
-        config.arg("GET").arg("maxmemory-policy");
-        let mut info = redis::cmd("INFO");
-        info.arg("memory");
-        let (config, info) = match &mut handle.conn {
-            Conn::Node(conn) => (
-                config.query_async::<Vec<String>>(conn).await,
-                info.query_async::<String>(conn).await,
-            ),
-            Conn::Cluster(conn) => {
-                // Every primary's answer, or the first refusal.
-                let everywhere = async |conn: &mut _, cmd| {
-                    let replies = cluster::on_each_primary(conn, &self.primaries, &cmd).await?;
-                    replies
-                        .into_iter()
-                        .map(|(_, reply)| reply)
-                        .collect::<Result<Vec<_>, _>>()
-                };
-                let config = everywhere(conn, config).await.and_then(|replies| {
-                    let mut pairs = Vec::new();
-                    for reply in replies {
-                        pairs.extend(Vec::<String>::from_redis_value(reply)?);
-                    }
-                    Ok(pairs)
-                });
-                let info = everywhere(conn, info).await.and_then(|replies| {
-                    let mut texts = Vec::new();
-                    for reply in replies {
-                        texts.push(String::from_redis_value(reply)?);
-                    }
-                    Ok(texts.join("\n"))
-                });
-                (config, info)
-            }
-        };
-        let policies: Vec<String> = match (config, info) {
-            (Ok(pairs), _) => pairs.into_iter().skip(1).step_by(2).collect(),
-            (Err(_), Ok(text)) => text
-                .lines()
-                .filter_map(|line| line.strip_prefix("maxmemory_policy:"))
-                .map(|policy| policy.trim().to_owned())
-                .collect(),
-            (Err(_), Err(_)) => Vec::new(),
-        };
-        let evicting = policies.iter().find(|p| p.starts_with("allkeys")).cloned();
-        Ok(evicting.or_else(|| policies.into_iter().next()))
-    }
-}
-
-impl RedisStore {
-    /// Whether the node behind a one-node topology has cluster mode on (`INFO cluster`);
-    /// `false` when it cannot tell.
-    async fn is_cluster_node(&self) -> bool {
-        let Ok(mut handle) = self.connection().await else {
-            return false;
-        };
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("cluster")
-            .query_async(&mut handle.conn)
-            .await;
-        info.is_ok_and(|text| text.lines().any(|line| line.trim() == "cluster_enabled:1"))
-    }
-}
-
-/// A pool's settings, shared by both pools.
-fn pool(size: u32, timeout: Duration, dial_errors: &DialErrors) -> bb8::Builder<Manager> {
-    Pool::builder()
-        .error_sink(Box::new(dial_errors.clone()))
-        .max_size(size)
-        .min_idle(Some(size))
-        // The test is the `broken` flag and the epoch, not a PING.
-        .test_on_check_out(true)
-        // Connections live as long as Redis keeps them; a broken one is replaced.
-        .max_lifetime(None)
-        .idle_timeout(None)
-        // bb8's own default is 30 s; a checkout never waits longer than a call may.
-        .connection_timeout(timeout)
-        // A refused dial fails the checkout at once instead of retrying until the
-        // timeout: the caller gets UNAVAILABLE fast and the pinger tries again.
-        .retry_connection(false)
-}
-
-fn pool_error(e: RunError<RedisError>) -> StoreError {
-    match e {
-        RunError::User(e) => StoreError::Failed(e.to_string()),
-        RunError::TimedOut => StoreError::Timeout,
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
     }
 }
 
@@ -699,17 +397,21 @@ impl Store for RedisStore {
     async fn get(&self, token: &TokenHash) -> Result<Lookup, StoreError> {
         let deadline = self.deadline();
         let key = token.entry_key();
-        let batch::Looked { raw, now, verdict } = if self.cluster {
+        let read::Looked {
+            raw,
+            now,
+            judgement,
+        } = if self.cluster {
             self.lookup_in_cluster(deadline, &key).await?
         } else {
             self.lookup(deadline, &key).await?
         };
         let fence = Fence(now);
-        match verdict {
-            Verdict::Hit(session) => Ok(Lookup::Hit(session)),
-            Verdict::Miss => Ok(Lookup::Miss(fence)),
-            Verdict::Remove(outcome) => {
-                // The verdict stands whether or not the removal lands: the next Get
+        match judgement {
+            Judgement::Hit(session) => Ok(Lookup::Hit(session)),
+            Judgement::Miss => Ok(Lookup::Miss(fence)),
+            Judgement::Remove(outcome) => {
+                // The judgement stands whether or not the removal lands: the next Get
                 // judges the same entry the same way.
                 let mut removal = self.scripts.remove_if.key(&key);
                 removal.arg(raw.as_deref());
@@ -855,29 +557,7 @@ impl Store for RedisStore {
     }
 
     async fn readiness_problem(&self) -> Option<String> {
-        if !self.cluster && timeout_at(self.deadline(), self.is_cluster_node()).await == Ok(true) {
-            return Some(
-                "this Redis is a node of a Redis Cluster, which refuses keys of slots it does \
-                 not serve: give the Cluster's nodes with --redis-cluster-nodes"
-                    .into(),
-            );
-        }
-        if self.allow_evicting {
-            return None;
-        }
-        let policy = timeout_at(self.deadline(), self.eviction_policy()).await;
-        match policy {
-            Ok(Ok(Some(policy))) if policy.starts_with("allkeys") => Some(format!(
-                "Redis maxmemory-policy is {policy}: it may evict invalidation markers and \
-                 tombstones, which would revive revoked sessions. Set noeviction or a \
-                 volatile-* policy, or pass --allow-evicting-redis"
-            )),
-            Ok(Ok(None)) => {
-                warn!("cannot read Redis maxmemory-policy (CONFIG and INFO refused): not checked");
-                None
-            }
-            _ => None,
-        }
+        self.readiness_problem_now().await
     }
 }
 
@@ -902,10 +582,4 @@ impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// A handle on a pipelined connection; the pool slot is given back at once.
-async fn checkout(pool: &Pool<Manager>) -> Result<Handle, StoreError> {
-    let pooled = pool.get().await.map_err(pool_error)?;
-    Ok(Handle::of(&pooled))
 }

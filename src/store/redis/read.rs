@@ -1,7 +1,7 @@
-//! Get lookups outside Cluster: how one reads Redis, and how concurrent ones are
-//! coalesced into pipelines.
+//! How a lookup reads Redis: on one Redis (or behind Sentinels) and in a Cluster, side
+//! by side.
 //!
-//! # Reading
+//! # One Redis
 //! Two ways, and by default each where it wins (`Mixed`): the script for a lone lookup,
 //! where a round trip is what counts, commands for a batch, where Redis's CPU is. The
 //! hidden `--redis-lookup` forces one, to measure them side by side (BENCHMARKS.md):
@@ -21,54 +21,27 @@
 //!   node that took it was a primary when it read them, unless it was promoted in
 //!   between, and then what it read is what it holds as the primary.
 //!
-//! # Coalescing
-//! Sent one by one, each lookup costs its own socket write on the service and its own
-//! read and write on Redis, and a wake-up of the connection's driver for each; on 2
-//! cores with 500 calls in flight those system calls and context switches were most of
-//! what a Redis lookup added over a constant reply. Here the lookups that are ready at
-//! the same moment go out as one pipeline: the batcher takes the first, yields once so
-//! that every handler already scheduled can add its own, and sends what has gathered.
-//! Under load that is dozens per write. A lookup that starts while no other is in
-//! progress does not come here at all (see `RedisStore::lookup`): with nothing to
-//! coalesce, the batcher's extra hop would only add latency.
 //!
-//! Callers keep their own deadline: a caller that gave up is skipped if its lookup has
-//! not been sent, and ignored when its reply arrives.
+//! A lone lookup (no other in progress) reads at once; concurrent ones go through the
+//! coalescer (`coalesce`), which reads each batch the same way.
+//!
+//! # Cluster
+//! The Get script on the entry's node, then the marker of a live entry, read after it
+//! (SPEC §8): the entry and the marker live in different slots.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use bb8::Pool;
-use bb8_redis::redis::{
-    self, Cmd, ErrorKind, FromRedisValue, Pipeline, Script, ServerErrorKind, Value,
-};
-use tokio::sync::{mpsc, oneshot};
+use bb8_redis::redis::{self, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
+use tokio::time::Instant;
 use tracing::warn;
 
-use super::{
-    Lua, checkout,
-    connection::{Handle, Manager},
-};
+use super::{RedisStore, connection::Handle, scripts::READ_MARKER, settings::LookupMode};
 use crate::{
     clock::Micros,
     entry,
     keys::marker_key,
-    store::{StoreError, Verdict, judge, judge_cached, read_marker},
+    store::{Judgement, Lookup, StoreError, judge, judge_cached, read_marker},
 };
-
-/// How lookups read Redis (see above).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LookupMode {
-    /// One Lua script per lookup.
-    Script,
-    /// Plain commands: the entry and the clock, then the marker of a live entry.
-    Commands,
-    /// The script for a lone lookup (one round trip), commands for a batch.
-    #[default]
-    Mixed,
-}
 
 /// A write that a replica, or a primary short of `min-replicas-to-write`, refuses, and
 /// that changes nothing anywhere else: the key is never written (entry keys end in 32
@@ -77,11 +50,11 @@ pub enum LookupMode {
 pub(super) const PRIMARY_CHECK: &str = "session_cache:primary-check";
 
 /// What a lookup found: the raw entry (for the removal of a dead one), the store's
-/// clock, and the verdict.
+/// clock, and the judgement.
 pub(super) struct Looked {
     pub raw: Option<Vec<u8>>,
     pub now: Micros,
-    pub verdict: Verdict,
+    pub judgement: Judgement,
 }
 
 /// How lookups read Redis, shared by the batcher and the lone lookup.
@@ -96,7 +69,8 @@ pub(super) struct Reader {
     pub mget: AtomicBool,
 }
 
-type Outcome = Result<Looked, StoreError>;
+/// What one lookup came to.
+pub(super) type Reading = Result<Looked, StoreError>;
 
 impl Reader {
     /// Looks up `keys` over one connection; one outcome per key, in order. `lone`: a
@@ -106,7 +80,7 @@ impl Reader {
         handle: &mut Handle,
         keys: &[&str],
         lone: bool,
-    ) -> Vec<Outcome> {
+    ) -> Vec<Reading> {
         match (self.mode, lone) {
             (LookupMode::Script, _) | (LookupMode::Mixed, true) => {
                 self.by_script(handle, keys).await
@@ -138,7 +112,7 @@ impl Reader {
         }
     }
 
-    async fn by_script(&self, handle: &mut Handle, keys: &[&str]) -> Vec<Outcome> {
+    async fn by_script(&self, handle: &mut Handle, keys: &[&str]) -> Vec<Reading> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for key in keys {
@@ -146,7 +120,7 @@ impl Reader {
                 .arg(self.script.get_hash())
                 .arg(1)
                 .arg(key)
-                .arg(super::READ_MARKER);
+                .arg(READ_MARKER);
         }
         let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
             Ok(values) => values,
@@ -163,7 +137,7 @@ impl Reader {
                 Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => self
                     .script
                     .key(*key)
-                    .arg(super::READ_MARKER)
+                    .arg(READ_MARKER)
                     .invoke_async(&mut handle.conn)
                     .await
                     .map_err(|e| handle.failed(e)),
@@ -176,8 +150,12 @@ impl Reader {
             };
             outcomes.push(reply.map(|(raw, marker, now)| {
                 let now = Micros(now);
-                let verdict = judge(raw.as_deref(), marker.as_deref(), now, self.margin);
-                Looked { raw, now, verdict }
+                let judgement = judge(raw.as_deref(), marker.as_deref(), now, self.margin);
+                Looked {
+                    raw,
+                    now,
+                    judgement,
+                }
             }));
         }
         outcomes
@@ -189,7 +167,7 @@ impl Reader {
         handle: &mut Handle,
         keys: &[&str],
         mget: bool,
-    ) -> Result<Vec<Outcome>, Failure> {
+    ) -> Result<Vec<Reading>, Failure> {
         // The store's clock, the entries, the check.
         let mut pipe = redis::pipe();
         pipe.cmd("TIME");
@@ -205,13 +183,19 @@ impl Reader {
                     .map_err(|e| StoreError::Failed(format!("TIME answered {e}"))),
             })?;
         let entries = replies(values, keys.len(), mget)?;
-        let mut outcomes: Vec<Outcome> = Vec::with_capacity(keys.len());
+        let mut outcomes: Vec<Reading> = Vec::with_capacity(keys.len());
         // The live entries, whose markers are read next: (index, entry).
         let mut live = Vec::new();
         for value in entries {
-            let looked = |raw, verdict| Ok(Looked { raw, now, verdict });
+            let looked = |raw, judgement| {
+                Ok(Looked {
+                    raw,
+                    now,
+                    judgement,
+                })
+            };
             match value {
-                Value::Nil => outcomes.push(looked(None, Verdict::Miss)),
+                Value::Nil => outcomes.push(looked(None, Judgement::Miss)),
                 Value::ServerError(e) => {
                     outcomes.push(Err(StoreError::Failed(format!("GET failed: {e}"))));
                 }
@@ -226,18 +210,18 @@ impl Reader {
                     match entry::decode(&raw) {
                         Err(_) => outcomes.push(looked(
                             Some(raw),
-                            Verdict::Remove(crate::store::Lookup::Corrupt),
+                            Judgement::Remove(crate::store::Lookup::Corrupt),
                         )),
                         Ok(cached)
                             if Micros::from_datetime(cached.session.session_expire) < now =>
                         {
-                            let verdict = judge_cached(cached, None, now, self.margin);
-                            outcomes.push(looked(Some(raw), verdict));
+                            let judgement = judge_cached(cached, None, now, self.margin);
+                            outcomes.push(looked(Some(raw), judgement));
                         }
                         Ok(cached) => {
                             live.push((outcomes.len(), cached));
                             // A placeholder, judged once the marker is in.
-                            outcomes.push(looked(Some(raw), Verdict::Miss));
+                            outcomes.push(looked(Some(raw), Judgement::Miss));
                         }
                     }
                 }
@@ -282,7 +266,7 @@ impl Reader {
                 ),
             };
             if let Ok(looked) = &mut outcomes[index] {
-                looked.verdict = judge_cached(cached, marker, now, self.margin);
+                looked.judgement = judge_cached(cached, marker, now, self.margin);
             }
         }
         Ok(outcomes)
@@ -310,8 +294,7 @@ impl Reader {
 
 /// Why a commands lookup gave no outcomes.
 enum Failure {
-    /// The Redis user may not run `MGET` (an ACL from before lookups used it): read again
-    /// key by key.
+    /// The Redis user may not run `MGET`: read again key by key.
     MgetDenied,
     Store(StoreError),
 }
@@ -358,215 +341,54 @@ fn replies(
     }
 }
 
-/// One lookup waiting for its batch.
-pub(super) struct Job {
-    pub key: String,
-    pub reply: oneshot::Sender<Outcome>,
-}
-
-/// One script call waiting for its batch: its `EVALSHA`, and the script, for a Redis
-/// that has lost it.
-pub(super) struct Call {
-    pub cmd: Cmd,
-    pub script: Arc<Lua>,
-    pub reply: oneshot::Sender<Result<Value, StoreError>>,
-}
-
-/// What waits in a batcher's queue.
-pub(super) trait Waiting: Send + 'static {
-    /// The caller has given up.
-    fn gone(&self) -> bool;
-    fn fail(self, e: StoreError);
-}
-
-impl Waiting for Job {
-    fn gone(&self) -> bool {
-        self.reply.is_closed()
-    }
-
-    fn fail(self, e: StoreError) {
-        let _ = self.reply.send(Err(e));
-    }
-}
-
-impl Waiting for Call {
-    fn gone(&self) -> bool {
-        self.reply.is_closed()
-    }
-
-    fn fail(self, e: StoreError) {
-        let _ = self.reply.send(Err(e));
-    }
-}
-
-/// Most calls in one pipeline; more wait for the next.
-const MAX_BATCH: usize = 256;
-
-/// Starts the lookups' batcher; it ends when the returned sender is dropped. The
-/// channel needs no bound of its own: `--max-in-flight` bounds the calls that can be
-/// waiting in it.
-pub(super) fn lookups(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::UnboundedSender<Job> {
-    spawn(pool, move |mut handle, batch: Vec<Job>| {
-        let reader = reader.clone();
-        async move {
-            let keys: Vec<&str> = batch.iter().map(|job| job.key.as_str()).collect();
-            let outcomes = reader.read(&mut handle, &keys, false).await;
-            for (job, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = job.reply.send(outcome);
-            }
-        }
-    })
-}
-
-/// Starts the script calls' batcher (Sets and revocations that wait for no replica);
-/// it ends when the returned sender is dropped.
-pub(super) fn calls(pool: Pool<Manager>) -> mpsc::UnboundedSender<Call> {
-    spawn(pool, run_calls)
-}
-
-fn spawn<J, F, Fut>(pool: Pool<Manager>, send: F) -> mpsc::UnboundedSender<J>
-where
-    J: Waiting,
-    F: Fn(Handle, Vec<J>) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let (jobs, queue) = mpsc::unbounded_channel();
-    tokio::spawn(gather(queue, pool, send));
-    jobs
-}
-
-async fn gather<J, F, Fut>(mut queue: mpsc::UnboundedReceiver<J>, pool: Pool<Manager>, send: F)
-where
-    J: Waiting,
-    F: Fn(Handle, Vec<J>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    while let Some(first) = queue.recv().await {
-        // Let the handlers that are already runnable enqueue their calls too.
-        tokio::task::yield_now().await;
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        batch.retain(|job| !job.gone());
-        if batch.is_empty() {
-            continue;
-        }
-        match checkout(&pool).await {
-            // Sent from a task of its own, so that gathering goes on while this batch
-            // waits for its reply.
-            Ok(handle) => {
-                tokio::spawn(send(handle, batch));
-            }
-            Err(e) => {
-                for job in batch {
-                    job.fail(e.clone());
-                }
-            }
-        }
-    }
-}
-
-/// Sends a batch of script calls as one pipeline. The calls whose script Redis has lost
-/// (a restart, a failover, SCRIPT FLUSH) are sent again in a second pipeline, behind a
-/// `SCRIPT LOAD` of each script they need: two round trips for the batch, however many
-/// calls were refused.
-async fn run_calls(mut handle: Handle, batch: Vec<Call>) {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    let mut scripts = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
-    for call in batch {
-        pipe.add_command(call.cmd);
-        scripts.push(call.script);
-        replies.push(call.reply);
-    }
-    let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
-        Ok(values) => values,
-        Err(e) => {
-            let e = handle.failed(e);
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-            return;
-        }
-    };
-    let mut again = redis::pipe();
-    again.ignore_errors();
-    let mut loaded: Vec<&str> = Vec::new();
-    let mut refused = Vec::new();
-    let calls = pipe.cmd_iter().zip(&scripts).zip(replies).zip(values);
-    for (((cmd, script), reply), value) in calls {
-        let outcome = match value {
-            Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript) => {
-                let hash = script.script.get_hash();
-                if !loaded.contains(&hash) {
-                    loaded.push(hash);
-                    again.cmd("SCRIPT").arg("LOAD").arg(&script.code).ignore();
-                }
-                again.add_command(cmd.clone());
-                refused.push(reply);
-                continue;
-            }
-            Value::ServerError(e) => Err(handle.failed(e.into())),
-            value => Ok(value),
+impl RedisStore {
+    /// Looks `key` up in Cluster: the Get script on the entry's node, then the marker
+    /// of a live entry (see `judge_in_cluster`).
+    pub(super) async fn lookup_in_cluster(
+        &self,
+        deadline: Instant,
+        key: &str,
+    ) -> Result<Looked, StoreError> {
+        let (raw, _, now): (Option<Vec<u8>>, Option<Vec<u8>>, i64) =
+            self.run(deadline, &self.scripts.get.key(key)).await?;
+        let now = Micros(now);
+        let judgement = match &raw {
+            Some(value) => self.judge_in_cluster(deadline, value, now).await?,
+            None => Judgement::Miss,
         };
-        let _ = reply.send(outcome);
+        Ok(Looked {
+            raw,
+            now,
+            judgement,
+        })
     }
-    if refused.is_empty() {
-        return;
-    }
-    let outcomes: Vec<Result<Value, StoreError>> =
-        match again.query_async::<Vec<Value>>(&mut handle.conn).await {
-            Ok(values) => values
-                .into_iter()
-                .map(|value| match value {
-                    Value::ServerError(e) => Err(handle.failed(e.into())),
-                    value => Ok(value),
-                })
-                .collect(),
-            Err(e) => {
-                let e = handle.failed(e);
-                refused.iter().map(|_| Err(e.clone())).collect()
-            }
+
+    /// Judges an entry that a Cluster lookup found, reading its user's marker after it
+    /// (SPEC §8: a marker only moves forward, so the later read is the safe one). A
+    /// marker that cannot be read fails the lookup: never a hit without the check.
+    async fn judge_in_cluster(
+        &self,
+        deadline: Instant,
+        raw: &[u8],
+        now: Micros,
+    ) -> Result<Judgement, StoreError> {
+        let Ok(cached) = entry::decode(raw) else {
+            return Ok(Judgement::Remove(Lookup::Corrupt));
         };
-    for (reply, outcome) in refused.into_iter().zip(outcomes) {
-        let _ = reply.send(outcome);
-    }
-}
-
-/// Runs one script call (`cmd`, an `EVALSHA` of `script`) on `handle`.
-pub(super) async fn evalsha(
-    handle: &mut Handle,
-    script: &Lua,
-    cmd: &Cmd,
-) -> Result<Value, StoreError> {
-    match cmd.query_async::<Value>(&mut handle.conn).await {
-        Ok(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript) => {
-            reload(handle, script, cmd).await
+        if Micros::from_datetime(cached.session.session_expire) < now {
+            return Ok(judge_cached(cached, None, now, self.limits.clock_skew));
         }
-        Ok(Value::ServerError(e)) => Err(handle.failed(e.into())),
-        Ok(value) => Ok(value),
-        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            reload(handle, script, cmd).await
-        }
-        Err(e) => Err(handle.failed(e)),
-    }
-}
-
-/// Loads `script` and sends `cmd` again.
-async fn reload(handle: &mut Handle, script: &Lua, cmd: &Cmd) -> Result<Value, StoreError> {
-    script
-        .script
-        .load_async(&mut handle.conn)
-        .await
-        .map_err(|e| handle.failed(e))?;
-    match cmd.query_async::<Value>(&mut handle.conn).await {
-        Ok(Value::ServerError(e)) => Err(handle.failed(e.into())),
-        Ok(value) => Ok(value),
-        Err(e) => Err(handle.failed(e)),
+        let marker: Option<Vec<u8>> = self
+            .query(
+                deadline,
+                redis::cmd("GET").arg(marker_key(&cached.session.user.id)),
+            )
+            .await?;
+        Ok(judge_cached(
+            cached,
+            marker.as_deref().map(read_marker),
+            now,
+            self.limits.clock_skew,
+        ))
     }
 }

@@ -1,6 +1,6 @@
 """A stand-in for Appwrite's account API, the identity provider behind Validate in the
-ecosystem tests (session-cache runs with --idp appwrite --appwrite-endpoint
-http://127.0.0.1:<port>/v1 --appwrite-project <id>).
+ecosystem tests and the benchmarks (session-cache runs with --idp appwrite
+--appwrite-endpoint http://127.0.0.1:<port>/v1 --appwrite-project <id>).
 
 It answers what session-cache asks (src/idp/appwrite.rs), in Appwrite's shapes:
   GET    /v1/account                   the User model ($id, $createdAt, $updatedAt, name,
@@ -23,7 +23,7 @@ GET /v1/account and one GET /v1/account/sessions/current.
     stand_in.validations("my-session-token")   # GET /v1/account calls for that secret
 
 Run on its own it serves the README's session (my-session-token -> user-42):
-    python tests/ecosystem/appwrite_stand_in.py [--port 8080]
+    python3 tests/testkit/appwrite.py [--port 8080]
 """
 
 from __future__ import annotations
