@@ -13,8 +13,8 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
-from appwrite_stand_in import AppwriteStandIn
 from support import Server, grpcurl
+from testkit.appwrite import AppwriteStandIn
 
 AUTHORIZATION = "envoy.service.auth.v3.Authorization"
 IDENTITY = ["x-auth-request-user", "x-auth-request-email", "x-auth-request-name",

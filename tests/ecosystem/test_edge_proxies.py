@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from appwrite_stand_in import AppwriteStandIn
 from support import BIN, ROOT, WORK, Server, eventually, free_port, grpcurl, log_path, stop_process
+from testkit.appwrite import AppwriteStandIn
 
 DEFAULT_PORTS = {"proxy": 8080, "app": 8000, "auth": 8081}
 
