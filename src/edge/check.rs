@@ -16,7 +16,7 @@
 //! `append_action`'s default, APPEND_IF_EXISTS_OR_ADD, which would keep a client's
 //! spoofed value beside ours).
 
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -67,49 +67,65 @@ impl<S: Store> CheckService<S> {
     }
 }
 
-#[tonic::async_trait]
+// Written out rather than with `async_trait`: the request (Envoy's message, large) is
+// read before the future is made, so the boxed future holds only the token and the
+// changes, and is not copied with the request inside it.
 impl<S: Store> Authorization for CheckService<S> {
-    async fn check(
-        &self,
+    fn check<'life0, 'async_trait>(
+        &'life0 self,
         request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+    ) -> Pin<Box<dyn Future<Output = Result<Response<CheckResponse>, Status>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
         let began = Instant::now();
         let deadline = self
             .decider
             .deadline(began, grpc_timeout(request.metadata().as_ref()));
-        let answer = self.answer(request.into_inner(), began, deadline).await?;
-        // The call layer (`crate::call`) counts and traces the call with this outcome.
-        let outcome = Outcome(outcome_label(&answer));
-        let mut response = Response::new(answer);
-        response.extensions_mut().insert(outcome);
-        Ok(response)
+        let read = self.read(request.get_ref());
+        drop(request);
+        Box::pin(async move {
+            let answer = match read? {
+                Ok((token, changes)) => self.decide(token, changes, began, deadline).await?,
+                Err(denial) => denial,
+            };
+            // The call layer (`crate::call`) counts and traces the call with this
+            // outcome.
+            let outcome = Outcome(outcome_label(&answer));
+            let mut response = Response::new(answer);
+            response.extensions_mut().insert(outcome);
+            Ok(response)
+        })
     }
 }
 
+/// What an allowed answer changes besides the identity headers, read from the request
+/// before the decision, so that the request (Envoy's large message) is not held while
+/// the decision is awaited.
+struct Changes {
+    /// The client's headers under the prefix, and the token's when stripped.
+    remove: Vec<String>,
+    /// The `cookie` header without the session cookie, when it is stripped and
+    /// others are left.
+    cookie: Option<String>,
+}
+
 impl<S: Store> CheckService<S> {
-    /// Check proper: find the token, decide, shape the answer.
-    pub async fn answer(
+    /// The decision about `token`, as Check's answer.
+    async fn decide(
         &self,
-        request: CheckRequest,
+        token: String,
+        changes: Changes,
         began: Instant,
         deadline: Instant,
     ) -> Result<CheckResponse, Status> {
-        let http = http_request(&request)?;
-        let headers = EnvoyHeaders::of(http);
-        let (token, carrier) = match self.settings.extractor.find(&headers) {
-            Found::Token { token, carrier } => (token, carrier),
-            Found::Nothing => return Ok(denied("no session token")),
-            Found::Malformed(why) => {
-                debug!(why, "check: denied a malformed request");
-                return Ok(denied(why));
-            }
-        };
         match self
             .decider
             .decide(&token, Via::Check, began, deadline)
             .await
         {
-            Ok(Decision::Valid(session)) => Ok(self.allowed(&session, &headers, &carrier)),
+            Ok(Decision::Valid(session)) => Ok(self.allowed(&session, changes)),
             Ok(Decision::Invalid) => Ok(denied("the session is not valid")),
             Ok(Decision::Unavailable(_)) => Err(Status::unavailable(
                 "the identity provider or the store cannot decide now; retry",
@@ -122,21 +138,24 @@ impl<S: Store> CheckService<S> {
         }
     }
 
-    /// OK, with the identity headers set and the client's own removed.
-    fn allowed(
+    /// The token and what an allowed answer changes; or a denial; or bad input.
+    fn read(
         &self,
-        session: &Session,
-        headers: &EnvoyHeaders<'_>,
-        carrier: &Carrier,
-    ) -> CheckResponse {
+        request: &CheckRequest,
+    ) -> Result<Result<(String, Changes), CheckResponse>, Status> {
+        let http = http_request(request)?;
+        let headers = EnvoyHeaders::of(http);
+        let (token, carrier) = match self.settings.extractor.find(&headers) {
+            Found::Token { token, carrier } => (token.into_owned(), carrier),
+            Found::Nothing => return Ok(Err(denied("no session token"))),
+            Found::Malformed(why) => {
+                debug!(why, "check: denied a malformed request");
+                return Ok(Err(denied(why)));
+            }
+        };
         let identity = &self.settings.identity;
-        let mut set: Vec<HeaderValueOption> = identity
-            .headers(Some(session))
-            .into_iter()
-            .map(|(name, value)| overwrite(name, value))
-            .collect();
-        // The client's headers under the prefix that the answer does not set.
         let prefix = identity.prefix();
+        // The client's headers under the prefix that the answer does not set.
         let mut remove: Vec<String> = headers
             .names()
             // Only names under the prefix are copied (and lowercased).
@@ -147,19 +166,33 @@ impl<S: Store> CheckService<S> {
             .map(str::to_ascii_lowercase)
             .filter(|name| !identity.names().iter().any(|own| own == name))
             .collect();
+        let mut cookie = None;
         if self.settings.strip_credentials {
-            match carrier {
+            match &carrier {
                 Carrier::Bearer => remove.push("authorization".into()),
                 Carrier::Header(name) => remove.push(name.clone()),
-                Carrier::Cookie(name) => match without_cookie(headers, name) {
+                Carrier::Cookie(name) => match without_cookie(&headers, name) {
                     // Set, so never also removed (Envoy removes after it sets).
-                    Some(rest) => set.push(overwrite("cookie", rest)),
+                    Some(rest) => cookie = Some(rest),
                     None => remove.push("cookie".into()),
                 },
             }
         }
         remove.sort();
         remove.dedup();
+        Ok(Ok((token, Changes { remove, cookie })))
+    }
+
+    /// OK, with the identity headers set and the client's own removed.
+    fn allowed(&self, session: &Session, changes: Changes) -> CheckResponse {
+        let mut set: Vec<HeaderValueOption> = self
+            .settings
+            .identity
+            .headers(Some(session))
+            .into_iter()
+            .map(|(name, value)| overwrite(name, value))
+            .collect();
+        set.extend(changes.cookie.map(|rest| overwrite("cookie", rest)));
         CheckResponse {
             status: Some(rpc::Status {
                 code: 0,
@@ -167,7 +200,7 @@ impl<S: Store> CheckService<S> {
             }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: set,
-                headers_to_remove: remove,
+                headers_to_remove: changes.remove,
                 ..Default::default()
             })),
             ..Default::default()
