@@ -19,15 +19,14 @@ pub mod entry;
 pub mod error;
 mod files;
 pub mod health;
-// The routes of --http-listen; nothing serves them until the listener is built.
-#[allow(dead_code)]
-mod http;
+pub mod http;
 pub mod idp;
 pub mod keys;
 mod metrics;
 pub mod pb;
 pub mod prepare;
 mod reload;
+pub mod revoke;
 pub mod rpc;
 pub mod server;
 pub mod service;

@@ -45,7 +45,7 @@ use tracing::{Instrument, debug, warn};
 use crate::{
     entry::Session,
     idp::{Answer, Provider},
-    keys::TokenHash,
+    keys::{TokenHash, TokenHasher},
     metrics,
     store::{Fence, Store, Stored},
 };
@@ -78,6 +78,8 @@ pub struct Validator {
     /// Flights waiting for a slot, and how many may.
     waiting: Arc<std::sync::atomic::AtomicUsize>,
     max_waiting: usize,
+    /// How the provider's session ids are hashed, when they are recorded.
+    session_ids: Option<TokenHasher>,
 }
 
 /// One provider call and the Set after it, shared by every Validate of one token.
@@ -121,6 +123,7 @@ impl Validator {
             call_timeout: Duration::ZERO,
             waiting: Arc::default(),
             max_waiting: 0,
+            session_ids: None,
         }
     }
 
@@ -129,6 +132,14 @@ impl Validator {
     pub fn with_waiting(mut self, call_timeout: Duration, max_waiting: usize) -> Validator {
         self.call_timeout = call_timeout;
         self.max_waiting = max_waiting;
+        self
+    }
+
+    /// Records in the store, hashed with `hasher`, the user of each session id a
+    /// provider answer names (before the answer is cached, so that a logout naming only
+    /// the session finds it from then on; SPEC §12).
+    pub fn with_session_ids(mut self, hasher: TokenHasher) -> Validator {
+        self.session_ids = Some(hasher);
         self
     }
 
@@ -253,6 +264,7 @@ impl Validator {
             departure: departure(),
             admission,
             slot,
+            session_ids: self.session_ids.clone(),
         };
         let flights = self.flights.clone();
         let started = flight.clone();
@@ -381,6 +393,7 @@ struct Trip<S> {
     departure: Departure<S>,
     admission: Admission,
     slot: Slot,
+    session_ids: Option<TokenHasher>,
 }
 
 impl<S: Store> Trip<S> {
@@ -404,9 +417,9 @@ impl<S: Store> Trip<S> {
             idp.provider = name,
             idp.result = tracing::field::Empty,
         );
-        let answer = self
+        let (answer, session_id) = self
             .provider
-            .validate(&self.token)
+            .validate_with_session_id(&self.token)
             .instrument(span.clone())
             .await;
         let result = match &answer {
@@ -443,6 +456,17 @@ impl<S: Store> Trip<S> {
                         stored_from: None,
                     };
                 };
+                if let (Some(hasher), Some(sid)) = (&self.session_ids, &session_id) {
+                    // Before the Set: a logout naming the session that arrives once the
+                    // entry can be served finds whose it is.
+                    let sid = hasher.hash(sid);
+                    if let Err(e) = store
+                        .remember_session(&sid, &session.user.id, session.session_expire)
+                        .await
+                    {
+                        debug!(token = self.hash.short(), error = %e, "a session id's user was not recorded");
+                    }
+                }
                 let set_began = Instant::now();
                 let stored_from = match store.set(&self.hash, &session, Some(fence)).await {
                     Ok(Stored::Stored { .. }) => Some(set_began),

@@ -200,6 +200,14 @@ pub struct Config {
     /// Validation at the edge: Envoy's Check and /auth (SPEC §11).
     #[command(flatten)]
     pub edge: crate::edge::EdgeFlags,
+
+    /// The HTTP listener (SPEC §11, §12).
+    #[command(flatten)]
+    pub http: crate::http::HttpFlags,
+
+    /// Revocations pushed by the identity provider (SPEC §12).
+    #[command(flatten)]
+    pub revoke: crate::revoke::RevokeFlags,
 }
 
 /// Whether `text` is a URL the OTLP/gRPC exporter can dial: http://, a host, no path
@@ -251,6 +259,7 @@ impl Config {
         }
         self.redis.validate()?;
         self.idp.validate()?;
+        self.revoke.validate(self.http.http_listen.is_some())?;
         if let Some(endpoint) = &self.otlp_endpoint
             && !otlp_endpoint_ok(endpoint)
         {
@@ -301,6 +310,7 @@ impl Config {
             authenticated,
             keyed_token_hashing = self.token_hmac_secret_file.is_some(),
             metrics_listen = ?self.metrics_listen,
+            http_listen = ?self.http.http_listen,
             max_connections = self.max_connections,
             idle_timeout_seconds = self.idle_timeout_seconds,
             request_timeout_ms = self.request_timeout_ms,

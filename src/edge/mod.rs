@@ -14,8 +14,6 @@
 //! the prefix are removed (Check) or overwritten by the proxy's copy rules (`/auth`,
 //! which therefore answers every identity header, empty when unknown).
 
-// Served by --http-listen, which is not built yet.
-#[allow(dead_code)]
 pub mod auth;
 pub mod check;
 

@@ -125,6 +125,7 @@ async fn serve_store<S: Store>(
         tls,
         redis: _,
         idp,
+        revoke,
     } = prepared;
     let config = &config;
     // Disabled, the service serves (pass-through) without a store; enabled, it serves
@@ -136,15 +137,19 @@ async fn serve_store<S: Store>(
     let auth = auth::current(auth);
     // The service's calls are traced; the health loop's pings are not (see store::traced).
     let traced = Arc::new(Traced(store.clone()));
+    let tls = tls.map(|config| Arc::new(ArcSwap::new(config)));
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
-    let mut service = SessionCacheService::new(traced, config.enabled, status.clone())
-        .with_hasher(hasher)
+    let mut service = SessionCacheService::new(traced.clone(), config.enabled, status.clone())
+        .with_hasher(hasher.clone())
         .with_request_timeout(request_timeout);
     if let Some(provider) = &idp {
-        service = service.with_validator(
-            Validator::new(provider.clone(), config.idp.idp_max_in_flight as usize)
-                .with_waiting(config.idp.timeout(), config.idp.idp_max_waiting as usize),
-        );
+        let validator = Validator::new(provider.clone(), config.idp.idp_max_in_flight as usize)
+            .with_waiting(config.idp.timeout(), config.idp.idp_max_waiting as usize);
+        service = service.with_validator(if revoke.records_session_ids() {
+            validator.with_session_ids(hasher.clone())
+        } else {
+            validator
+        });
     }
     // Validation at the edge (SPEC §11): Envoy's Check on this listener, and /auth for
     // the HTTP listener, both over Validate's decision.
@@ -158,7 +163,6 @@ async fn serve_store<S: Store>(
         service.decider(),
         auth.clone(),
     );
-    let _routes: Vec<Arc<dyn crate::http::Route>> = vec![edge.auth_route()];
     let (routes, reporter) = router::routes(service, edge.check_server())?;
     let router = Server::builder()
         // Cuts requests whose message arrives slowly or never, with CANCELLED.
@@ -177,11 +181,32 @@ async fn serve_store<S: Store>(
                 .await
                 .map_err(|e| SetupError::bind("--metrics-listen", addr, &e))?;
             let handle = crate::metrics::install().map_err(|_| SetupError::Recorder)?;
+            crate::http::metrics::describe();
+            crate::revoke::metrics::describe();
+            crate::decision::export_metrics();
             if let Some(provider) = &idp {
                 crate::metrics::idp_exported(provider.name(), &crate::idp::RESULT_LABELS);
             }
             crate::decision::export_metrics();
             Some(MetricsEndpoint { listener, handle })
+        }
+        None => None,
+    };
+    // The HTTP listener (--http-listen, SPEC §11, §12), bound with the other ports.
+    let http = match config.http.http_listen {
+        Some(addr) => {
+            // SPEC §11: forward authentication for nginx, Traefik, Caddy.
+            let mut routes: Vec<Arc<dyn crate::http::Route>> = vec![edge.auth_route()];
+            // SPEC §12: revocations pushed by the identity provider.
+            routes.extend(revoke.routes(traced.clone(), hasher, config.enabled));
+            Some(crate::http::Listener::new(
+                crate::http::bind(addr).await?,
+                routes,
+                tls.clone(),
+                config.http.http_max_connections,
+                request_timeout,
+                Duration::from_secs(config.idle_timeout_seconds),
+            ))
         }
         None => None,
     };
@@ -199,7 +224,6 @@ async fn serve_store<S: Store>(
         reporter.set_service_status(*service, initial).await;
     }
     transport::raise_open_files_limit();
-    let tls = tls.map(|config| Arc::new(ArcSwap::new(config)));
     let mut reloadable = Vec::new();
     if let Some(path) = &config.api_keys_file {
         reloadable.push(Reloadable::keys(
@@ -222,6 +246,8 @@ async fn serve_store<S: Store>(
         reporter: reporter.clone(),
         health_interval: Duration::from_millis(config.health_interval_ms),
         metrics,
+        http,
+        shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
         reloadable,
         connections: connections.clone(),
     });

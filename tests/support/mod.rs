@@ -9,9 +9,11 @@
 pub mod acl;
 pub mod cluster;
 pub mod failover;
+pub mod http;
 pub mod idp;
 pub mod load;
 pub mod nodes;
+pub mod oidc;
 pub mod pki;
 pub mod poll;
 pub mod process;
@@ -19,6 +21,7 @@ pub mod redis_server;
 pub mod scrape;
 pub mod sentinel;
 pub mod subject;
+pub mod webhooks;
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},

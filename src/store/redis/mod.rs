@@ -70,6 +70,7 @@ use tracing::debug;
 
 use super::{
     Fence, Judgement, Limits, Lookup, Store, StoreError, Stored, marker_revokes_fence, read_marker,
+    session_id_ttl,
 };
 
 mod cluster;
@@ -523,6 +524,34 @@ impl Store for RedisStore {
                 .arg(self.limits.negative_ttl_seconds),
         )
         .await
+    }
+
+    async fn remember_session(
+        &self,
+        sid: &TokenHash,
+        user_id: &str,
+        session_expire: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StoreError> {
+        // This process's clock: the key's lifetime needs no better, unlike a fence.
+        let now = Micros::from_datetime(chrono::Utc::now());
+        let expire = Micros::from_datetime(session_expire);
+        let Some(ttl) = session_id_ttl(expire, now, self.limits.ttl_seconds) else {
+            return Ok(());
+        };
+        self.query(
+            self.deadline(),
+            redis::cmd("SET")
+                .arg(sid.session_id_key())
+                .arg(user_id)
+                .arg("EX")
+                .arg(ttl),
+        )
+        .await
+    }
+
+    async fn session_user(&self, sid: &TokenHash) -> Result<Option<String>, StoreError> {
+        self.query(self.deadline(), redis::cmd("GET").arg(sid.session_id_key()))
+            .await
     }
 
     async fn ping(&self) -> Result<Duration, StoreError> {
