@@ -116,8 +116,10 @@ def edge(start):
     with /auth, the upstream, and nginx and Caddy in front."""
     appwrite = AppwriteStandIn().start()
     auth_port = free_port()
+    # A provider call past 500 ms is a provider that cannot answer (the last test).
     server = start(Server("edge-proxies", "memory",
-                          ["--http-listen", f"127.0.0.1:{auth_port}", *appwrite.flags()]))
+                          ["--http-listen", f"127.0.0.1:{auth_port}", "--idp-timeout-ms", "500",
+                           *appwrite.flags()]))
     server.wait_for("SERVING")
     upstream = Upstream()
     proxies = {}
@@ -186,11 +188,12 @@ def test_refused_requests_get_401_and_never_reach_the_upstream(edge, proxy, case
 
 
 def test_zz_the_provider_down_is_the_proxys_error_never_an_allow(edge):
-    """The provider stopped: a token the cache does not know gets nginx's 500 and Caddy's
-    503 (the cache's answer copied), and the upstream is never called."""
+    """The provider not answering within --idp-timeout-ms: a session the cache does not
+    know gets nginx's 500 and Caddy's 503 (the cache's answer copied), and the upstream is
+    never called."""
     appwrite, _, upstream, ports = edge
     token, _ = session(appwrite)
-    appwrite.stop()
+    appwrite.delay_s = 1.5
     before = len(upstream.seen)
     assert get(ports["nginx"], {"Authorization": f"Bearer {token}"}) == 500
     assert get(ports["caddy"], {"Authorization": f"Bearer {token}"}) == 503
