@@ -100,6 +100,8 @@ def validate_request(token):
 # The session secret the stand-in Appwrite vouches for: the provider behind the Validate
 # scenario, asked once per store to warm the cache, then never while Validate hits.
 VALIDATE_TOKEN = "bench-validate-token"
+# What nginx's auth_request sends /auth for a request: the user's token, the original URI.
+AUTH_HEADERS = (f"authorization: Bearer {VALIDATE_TOKEN}", "x-original-uri: /orders")
 
 
 def start_appwrite_stand_in():
@@ -315,18 +317,25 @@ def grpc_path(method, service=SERVICE):
 
 
 def h2load(port, method, body, requests, connections, streams, workdir):
-    body_path = os.path.join(workdir, f"{method.rsplit('/', 1)[-1]}.bin")
-    with open(body_path, "wb") as f:
-        f.write(body)
+    """gRPC `method` with `body`; or, with `body` None, HTTP/1.1 keep-alive GETs of the
+    path `method` with `streams` the headers to send (one request per connection at a
+    time)."""
     log = os.path.join(workdir, "h2load.log")
     if os.path.exists(log):
         os.remove(log)
-    out = subprocess.run(
-        ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams),
-         "-t", "1", "--data", body_path, "--log-file", log,
-         "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}/{grpc_path(method)}"],
-        capture_output=True, text=True, timeout=600)
+    if body is None:
+        headers = [arg for header in streams for arg in ("-H", header)]
+        argv = ["h2load", "--h1", "-n", str(requests), "-c", str(connections), "-m", "1",
+                "-t", "1", "--log-file", log, *headers, f"http://127.0.0.1:{port}{method}"]
+    else:
+        body_path = os.path.join(workdir, f"{method.rsplit('/', 1)[-1]}.bin")
+        with open(body_path, "wb") as f:
+            f.write(body)
+        argv = ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams),
+                "-t", "1", "--data", body_path, "--log-file", log,
+                "-H", "content-type: application/grpc", "-H", "te: trailers",
+                f"http://127.0.0.1:{port}/{grpc_path(method)}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     text = out.stdout
     rps = succeeded = data = None
     for line in text.splitlines():
@@ -352,6 +361,10 @@ def h2load(port, method, body, requests, connections, streams, workdir):
 
 def measure(port, pid, redis_ports, method, body, requests, in_flight, workdir):
     connections, streams = (50, 10) if in_flight == 500 else (1, 1)
+    if body is None:
+        # HTTP/1.1: one request at a time per connection, so a connection per call in
+        # flight; `method` is the path and `streams` the headers.
+        connections, streams = in_flight, AUTH_HEADERS
     cpu0 = cpu_seconds(pid)
     rcpu0 = redis_cpu_seconds(redis_ports)
     commands0, reads0 = redis_io(redis_ports)
@@ -464,6 +477,10 @@ def targets(rows, floors, floor_of):
                         rps >= 0.9))
             at_most(f"Check hit on {store}, server CPU per call vs Validate hit",
                     check["cpu_us"] / validate["cpu_us"], 1.15)
+        auth = by.get((f"{store}: /auth hit", 500))
+        if auth and validate:
+            at_most(f"/auth hit on {store} (HTTP/1.1), server CPU per call vs Validate hit",
+                    auth["cpu_us"] / validate["cpu_us"], 1.2)
     hit1, floor1 = by.get(("redis: Get hit", 1)), floor_for("redis: Get hit", 1)
     get1 = by.get(("floor: redis-benchmark GET", 1))
     if hit1 and floor1 and get1:
@@ -533,7 +550,7 @@ def main():
         wait_port(floor_port, proc=floor)
 
         appwrite = start_appwrite_stand_in()
-        subjects = {}
+        subjects, http_ports = {}, {}
         redis_ports = {"redis": [redis_port], "cluster": cluster_ports, "memory": []}
         for store in ("redis", "cluster", "memory"):
             cmd = [os.path.join(bin_dir, "session-cache"), *appwrite.flags()]
@@ -549,6 +566,8 @@ def main():
                 # reply is the hit the smoke checks for.
                 cmd += ["--store-timeout-ms", "2000"]
             cmd += shlex.split(args.service_args)
+            http_ports[store] = free_port()
+            cmd += ["--http-listen", f"127.0.0.1:{http_ports[store]}"]
             subjects[store] = start_service(procs, workdir, cmd)
 
         hit_body = get_request("bench-token")
@@ -621,6 +640,20 @@ def main():
                 if abs(r["bytes_per_reply"] - len(reply)) > 0.5 or r["ok"] != requests:
                     raise SystemExit(f"{store} Check hit: {r['ok']} ok, "
                                      f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {len(reply)}")
+                # /auth of the same token over HTTP/1.1 keep-alive, as nginx asks it.
+                hport = http_ports[store]
+                sample = subprocess.run(
+                    ["curl", "-s", "-o", "/dev/null", "-D", "-",
+                     *[arg for header in AUTH_HEADERS for arg in ("-H", header)],
+                     f"http://127.0.0.1:{hport}/auth"], capture_output=True, text=True, check=True)
+                if " 200" not in sample.stdout.splitlines()[0] or "x-auth-request-user: " not in sample.stdout:
+                    raise SystemExit(f"{store} /auth: not allowed\n{sample.stdout}")
+                r = beside(f"{store}: /auth hit", in_flight, requests,
+                           lambda hport=hport, pid=proc.pid, rport=rport, in_flight=in_flight,
+                           requests=requests: measure(hport, pid, rport, "/auth", None, requests,
+                                                      in_flight, workdir))
+                if r["ok"] != requests:
+                    raise SystemExit(f"{store} /auth hit: {r['ok']} of {requests} answered 2xx")
                 if in_flight == 1:
                     continue
                 check(port, "Get", get_request("bench-miss"), 2)
