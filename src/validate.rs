@@ -173,16 +173,13 @@ impl Validator {
                 Ok(flight) => flight,
                 Err(shed) => return Verdict::Unavailable(shed),
             };
+            // The deadline bounds only the wait for a slot: a call under way is cut by
+            // the caller's own request timeout (gRPC's, the HTTP listener's), which
+            // counts it as cut.
             let mut landed = flight.landed.clone();
-            let waited = landed.wait_for(Option::is_some);
-            let landed = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, waited).await.ok(),
-                None => Some(waited.await),
-            };
-            let landed = match landed {
-                Some(Ok(landed)) => landed.clone().expect("waited for Some"),
-                Some(Err(_)) => Landed::Unavailable("the provider call was dropped"),
-                None => Landed::Unavailable("no provider answer before the deadline"),
+            let landed = match landed.wait_for(Option::is_some).await {
+                Ok(landed) => landed.clone().expect("waited for Some"),
+                Err(_) => Landed::Unavailable("the provider call was dropped"),
             };
             match landed {
                 Landed::Invalid => return Verdict::Invalid,
