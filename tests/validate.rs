@@ -391,8 +391,16 @@ async fn a_struggling_provider_gets_at_most_max_in_flight_calls() {
              their deadline, slowest {slowest:?}",
             started.elapsed()
         );
-        // Each call asks both Appwrite endpoints at once: 2 requests per call.
-        assert!(peak <= 2 * 4, "{mode:?}: {peak} requests at once");
+        // Each call asks both Appwrite endpoints at once: 2 requests per call. When a
+        // hung call times out and a waiting one takes its slot, the stand-in still
+        // counts the hung requests until it sees their connections close: a margin of
+        // one call's requests then.
+        let margin = if deadline.is_none() && mode == Mode::Hang {
+            2
+        } else {
+            0
+        };
+        assert!(peak <= 2 * 4 + margin, "{mode:?}: {peak} requests at once");
         assert!(calls < 200, "{mode:?}: every Validate reached the provider");
         match (&mode, deadline) {
             (Mode::Hang, Some(_)) => {
