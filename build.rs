@@ -1,5 +1,6 @@
 //! Compiles `proto/` with protox (no system `protoc` needed) into the gRPC code and the
-//! encoded descriptor set that server reflection serves.
+//! encoded descriptor set that server reflection serves; then Envoy's external
+//! authorization API (`third_party/envoy-api/`) the same way, for `Check`.
 
 use std::{env, fs, path::PathBuf};
 
@@ -21,6 +22,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .compile_fds(fds)?;
+
+    envoy(&out_dir)
+}
+
+/// Envoy's `envoy.service.auth.v3` and what it imports, as one module tree
+/// (`envoy_api.rs`, included by `src/edge/mod.rs`): its messages refer to each other
+/// across packages, so every package gets its module.
+fn envoy(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let root = "third_party/envoy-api";
+    let proto = "envoy/service/auth/v3/external_auth.proto";
+    println!("cargo:rerun-if-changed={root}");
+    let fds = protox::compile([proto], [root])?;
+    fs::write(
+        out_dir.join("envoy_auth_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        // The server for the service; the client for the tests and the benchmark.
+        .build_client(true)
+        .build_server(true)
+        .include_file("envoy_api.rs")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -100,6 +100,8 @@ def validate_request(token):
 # The session secret the stand-in Appwrite vouches for: the provider behind the Validate
 # scenario, asked once per store to warm the cache, then never while Validate hits.
 VALIDATE_TOKEN = "bench-validate-token"
+# What nginx's auth_request sends /auth for a request: the user's token, the original URI.
+AUTH_HEADERS = (f"authorization: Bearer {VALIDATE_TOKEN}", "x-original-uri: /orders")
 
 
 def start_appwrite_stand_in():
@@ -111,6 +113,45 @@ def start_appwrite_stand_in():
 
 def invalidate_user_request(user_id):
     return frame(field_bytes(1, user_id.encode()))
+
+
+CHECK = "envoy.service.auth.v3.Authorization/Check"
+
+
+def check_request(token):
+    """Envoy's CheckRequest as its HTTP filter sends it: attributes (1) > request (4) >
+    http (2) > method (2), headers (3, a map entry: key 1, value 2), path (4), host (5)."""
+    def header(key, value):
+        return field_bytes(3, field_bytes(1, key.encode()) + field_bytes(2, value.encode()))
+    http = b"".join([
+        field_bytes(2, b"GET"),
+        header("authorization", f"Bearer {token}"),
+        header("accept", "application/json"),
+        header("user-agent", "bench"),
+        field_bytes(4, b"/orders"),
+        field_bytes(5, b"shop.example.com"),
+    ])
+    return frame(field_bytes(1, field_bytes(4, field_bytes(2, http))))
+
+
+def check_allowed(reply):
+    """Whether a framed CheckResponse carries an ok_response (field 3) and no
+    denied_response (field 2), by walking its top-level fields (all length-delimited)."""
+    body, at, fields = reply[5:], 0, set()
+    while at < len(body):
+        tag, at = body[at], at + 1
+        length = shift = 0
+        while True:
+            byte, at = body[at], at + 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if tag & 7 != 2:
+            return False
+        fields.add(tag >> 3)
+        at += length
+    return 3 in fields and 2 not in fields
 
 
 def first_varint_field(reply):
@@ -263,26 +304,38 @@ def call_once(port, method, body, workdir, service=SERVICE):
         ["curl", "-s", "--http2-prior-knowledge", "-H", "content-type: application/grpc",
          "-H", "te: trailers", "--data-binary", f"@{path}", "-D", "-", "-o",
          os.path.join(workdir, "reply.bin"),
-         f"http://127.0.0.1:{port}/{service}/{method}"],
+         f"http://127.0.0.1:{port}/{grpc_path(method, service)}"],
         capture_output=True, text=True, check=True)
     with open(os.path.join(workdir, "reply.bin"), "rb") as f:
         reply = f.read()
     return reply, out.stdout
 
 
+def grpc_path(method, service=SERVICE):
+    """A method by its name within `service`, or by its full path."""
+    return method if "/" in method else f"{service}/{method}"
+
+
 def h2load(port, method, body, requests, connections, streams, workdir):
-    body_path = os.path.join(workdir, f"{method}.bin")
-    with open(body_path, "wb") as f:
-        f.write(body)
+    """gRPC `method` with `body`; or, with `body` None, HTTP/1.1 keep-alive GETs of the
+    path `method` with `streams` the headers to send (one request per connection at a
+    time)."""
     log = os.path.join(workdir, "h2load.log")
     if os.path.exists(log):
         os.remove(log)
-    out = subprocess.run(
-        ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams),
-         "-t", "1", "--data", body_path, "--log-file", log,
-         "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}/{SERVICE}/{method}"],
-        capture_output=True, text=True, timeout=600)
+    if body is None:
+        headers = [arg for header in streams for arg in ("-H", header)]
+        argv = ["h2load", "--h1", "-n", str(requests), "-c", str(connections), "-m", "1",
+                "-t", "1", "--log-file", log, *headers, f"http://127.0.0.1:{port}{method}"]
+    else:
+        body_path = os.path.join(workdir, f"{method.rsplit('/', 1)[-1]}.bin")
+        with open(body_path, "wb") as f:
+            f.write(body)
+        argv = ["h2load", "-n", str(requests), "-c", str(connections), "-m", str(streams),
+                "-t", "1", "--data", body_path, "--log-file", log,
+                "-H", "content-type: application/grpc", "-H", "te: trailers",
+                f"http://127.0.0.1:{port}/{grpc_path(method)}"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     text = out.stdout
     rps = succeeded = data = None
     for line in text.splitlines():
@@ -308,6 +361,10 @@ def h2load(port, method, body, requests, connections, streams, workdir):
 
 def measure(port, pid, redis_ports, method, body, requests, in_flight, workdir):
     connections, streams = (50, 10) if in_flight == 500 else (1, 1)
+    if body is None:
+        # HTTP/1.1: one request at a time per connection, so a connection per call in
+        # flight; `method` is the path and `streams` the headers.
+        connections, streams = in_flight, AUTH_HEADERS
     cpu0 = cpu_seconds(pid)
     rcpu0 = redis_cpu_seconds(redis_ports)
     commands0, reads0 = redis_io(redis_ports)
@@ -411,6 +468,19 @@ def targets(rows, floors, floor_of):
     for rpc in ("Set", "InvalidateUser"):
         at_most(f"{rpc} on Redis, server CPU per call vs the floor",
                 ratio(f"redis: {rpc}", "cpu_us"), 1.6)
+    # Validation at the edge: Check beside Validate, same store, same run.
+    for store in ("redis", "memory"):
+        check, validate = by.get((f"{store}: Check hit", 500)), by.get((f"{store}: Validate hit", 500))
+        if check and validate:
+            rps = check["rps"] / validate["rps"]
+            out.append((f"Check hit on {store}, throughput vs Validate hit", fmt(rps) + "x", ">= 0.9x",
+                        rps >= 0.9))
+            at_most(f"Check hit on {store}, server CPU per call vs Validate hit",
+                    check["cpu_us"] / validate["cpu_us"], 1.15)
+        auth = by.get((f"{store}: /auth hit", 500))
+        if auth and validate:
+            at_most(f"/auth hit on {store} (HTTP/1.1), server CPU per call vs Validate hit",
+                    auth["cpu_us"] / validate["cpu_us"], 1.2)
     hit1, floor1 = by.get(("redis: Get hit", 1)), floor_for("redis: Get hit", 1)
     get1 = by.get(("floor: redis-benchmark GET", 1))
     if hit1 and floor1 and get1:
@@ -480,7 +550,7 @@ def main():
         wait_port(floor_port, proc=floor)
 
         appwrite = start_appwrite_stand_in()
-        subjects = {}
+        subjects, http_ports = {}, {}
         redis_ports = {"redis": [redis_port], "cluster": cluster_ports, "memory": []}
         for store in ("redis", "cluster", "memory"):
             cmd = [os.path.join(bin_dir, "session-cache"), *appwrite.flags()]
@@ -496,6 +566,8 @@ def main():
                 # reply is the hit the smoke checks for.
                 cmd += ["--store-timeout-ms", "2000"]
             cmd += shlex.split(args.service_args)
+            http_ports[store] = free_port()
+            cmd += ["--http-listen", f"127.0.0.1:{http_ports[store]}"]
             subjects[store] = start_service(procs, workdir, cmd)
 
         hit_body = get_request("bench-token")
@@ -559,6 +631,29 @@ def main():
                 if abs(r["bytes_per_reply"] - size) > 0.5 or r["ok"] != requests:
                     raise SystemExit(f"{store} Validate hit: {r['ok']} ok, "
                                      f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {size}")
+                # Envoy's Check of the same token: the same decision, a hit.
+                body = check_request(VALIDATE_TOKEN)
+                reply, headers = call_once(port, CHECK, body, workdir)
+                if not check_allowed(reply) or "grpc-status: 0" not in headers.lower():
+                    raise SystemExit(f"{store} Check: not allowed\n{headers}")
+                r = beside(f"{store}: Check hit", in_flight, requests, subject(CHECK, body))
+                if abs(r["bytes_per_reply"] - len(reply)) > 0.5 or r["ok"] != requests:
+                    raise SystemExit(f"{store} Check hit: {r['ok']} ok, "
+                                     f"{r['bytes_per_reply']:.1f} bytes per reply, wanted {len(reply)}")
+                # /auth of the same token over HTTP/1.1 keep-alive, as nginx asks it.
+                hport = http_ports[store]
+                sample = subprocess.run(
+                    ["curl", "-s", "-o", "/dev/null", "-D", "-",
+                     *[arg for header in AUTH_HEADERS for arg in ("-H", header)],
+                     f"http://127.0.0.1:{hport}/auth"], capture_output=True, text=True, check=True)
+                if " 200" not in sample.stdout.splitlines()[0] or "x-auth-request-user: " not in sample.stdout:
+                    raise SystemExit(f"{store} /auth: not allowed\n{sample.stdout}")
+                r = beside(f"{store}: /auth hit", in_flight, requests,
+                           lambda hport=hport, pid=proc.pid, rport=rport, in_flight=in_flight,
+                           requests=requests: measure(hport, pid, rport, "/auth", None, requests,
+                                                      in_flight, workdir))
+                if r["ok"] != requests:
+                    raise SystemExit(f"{store} /auth hit: {r['ok']} of {requests} answered 2xx")
                 if in_flight == 1:
                     continue
                 check(port, "Get", get_request("bench-miss"), 2)

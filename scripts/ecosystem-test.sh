@@ -8,8 +8,12 @@
 #     the Python and Node.js example clients (the Validate flow, counting the stand-in's
 #     calls, and the Get/Set flow), the grpc.health.v1 checker, the Python service's
 #     shared Redis layout, the clients once Redis is stopped, the deploy/ manifests'
-#     fields, the dashboard's and alerts' metric names against a live /metrics, and
-#     the spans a stand-in OTLP collector receives (and a dead collector's cost);
+#     fields, the dashboard's and alerts' metric names against a live /metrics,
+#     the spans a stand-in OTLP collector receives (and a dead collector's cost),
+#     Envoy's Check through grpcurl and Envoy's Python protos, deploy/envoy/envoy.yaml
+#     parsed into Envoy's Bootstrap, deploy/istio/ against Istio's CRD schemas
+#     (tests/ecosystem/istio, npm), and real nginx and Caddy with the configs of
+#     deploy/ in front of /auth (when the build serves --http-listen);
 #     it also runs every sh block of README.md and deploy/README.md as written
 #     (test_readme.py), against the release build the README starts;
 #   - buf lint of the proto; promtool check/test of deploy/prometheus/;
@@ -31,6 +35,7 @@ WORK=$ROOT/target/ecosystem
 LOGS=$WORK/logs
 VENV=$WORK/venv
 NODE_DIR=$ROOT/examples/clients/node
+ISTIO_DIR=$ROOT/tests/ecosystem/istio
 
 mkdir -p "$LOGS"
 rm -f "$LOGS"/*.log "$LOGS"/*.out
@@ -77,6 +82,17 @@ python_packages() {
 
 npm_packages() (
   cd "$NODE_DIR" || return 1
+  if [ -f node_modules/.package-lock.json ] && [ ! package-lock.json -nt node_modules/.package-lock.json ]; then
+    echo "already installed"
+  else
+    timeout 600 npm ci --no-audit --no-fund || return 1
+  fi
+  npm ls --depth=0
+)
+
+# istio_checker: the Istio CRD schemas that test_edge_deploy.py checks deploy/istio/ with.
+istio_checker() (
+  cd "$ISTIO_DIR" || return 1
   if [ -f node_modules/.package-lock.json ] && [ ! package-lock.json -nt node_modules/.package-lock.json ]; then
     echo "already installed"
   else
@@ -151,6 +167,8 @@ step "python venv and packages" python_packages
 PY_READY=$?
 step "npm packages (examples/clients/node)" npm_packages
 NPM_READY=$?
+step "npm packages (tests/ecosystem/istio)" istio_checker
+NPM_READY=$((NPM_READY + $?))
 step "cargo build --bin session-cache" build
 BUILT=$?
 step "cargo build --release --bin session-cache (the README's)" build_release
@@ -159,7 +177,7 @@ step "Debian tools: redis-server, h2load, promtool" debian_tools
 TOOLS_READY=$?
 
 if [ "$PY_READY$NPM_READY$BUILT$TOOLS_READY" = 0000 ]; then
-  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, Validate, health, Redis down, tracing, manifests, metrics)" \
+  SHOW=1 step "pytest tests/ecosystem (grpcurl, clients, Validate, Check, edge proxies, health, Redis down, tracing, manifests, metrics)" \
     ecosystem_tests "$@"
 else
   skip "pytest tests/ecosystem" "a set-up step failed"

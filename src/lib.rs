@@ -13,6 +13,8 @@ pub mod auth;
 pub mod call;
 pub mod clock;
 pub mod config;
+pub mod decision;
+pub mod edge;
 pub mod entry;
 pub mod error;
 mod files;

@@ -21,7 +21,9 @@
 //! | `session_cache_idp_calls_total` | counter | `provider`, `result` (`crate::idp::RESULT_LABELS`) |
 //! | `session_cache_idp_call_duration_seconds` | histogram | `provider` |
 //! | `session_cache_idp_shed_total` | counter | `provider`, `reason` (`max_in_flight`, `circuit_open`) |
+//! | `session_cache_idp_waiting` | gauge | |
 //! | `session_cache_validate_joins_total` | counter | |
+//! | `session_cache_decisions_total` | counter | `via` (`Validate`, `Check`, `/auth`), `source` (`cache`, `negative_cache`, `provider`), `decision` (`valid`, `invalid`, `unavailable`) |
 //! | `session_cache_validate_negative_hits_total` | counter | |
 
 use std::time::Duration;
@@ -157,6 +159,17 @@ pub(crate) fn install() -> Result<PrometheusHandle, AlreadyInstalled> {
     );
     counter!("session_cache_validate_joins_total").absolute(0);
     counter!("session_cache_validate_negative_hits_total").absolute(0);
+    describe_gauge!(
+        "session_cache_idp_waiting",
+        "Provider calls waiting for one of the --idp-max-in-flight slots (at most \
+         --idp-max-waiting)"
+    );
+    gauge!("session_cache_idp_waiting").set(0.0);
+    describe_counter!(
+        "session_cache_decisions_total",
+        "Tokens decided by Validate, Envoy's Check and /auth (via): from the cache, the \
+         negative cache or the identity provider (source), and what was decided"
+    );
     counter!("session_cache_calls_total", "rpc" => UNKNOWN, "outcome" => "unimplemented")
         .absolute(0);
     Ok(handle)
@@ -181,6 +194,29 @@ pub(crate) fn call(rpc: &'static str, started: Instant, outcome: &'static str) {
     counter!("session_cache_calls_total", "rpc" => rpc, "outcome" => outcome).increment(1);
     histogram!("session_cache_call_duration_seconds", "rpc" => rpc)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// Exports the decisions' series at 0: one per `via` and (`source`, `decision`) pair;
+/// each `via` also names the decisions' store errors (`crate::decision`).
+pub(crate) fn decisions_exported(vias: &[&'static str], outcomes: &[(&'static str, &'static str)]) {
+    for &via in vias {
+        for &(source, decision) in outcomes {
+            counter!("session_cache_decisions_total", "via" => via, "source" => source, "decision" => decision)
+                .absolute(0);
+        }
+        counter!("session_cache_store_errors_total", "rpc" => via).absolute(0);
+    }
+}
+
+/// Records one decision.
+pub(crate) fn decision(via: &'static str, source: &'static str, decision: &'static str) {
+    counter!("session_cache_decisions_total", "via" => via, "source" => source, "decision" => decision)
+        .increment(1);
+}
+
+/// Records how many provider calls wait for a slot.
+pub(crate) fn idp_waiting(waiting: usize) {
+    gauge!("session_cache_idp_waiting").set(waiting as f64);
 }
 
 /// Exports the identity provider's series at 0, once it is known: one per `results`

@@ -16,7 +16,9 @@ use crate::pb::{GetOutcome, SetOutcome, ValidateOutcome};
 pub const SESSION_CACHE: &str = "sessioncache.v1.SessionCache";
 /// The services whose `grpc.health.v1` status follows the store (SPEC §5, §11):
 /// NOT_SERVING until the first successful ping, then whatever the last one found.
-pub const STORE_BACKED: &[&str] = &[SESSION_CACHE];
+pub const STORE_BACKED: &[&str] = &[SESSION_CACHE, ENVOY_AUTHORIZATION];
+/// Envoy's external authorization service (SPEC §11), which `Check` belongs to.
+pub const ENVOY_AUTHORIZATION: &str = "envoy.service.auth.v3.Authorization";
 const HEALTH: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
@@ -66,10 +68,12 @@ pub enum Rpc {
     Reflection,
     /// `ServerReflectionInfo` of reflection v1alpha.
     ReflectionV1Alpha,
+    /// `envoy.service.auth.v3.Authorization/Check` (SPEC §11).
+    Check,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 10] = [
+    pub const ALL: [Rpc; 11] = [
         Rpc::Get,
         Rpc::Set,
         Rpc::InvalidateToken,
@@ -80,6 +84,7 @@ impl Rpc {
         Rpc::HealthWatch,
         Rpc::Reflection,
         Rpc::ReflectionV1Alpha,
+        Rpc::Check,
     ];
 
     /// The method a request path (`/sessioncache.v1.SessionCache/Get`) names; `None`
@@ -103,6 +108,7 @@ impl Rpc {
             Rpc::HealthCheck | Rpc::HealthWatch => HEALTH,
             Rpc::Reflection => REFLECTION_V1,
             Rpc::ReflectionV1Alpha => REFLECTION_V1ALPHA,
+            Rpc::Check => ENVOY_AUTHORIZATION,
         }
     }
 
@@ -115,7 +121,7 @@ impl Rpc {
             Rpc::InvalidateUser => "InvalidateUser",
             Rpc::Health => "Health",
             Rpc::Validate => "Validate",
-            Rpc::HealthCheck => "Check",
+            Rpc::HealthCheck | Rpc::Check => "Check",
             Rpc::HealthWatch => "Watch",
             Rpc::Reflection | Rpc::ReflectionV1Alpha => "ServerReflectionInfo",
         }
@@ -149,15 +155,16 @@ impl Rpc {
             Rpc::ReflectionV1Alpha => {
                 "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
             }
+            Rpc::Check => "envoy.service.auth.v3.Authorization/Check",
         }
     }
 
-    /// Who may call it (SPEC §7, §9): readers may look up, writers may also write.
-    /// Validate is a reader's: what it caches comes from the identity provider, never
-    /// from the caller.
+    /// Who may call it (SPEC §7, §9, §11): readers may look up, writers may also write.
+    /// Validate and Check are a reader's: what they cache comes from the identity
+    /// provider, never from the caller.
     pub fn access(self) -> Access {
         match self {
-            Rpc::Get | Rpc::Health | Rpc::Validate => Access::Role(Role::Reader),
+            Rpc::Get | Rpc::Health | Rpc::Validate | Rpc::Check => Access::Role(Role::Reader),
             Rpc::Set | Rpc::InvalidateToken | Rpc::InvalidateUser => Access::Role(Role::Writer),
             Rpc::HealthCheck | Rpc::HealthWatch | Rpc::Reflection | Rpc::ReflectionV1Alpha => {
                 Access::Open
@@ -193,10 +200,15 @@ impl Rpc {
             Rpc::Get => values(get_label),
             Rpc::Set => values(set_label),
             Rpc::Validate => values(validate_label),
+            // Allowed or denied; UNAVAILABLE is a gRPC status (`unavailable_status`).
+            Rpc::Check => CHECK_OUTCOMES.to_vec(),
             _ => vec![OK],
         }
     }
 }
+
+/// The `outcome` labels of an answered Check.
+pub const CHECK_OUTCOMES: [&str; 2] = ["allowed", "denied"];
 
 /// The `outcome` of an answered call that has no outcome of its own.
 pub const OK: &str = "ok";

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use crate::{
     call::CallerName,
     clock::Micros,
+    decision::{Decider, Decision, Refused, Via},
     entry::{Session, User},
     health::StoreStatus,
     keys::{TokenHash, TokenHasher},
@@ -24,11 +25,11 @@ use crate::{
     pb::{self, GetOutcome, SetOutcome, ValidateOutcome, session_cache_server::SessionCache},
     rpc::{self, OK, Outcome},
     store::{Fence, Lookup, Store, Stored},
-    validate::{Departure, Validator, Verdict},
+    validate::Validator,
 };
 
 /// Longest token accepted, in bytes (SPEC §5).
-pub const MAX_TOKEN_BYTES: usize = 4096;
+pub use crate::decision::MAX_TOKEN_BYTES;
 /// Longest user id accepted, in bytes (SPEC §5).
 pub const MAX_USER_ID_BYTES: usize = 256;
 
@@ -42,7 +43,8 @@ pub struct SessionCacheService<S> {
     enabled: bool,
     status: Arc<StoreStatus>,
     hasher: TokenHasher,
-    validator: Option<Validator>,
+    /// Validate's decision, shared with the edge checks (`crate::decision`).
+    decider: Decider<S>,
 }
 
 impl<S: Store> SessionCacheService<S> {
@@ -50,25 +52,39 @@ impl<S: Store> SessionCacheService<S> {
     /// With `enabled` false the store is never touched.
     pub fn new(store: Arc<S>, enabled: bool, status: Arc<StoreStatus>) -> Self {
         SessionCacheService {
+            decider: Decider::new(store.clone(), enabled, status.clone()),
             store,
             enabled,
             status,
             hasher: TokenHasher::Sha256,
-            validator: None,
         }
     }
 
     /// Answers Validate through `validator` (by default Validate answers
     /// FAILED_PRECONDITION).
     pub fn with_validator(mut self, validator: Validator) -> Self {
-        self.validator = Some(validator);
+        self.decider = self.decider.with_validator(Arc::new(validator));
         self
     }
 
     /// Hashes tokens with `hasher` (by default plain SHA-256).
     pub fn with_hasher(mut self, hasher: TokenHasher) -> Self {
+        self.decider = self.decider.with_hasher(hasher.clone());
         self.hasher = hasher;
         self
+    }
+
+    /// Gives Validate's callers at most `timeout` (`--request-timeout-ms`), or their
+    /// own `grpc-timeout` when shorter, for a provider slot and call.
+    pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.decider = self.decider.with_request_timeout(timeout);
+        self
+    }
+
+    /// Validate's decision, for the edge checks to share (same store, hasher and
+    /// provider flights).
+    pub fn decider(&self) -> Decider<S> {
+        self.decider.clone()
     }
 
     fn check_token(&self, token: &str) -> Result<TokenHash, Status> {
@@ -183,7 +199,15 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         &self,
         request: Request<pb::ValidateRequest>,
     ) -> Result<Response<pb::ValidateResponse>, Status> {
-        answer(self.handle_validate(request.into_inner()).await)
+        let began = Instant::now();
+        let deadline = self.decider.deadline(
+            began,
+            crate::decision::grpc_timeout(request.metadata().as_ref()),
+        );
+        answer(
+            self.handle_validate(request.into_inner(), began, deadline)
+                .await,
+        )
     }
 }
 
@@ -312,63 +336,27 @@ impl<S: Store> SessionCacheService<S> {
         })
     }
 
-    /// SPEC §9: the cache, else the negative cache, else the identity provider.
+    /// SPEC §9, decided by [`Decider::decide`], which the edge checks share.
     async fn handle_validate(
         &self,
         request: pb::ValidateRequest,
+        began: Instant,
+        deadline: Instant,
     ) -> Result<pb::ValidateResponse, Status> {
-        let began = Instant::now();
-        let token = self.check_token(&request.token)?;
-        let Some(validator) = &self.validator else {
-            return Err(Status::failed_precondition(
-                "--idp: no identity provider is configured, so Validate cannot answer; \
-                 use Get and Set, or start the service with --idp",
-            ));
-        };
-        // The lookup: a hit answers; a miss gives the fence the answer is cached with.
-        let mut fence = None;
-        let caching = self.enabled && self.status.is_up();
-        if caching {
-            match self.store.get(&token).await {
-                Ok(Lookup::Hit(session)) => return Ok(valid(session)),
-                Ok(
-                    Lookup::Miss(f)
-                    | Lookup::Expired(f)
-                    | Lookup::Invalidated(f)
-                    | Lookup::Corrupt(f),
-                ) => fence = Some(f),
-                Err(e) => {
-                    metrics::store_error("Validate");
-                    debug!(token = token.short(), error = %e, "validate: lookup failed");
-                }
-            }
-            if fence.is_some() {
-                match self.store.refused(&token).await {
-                    Ok(true) => {
-                        metrics::validate_negative_hit();
-                        return Ok(validate_outcome(ValidateOutcome::Invalid));
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        debug!(token = token.short(), error = %e, "validate: negative lookup failed");
-                    }
-                }
-            }
-        }
-        let verdict = validator
-            .ask(&request.token, &token, began, || Departure {
-                store: self.store.clone(),
-                caching: caching && fence.is_some(),
-                fence,
-            })
+        let decision = self
+            .decider
+            .decide(&request.token, Via::Validate, began, deadline)
             .await;
-        Ok(match verdict {
-            Verdict::Valid(session) => valid(session),
-            Verdict::Invalid => validate_outcome(ValidateOutcome::Invalid),
-            Verdict::Unavailable(why) => {
-                debug!(token = token.short(), why, "validate: unavailable");
-                validate_outcome(ValidateOutcome::Unavailable)
+        Ok(match decision {
+            Ok(Decision::Valid(session)) => valid(session),
+            Ok(Decision::Invalid) => validate_outcome(ValidateOutcome::Invalid),
+            Ok(Decision::Unavailable(_)) => validate_outcome(ValidateOutcome::Unavailable),
+            Err(refused @ Refused::NoProvider) => {
+                return Err(Status::failed_precondition(format!(
+                    "{refused}; or use Get and Set"
+                )));
             }
+            Err(refused) => return Err(Status::invalid_argument(refused.to_string())),
         })
     }
 }

@@ -16,10 +16,16 @@
 //! served by a new flight, which necessarily takes off after it began. A Set that comes
 //! back REVOKED makes the answer INVALID for everyone: the token was logged out.
 //!
-//! **Bounded provider load.** At most `--idp-max-in-flight` flights at once; past it, and
-//! while the provider keeps failing (a circuit breaker: open after
-//! [`TRIP_AFTER`] failures in a row, one probe call per [`OPEN_FOR`]), Validate answers
-//! UNAVAILABLE at once instead of queueing onto a struggling provider.
+//! **Bounded provider load.** At most `--idp-max-in-flight` provider calls at once. Past
+//! it a new flight waits for a slot, in a queue bounded by `--idp-max-waiting` flights,
+//! as long as the deadline of the Validate that starts it still leaves
+//! `--idp-timeout-ms` for the call: a cold cache after a restart, a flush or a new
+//! replica is a burst of distinct tokens that the provider answers in a few rounds, not
+//! an overload to shed. A flight whose deadline leaves no time is answered UNAVAILABLE
+//! at once, and so is every new flight while the provider keeps failing (a circuit
+//! breaker: open after [`TRIP_AFTER`] failures in a row, one probe call per
+//! [`OPEN_FOR`]); when the circuit opens, the flights waiting in the queue are answered
+//! UNAVAILABLE at once too, instead of piling onto a struggling provider.
 //!
 //! **Negative cache.** A token the provider refused is recorded in the store for
 //! `--negative-ttl-seconds` and answered INVALID without a call meanwhile.
@@ -31,7 +37,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
     time::Instant,
 };
 use tracing::{Instrument, debug, warn};
@@ -67,24 +73,28 @@ pub struct Validator {
     flights: Arc<Mutex<HashMap<TokenHash, Arc<Flight>>>>,
     calls: Arc<Semaphore>,
     breaker: Arc<Breaker>,
+    /// `--idp-timeout-ms`: the time a call needs, which a waiting flight must still have.
+    call_timeout: Duration,
+    /// Flights waiting for a slot, and how many may.
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    max_waiting: usize,
     /// How the provider's session ids are hashed, when they are recorded.
     session_ids: Option<TokenHasher>,
 }
 
 /// One provider call and the Set after it, shared by every Validate of one token.
 struct Flight {
-    /// When the provider call began.
-    took_off: Instant,
     landed: watch::Receiver<Option<Landed>>,
 }
 
 /// What a flight came to.
 #[derive(Clone, Debug)]
 enum Landed {
-    /// The provider vouched for the session. `stored_from`: when the Set that cached
-    /// it began, if it came back STORED.
+    /// The provider vouched for the session. `asked_at`: when the provider call began;
+    /// `stored_from`: when the Set that cached it began, if it came back STORED.
     Valid {
         session: Session,
+        asked_at: Instant,
         stored_from: Option<Instant>,
     },
     Invalid,
@@ -102,15 +112,27 @@ pub struct Departure<S> {
 }
 
 impl Validator {
-    /// Calls `provider` at most `max_in_flight` times at once.
+    /// Calls `provider` at most `max_in_flight` times at once. Without
+    /// [`Validator::with_waiting`], a flight that finds every slot taken is shed at once.
     pub fn new(provider: Arc<dyn Provider>, max_in_flight: usize) -> Validator {
         Validator {
             provider,
             flights: Arc::default(),
             calls: Arc::new(Semaphore::new(max_in_flight.max(1))),
             breaker: Arc::default(),
+            call_timeout: Duration::ZERO,
+            waiting: Arc::default(),
+            max_waiting: 0,
             session_ids: None,
         }
+    }
+
+    /// Lets at most `max_waiting` flights wait for a slot, each while its deadline
+    /// still leaves `call_timeout` (`--idp-timeout-ms`) for the call.
+    pub fn with_waiting(mut self, call_timeout: Duration, max_waiting: usize) -> Validator {
+        self.call_timeout = call_timeout;
+        self.max_waiting = max_waiting;
+        self
     }
 
     /// Records in the store, hashed with `hasher`, the user of each session id a
@@ -121,9 +143,7 @@ impl Validator {
         self
     }
 
-    /// Asks the provider about `token` (hashed as `hash`), through the flight in
-    /// progress for it if there is one. `began` is when the Validate began; `departure`
-    /// says how to cache the answer if this Validate starts the flight.
+    /// [`Validator::ask_by`] with no deadline: a flight that finds no free slot is shed.
     pub async fn ask<S: Store>(
         &self,
         token: &str,
@@ -131,11 +151,31 @@ impl Validator {
         began: Instant,
         departure: impl Fn() -> Departure<S>,
     ) -> Verdict {
+        self.ask_by(token, hash, began, None, departure).await
+    }
+
+    /// Asks the provider about `token` (hashed as `hash`), through the flight in
+    /// progress for it if there is one. `began` is when the Validate began, `deadline`
+    /// when its caller stops waiting for the answer (a flight it starts may wait for a
+    /// provider slot until the deadline leaves just `--idp-timeout-ms`); `departure`
+    /// says how to cache the answer if this Validate starts the flight.
+    pub async fn ask_by<S: Store>(
+        &self,
+        token: &str,
+        hash: &TokenHash,
+        began: Instant,
+        deadline: Option<Instant>,
+        departure: impl Fn() -> Departure<S>,
+    ) -> Verdict {
+        let start_by = deadline.and_then(|d| d.checked_sub(self.call_timeout));
         for _ in 0..MAX_FLIGHTS {
-            let flight = match self.board(token, hash, &departure) {
+            let flight = match self.board(token, hash, start_by, &departure) {
                 Ok(flight) => flight,
                 Err(shed) => return Verdict::Unavailable(shed),
             };
+            // The deadline bounds only the wait for a slot: a call under way is cut by
+            // the caller's own request timeout (gRPC's, the HTTP listener's), which
+            // counts it as cut.
             let mut landed = flight.landed.clone();
             let landed = match landed.wait_for(Option::is_some).await {
                 Ok(landed) => landed.clone().expect("waited for Some"),
@@ -146,12 +186,13 @@ impl Validator {
                 Landed::Unavailable(why) => return Verdict::Unavailable(why),
                 Landed::Valid {
                     session,
+                    asked_at,
                     stored_from,
                 } => {
                     // SPEC §9: an answer from a call that began before this Validate
                     // only if a Set that began after it proved no revocation came
                     // between.
-                    if began <= flight.took_off || stored_from.is_some_and(|at| at >= began) {
+                    if began <= asked_at || stored_from.is_some_and(|at| at >= began) {
                         return Verdict::Valid(session);
                     }
                     debug!(
@@ -164,12 +205,13 @@ impl Validator {
         Verdict::Unavailable("no provider answer this call may be served")
     }
 
-    /// The flight in progress for `hash`, joined; or a new one, started; or why none
-    /// may start.
+    /// The flight in progress for `hash`, joined; or a new one, started (at once, or
+    /// waiting for a slot until `start_by`); or why none may start.
     fn board<S: Store>(
         &self,
         token: &str,
         hash: &TokenHash,
+        start_by: Option<Instant>,
         departure: &impl Fn() -> Departure<S>,
     ) -> Result<Arc<Flight>, &'static str> {
         let mut flights = self.flights.lock().unwrap();
@@ -180,19 +222,35 @@ impl Validator {
             }
             hash_map::Entry::Vacant(vacant) => vacant,
         };
-        if !self.breaker.admits() {
-            metrics::idp_shed(self.provider.name(), "circuit_open");
-            return Err("the identity provider keeps failing; not asking it for now");
-        }
-        let Ok(permit) = self.calls.clone().try_acquire_owned() else {
-            metrics::idp_shed(self.provider.name(), "max_in_flight");
-            return Err("--idp-max-in-flight calls to the identity provider are in progress");
+        let name = self.provider.name();
+        let Some(admission) = self.breaker.admits() else {
+            metrics::idp_shed(name, "circuit_open");
+            return Err(CIRCUIT_OPEN);
+        };
+        let slot = match self.calls.clone().try_acquire_owned() {
+            Ok(permit) => Slot::Now(permit),
+            Err(_) => {
+                let in_time = start_by.filter(|&at| at > Instant::now());
+                let Some(start_by) = in_time else {
+                    metrics::idp_shed(name, "max_in_flight");
+                    return Err("--idp-max-in-flight calls to the identity provider are in \
+                                progress, and the deadline leaves no time to wait for one");
+                };
+                let Some(place) = Place::take(&self.waiting, self.max_waiting) else {
+                    metrics::idp_shed(name, "max_in_flight");
+                    return Err("--idp-max-in-flight calls to the identity provider are in \
+                                progress and --idp-max-waiting calls wait for one");
+                };
+                Slot::Queued {
+                    calls: self.calls.clone(),
+                    breaker: self.breaker.clone(),
+                    start_by,
+                    _place: place,
+                }
+            }
         };
         let (land, landed) = watch::channel(None);
-        let flight = Arc::new(Flight {
-            took_off: Instant::now(),
-            landed,
-        });
+        let flight = Arc::new(Flight { landed });
         vacant.insert(flight.clone());
         drop(flights);
         let trip = Trip {
@@ -201,8 +259,9 @@ impl Validator {
             token: token.to_owned(),
             hash: hash.clone(),
             departure: departure(),
+            admission,
+            slot,
             session_ids: self.session_ids.clone(),
-            _permit: permit,
         };
         let flights = self.flights.clone();
         let started = flight.clone();
@@ -229,6 +288,99 @@ impl Validator {
     }
 }
 
+const CIRCUIT_OPEN: &str = "the identity provider keeps failing; not asking it for now";
+
+/// How a flight gets its provider slot.
+enum Slot {
+    /// A slot was free.
+    Now(OwnedSemaphorePermit),
+    /// It waits for one until `start_by`, unless the circuit opens meanwhile.
+    Queued {
+        calls: Arc<Semaphore>,
+        breaker: Arc<Breaker>,
+        start_by: Instant,
+        _place: Place,
+    },
+}
+
+impl Slot {
+    /// The slot, or why the flight must land without a call.
+    async fn wait(
+        self,
+        admission: Admission,
+        provider: &'static str,
+    ) -> Result<OwnedSemaphorePermit, &'static str> {
+        let (calls, breaker, start_by, place) = match self {
+            Slot::Now(permit) => return Ok(permit),
+            Slot::Queued {
+                calls,
+                breaker,
+                start_by,
+                _place,
+            } => (calls, breaker, start_by, _place),
+        };
+        let tripped = breaker.tripped.notified();
+        tokio::pin!(tripped);
+        // Registered before the state is read, so that a trip in between still wakes it.
+        tripped.as_mut().enable();
+        let shed = |reason, why| {
+            metrics::idp_shed(provider, reason);
+            Err(why)
+        };
+        if admission == Admission::Closed && breaker.is_open() {
+            return shed("circuit_open", CIRCUIT_OPEN);
+        }
+        let result = tokio::select! {
+            permit = calls.acquire_owned() => match permit {
+                Ok(permit) => Ok(permit),
+                Err(_) => Err("the provider slots are closed"),
+            },
+            () = &mut tripped, if admission == Admission::Closed => shed("circuit_open", CIRCUIT_OPEN),
+            () = tokio::time::sleep_until(start_by) => shed(
+                "max_in_flight",
+                "no identity provider slot came free while the deadline left time for the call",
+            ),
+        };
+        drop(place);
+        // The circuit may have opened while the flight waited; a probe goes regardless.
+        match result {
+            Ok(_) if admission == Admission::Closed && breaker.is_open() => {
+                shed("circuit_open", CIRCUIT_OPEN)
+            }
+            result => result,
+        }
+    }
+}
+
+/// A flight's place in the queue of those waiting for a slot, given back on drop.
+struct Place {
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Place {
+    /// A place, unless `max` flights already wait.
+    fn take(waiting: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Place> {
+        use std::sync::atomic::Ordering;
+        waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        metrics::idp_waiting(waiting.load(Ordering::Acquire));
+        Some(Place {
+            waiting: waiting.clone(),
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let left = self.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::idp_waiting(left);
+    }
+}
+
 /// One flight's provider call and Set.
 struct Trip<S> {
     provider: Arc<dyn Provider>,
@@ -236,13 +388,24 @@ struct Trip<S> {
     token: String,
     hash: TokenHash,
     departure: Departure<S>,
+    admission: Admission,
+    slot: Slot,
     session_ids: Option<TokenHasher>,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl<S: Store> Trip<S> {
     async fn fly(self) -> Landed {
         let name = self.provider.name();
+        let _permit = match self.slot.wait(self.admission, name).await {
+            Ok(permit) => permit,
+            Err(why) => {
+                // A probe that never flew must not leave the circuit half-open forever.
+                if self.admission == Admission::Probe {
+                    self.breaker.abandon_probe();
+                }
+                return Landed::Unavailable(why);
+            }
+        };
         let started = Instant::now();
         // The provider's name and what it answered; never the token.
         let span = tracing::debug_span!(
@@ -286,6 +449,7 @@ impl<S: Store> Trip<S> {
                 let Some(fence) = fence.filter(|_| caching) else {
                     return Landed::Valid {
                         session,
+                        asked_at: started,
                         stored_from: None,
                     };
                 };
@@ -315,6 +479,7 @@ impl<S: Store> Trip<S> {
                 };
                 Landed::Valid {
                     session,
+                    asked_at: started,
                     stored_from,
                 }
             }
@@ -327,6 +492,17 @@ impl<S: Store> Trip<S> {
 #[derive(Default)]
 struct Breaker {
     state: Mutex<BreakerState>,
+    /// Woken when the circuit opens, for the flights waiting for a slot.
+    tripped: Notify,
+}
+
+/// How the breaker let a flight go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    /// The circuit is closed.
+    Closed,
+    /// The one call that probes a circuit that was open.
+    Probe,
 }
 
 #[derive(Default)]
@@ -337,17 +513,27 @@ struct BreakerState {
 }
 
 impl Breaker {
-    /// Whether a call may go to the provider now.
-    fn admits(&self) -> bool {
+    /// Whether a call may go to the provider now, and as what.
+    fn admits(&self) -> Option<Admission> {
         let mut state = self.state.lock().unwrap();
         match state.open_until {
-            None => true,
-            Some(until) if Instant::now() < until || state.probing => false,
+            None => Some(Admission::Closed),
+            Some(until) if Instant::now() < until || state.probing => None,
             Some(_) => {
                 state.probing = true;
-                true
+                Some(Admission::Probe)
             }
         }
+    }
+
+    /// Lets another call probe: this one never reached the provider.
+    fn abandon_probe(&self) {
+        self.state.lock().unwrap().probing = false;
+    }
+
+    /// Whether the circuit is open (or half-open with its probe under way).
+    fn is_open(&self) -> bool {
+        self.state.lock().unwrap().open_until.is_some()
     }
 
     /// Records how a call went: answered (valid or invalid), or failed.
@@ -361,6 +547,8 @@ impl Breaker {
         if state.probing || state.failures >= TRIP_AFTER {
             state.open_until = Some(Instant::now() + OPEN_FOR);
             state.probing = false;
+            drop(state);
+            self.tripped.notify_waiters();
         }
     }
 }
@@ -373,25 +561,32 @@ mod tests {
     async fn breaker_opens_probes_and_closes() {
         let breaker = Breaker::default();
         for _ in 0..TRIP_AFTER - 1 {
-            assert!(breaker.admits());
+            assert!(breaker.admits().is_some());
             breaker.record(false);
         }
-        assert!(breaker.admits(), "open before {TRIP_AFTER} failures");
+        assert!(
+            breaker.admits().is_some(),
+            "open before {TRIP_AFTER} failures"
+        );
         breaker.record(false);
         assert!(
-            !breaker.admits(),
+            breaker.admits().is_none(),
             "still closed after {TRIP_AFTER} failures"
         );
         tokio::time::advance(OPEN_FOR).await;
-        assert!(breaker.admits(), "no probe after the pause");
-        assert!(!breaker.admits(), "two probes at once");
+        assert_eq!(
+            breaker.admits(),
+            Some(Admission::Probe),
+            "no probe after the pause"
+        );
+        assert!(breaker.admits().is_none(), "two probes at once");
         breaker.record(false);
-        assert!(!breaker.admits(), "a failed probe did not reopen");
+        assert!(breaker.admits().is_none(), "a failed probe did not reopen");
         tokio::time::advance(OPEN_FOR).await;
-        assert!(breaker.admits());
+        assert_eq!(breaker.admits(), Some(Admission::Probe));
         breaker.record(true);
         assert!(
-            breaker.admits() && breaker.admits(),
+            breaker.admits() == Some(Admission::Closed) && !breaker.is_open(),
             "a good probe did not close"
         );
     }

@@ -73,7 +73,7 @@ async fn unknown_paths_answer_404_and_are_counted() {
     for (method, path) in [
         ("GET", "/"),
         ("POST", "/webhooks/nowhere"),
-        ("PUT", "/auth"),
+        ("PUT", "/authz"),
     ] {
         let reply = http::send(addr, &http::request(method, path, &[], b"{}"))
             .await

@@ -593,3 +593,107 @@ async fn the_provider_call_is_a_span_of_the_validates_trace() {
         }
     }
 }
+
+/// Envoy's Check is a server span like every call, through the one call layer: named
+/// by its full method, with Envoy's service as `rpc.service`, its outcome (`denied`)
+/// or its status code (FAILED_PRECONDITION without --idp), in the caller's trace, and
+/// never the token the request carried.
+#[tokio::test]
+async fn check_is_a_server_span_of_the_callers_trace() {
+    use session_cache::edge::envoy_pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest, attribute_context,
+        authorization_client::AuthorizationClient,
+    };
+    const CHECK: &str = "envoy.service.auth.v3.Authorization/Check";
+    let collector = Collector::start().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let endpoint = collector.url();
+    let _process = Process::start(&["--listen", &listen, "--otlp-endpoint", &endpoint]);
+    connect(port).await;
+    let channel = Channel::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AuthorizationClient::new(channel);
+    let trace_id = random_hex(16);
+    let traceparent = format!("00-{trace_id}-{}-01", random_hex(8));
+    let token = format!("tok-never-exported-{}", random_hex(8));
+    let request = |headers: &[(&str, &str)]| {
+        traced(
+            CheckRequest {
+                attributes: Some(AttributeContext {
+                    request: Some(attribute_context::Request {
+                        http: Some(attribute_context::HttpRequest {
+                            headers: headers
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.to_string()))
+                                .collect(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            &traceparent,
+        )
+    };
+    client.check(request(&[])).await.unwrap();
+    let bearer = format!("Bearer {token}");
+    let refused = client
+        .check(request(&[("authorization", &bearer)]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+
+    let called = Instant::now();
+    let spans = loop {
+        let spans: Vec<Span> = collector
+            .spans()
+            .into_iter()
+            .map(|(_, span)| span)
+            .filter(|span| hex(&span.trace_id) == trace_id && span.name == CHECK)
+            .collect();
+        if spans.len() == 2 {
+            break spans;
+        }
+        assert!(
+            called.elapsed() < EXPORT_PATIENCE,
+            "{} Check spans after {EXPORT_PATIENCE:?}",
+            spans.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for span in &spans {
+        assert_eq!(span.kind, SpanKind::Server as i32);
+        let attrs = &span.attributes;
+        assert_eq!(
+            string(attrs, "rpc.service").as_deref(),
+            Some("envoy.service.auth.v3.Authorization")
+        );
+        assert_eq!(string(attrs, "rpc.method").as_deref(), Some("Check"));
+        for kv in attrs {
+            let mut found = Vec::new();
+            if let Some(value) = &kv.value {
+                texts(value, &mut found);
+            }
+            assert!(
+                found.iter().all(|text| !text.contains(&token)),
+                "{}: the token was exported",
+                kv.key
+            );
+        }
+    }
+    let code = |span: &Span| match attribute(&span.attributes, "rpc.grpc.status_code") {
+        Some(Value::IntValue(code)) => *code,
+        other => panic!("no status code: {other:?}"),
+    };
+    let denied = spans.iter().find(|s| code(s) == 0).expect("the denial");
+    assert_eq!(
+        string(&denied.attributes, "outcome").as_deref(),
+        Some("denied")
+    );
+    assert!(spans.iter().any(|s| code(s) == 9), "FAILED_PRECONDITION");
+}

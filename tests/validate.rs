@@ -288,12 +288,37 @@ async fn a_refused_token_is_asked_once_per_negative_ttl() {
     }
 }
 
-/// 200 concurrent Validates of different tokens against a provider that hangs: never
-/// more than --idp-max-in-flight calls at once, the rest answered UNAVAILABLE at once.
-/// Against a provider failing fast, the circuit opens and spares it most calls.
+/// Validate with its own deadline (gRPC's `grpc-timeout`): the outcome, or the status
+/// it failed with.
+async fn outcome_within(
+    client: &mut SessionCacheClient<Channel>,
+    token: &str,
+    timeout: Duration,
+) -> Result<ValidateOutcome, Code> {
+    let mut request = tonic::Request::new(pb::ValidateRequest {
+        token: token.into(),
+    });
+    request.set_timeout(timeout);
+    client
+        .validate(request)
+        .await
+        .map(|r| r.into_inner().outcome())
+        .map_err(|status| status.code())
+}
+
+/// 200 concurrent Validates of different tokens against a provider that hangs, each
+/// with a deadline (900 ms) that leaves no time for a call of --idp-timeout-ms
+/// (1,000 ms) after waiting: never more than --idp-max-in-flight calls at once, the rest
+/// answered UNAVAILABLE at once. Without a deadline of their own (the request timeout,
+/// 5 s, leaves time) they wait for a slot, until the circuit opens and sheds the queue
+/// at once. Against a provider failing fast, the circuit opens and spares it most calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_struggling_provider_gets_at_most_max_in_flight_calls() {
-    for mode in [Mode::Hang, Mode::Status(500)] {
+    for (mode, deadline) in [
+        (Mode::Hang, Some(Duration::from_millis(900))),
+        (Mode::Hang, None),
+        (Mode::Status(500), None),
+    ] {
         let appwrite = AppwriteStandIn::start().await;
         appwrite.set_mode(mode.clone());
         let h = service(
@@ -308,32 +333,105 @@ async fn a_struggling_provider_gets_at_most_max_in_flight_calls() {
                 let mut client = h.client.clone();
                 tokio::spawn(async move {
                     let began = Instant::now();
-                    let got = outcome(&mut client, &format!("token-{i}")).await;
+                    let token = format!("token-{i}");
+                    let got = match deadline {
+                        Some(deadline) => outcome_within(&mut client, &token, deadline).await,
+                        None => Ok(outcome(&mut client, &token).await),
+                    };
                     (got, began.elapsed())
                 })
             })
             .collect();
-        let mut at_once = 0;
+        let (mut at_once, mut slowest, mut cut) = (0, Duration::ZERO, 0);
         for task in tasks {
             let (got, took) = task.await.unwrap();
-            assert_eq!(got, ValidateOutcome::Unavailable, "{mode:?}");
+            match got {
+                Ok(got) => assert_eq!(got, ValidateOutcome::Unavailable, "{mode:?}"),
+                // A call under way when its own deadline passed: the client's or the
+                // server's cut, whichever came first; never VALID or INVALID.
+                Err(code) => {
+                    assert!(deadline.is_some(), "{mode:?}: {code:?}");
+                    cut += 1;
+                }
+            }
             if took < Duration::from_millis(500) {
                 at_once += 1;
             }
+            slowest = slowest.max(took);
         }
         let (calls, peak) = (appwrite.calls().account, appwrite.peak_in_flight());
         eprintln!(
-            "{mode:?}: 200 Validates in {:?}: {calls} provider calls, at most {peak} requests \
-             at once, {at_once} answered within 500 ms",
+            "{mode:?}, deadline {deadline:?}: 200 Validates in {:?}: {calls} provider calls, at \
+             most {peak} requests at once, {at_once} answered within 500 ms, {cut} cut by \
+             their deadline, slowest {slowest:?}",
             started.elapsed()
         );
-        // Each call asks both Appwrite endpoints at once: 2 requests per call.
-        assert!(peak <= 2 * 4, "{mode:?}: {peak} requests at once");
+        // Each call asks both Appwrite endpoints at once: 2 requests per call. When a
+        // hung call times out and a waiting one takes its slot, the stand-in still
+        // counts the hung requests until it sees their connections close: a margin of
+        // one call's requests then.
+        let margin = if deadline.is_none() && mode == Mode::Hang {
+            2
+        } else {
+            0
+        };
+        assert!(peak <= 2 * 4 + margin, "{mode:?}: {peak} requests at once");
         assert!(calls < 200, "{mode:?}: every Validate reached the provider");
-        if mode == Mode::Hang {
-            assert_eq!(calls, 4, "the first four calls hang; nothing else may go");
-            assert_eq!(at_once, 196, "shed Validates waited");
+        match (&mode, deadline) {
+            (Mode::Hang, Some(_)) => {
+                assert_eq!(calls, 4, "the first four calls hang; nothing else may go");
+                assert_eq!(at_once, 196, "Validates that could not wait waited");
+            }
+            (Mode::Hang, None) => {
+                // Two rounds of four failed calls open the circuit (five failures in a
+                // row); the queue is then shed at once, long before the 5 s deadline.
+                assert!(calls <= 2 * 4, "{calls} calls to a hanging provider");
+                assert!(
+                    slowest < Duration::from_millis(4000),
+                    "the queue was not shed"
+                );
+            }
+            _ => {}
         }
+    }
+}
+
+/// A cold cache is not an overload (SPEC §9): 300 concurrent Validates of 300 distinct
+/// valid sessions, the provider healthy at 100 ms a call, the default
+/// --idp-max-in-flight (64): every one answers VALID, waiting its turn, and the
+/// provider never has more than 64 calls at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cold_burst_of_distinct_sessions_is_answered_not_shed() {
+    for backend in STORES {
+        let appwrite = AppwriteStandIn::start().await;
+        let expire = in_a_day();
+        for i in 0..300 {
+            appwrite.add_session(&format!("cold-{i}"), &idp_user(&format!("u-{i}")), expire);
+        }
+        appwrite.set_mode(Mode::Slow(Duration::from_millis(100)));
+        let h = service(backend, &appwrite.flags(), &[]).await;
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let mut client = h.client.clone();
+                tokio::spawn(async move { outcome(&mut client, &format!("cold-{i}")).await })
+            })
+            .collect();
+        let mut valid = 0;
+        for task in tasks {
+            if task.await.unwrap() == ValidateOutcome::Valid {
+                valid += 1;
+            }
+        }
+        let took = started.elapsed();
+        let (calls, peak) = (appwrite.calls().account, appwrite.peak_in_flight());
+        eprintln!(
+            "{backend:?}: 300 distinct sessions at once, provider at 100 ms: {valid} VALID in \
+             {took:?}, {calls} provider calls, at most {peak} requests at once"
+        );
+        assert_eq!(valid, 300, "{backend:?}: a cold burst was shed");
+        assert_eq!(calls, 300, "{backend:?}: one call per session");
+        assert!(peak <= 2 * 64, "{backend:?}: {peak} requests at once");
     }
 }
 

@@ -197,6 +197,10 @@ pub struct Config {
     #[command(flatten)]
     pub idp: crate::idp::IdpFlags,
 
+    /// Validation at the edge: Envoy's Check and /auth (SPEC §11).
+    #[command(flatten)]
+    pub edge: crate::edge::EdgeFlags,
+
     /// The HTTP listener (SPEC §11, §12).
     #[command(flatten)]
     pub http: crate::http::HttpFlags,
@@ -278,6 +282,21 @@ impl Config {
                  --api-keys-file, listen on 127.0.0.1, or pass --allow-unauthenticated if \
                  a network policy guards the port",
                 self.listen
+            ));
+        }
+        // /auth (SPEC §11) answers who a token belongs to: off loopback its callers
+        // authenticate like the gRPC listener's, or the operator opts out.
+        if let Some(addr) = self.http.http_listen
+            && !addr.ip().is_loopback()
+            && self.api_keys_file.is_none()
+            && !self.allow_unauthenticated
+        {
+            return Err(format!(
+                "--http-listen {addr} is not a loopback address and no caller authentication \
+                 is configured: anyone who can reach it could ask /auth whose a token is. Give \
+                 --api-keys-file (the proxy sends its key in --edge-api-key-header), listen \
+                 on 127.0.0.1, or pass --allow-unauthenticated if a network policy guards \
+                 the port"
             ));
         }
         Ok(())
@@ -503,6 +522,7 @@ mod tests {
             ),
             (&["--redis-url", "http://secret@host"], "--redis-url"),
             (&["--listen", "0.0.0.0:50051"], "--allow-unauthenticated"),
+            (&["--http-listen", "0.0.0.0:8081"], "--http-listen"),
             (&["--otlp-endpoint", "127.0.0.1:4317"], "--otlp-endpoint"),
             (&["--otlp-endpoint", "http://"], "--otlp-endpoint"),
             (

@@ -45,11 +45,20 @@ pub struct IdpFlags {
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub idp_timeout_ms: u64,
 
-    /// Most provider calls in flight at once; past it Validate answers UNAVAILABLE at
-    /// once instead of piling onto a struggling provider.
+    /// Most provider calls in flight at once. Past it a Validate (or an edge check)
+    /// waits for a slot while its deadline (grpc-timeout, at most --request-timeout-ms)
+    /// still leaves --idp-timeout-ms for the call, and answers UNAVAILABLE when it does
+    /// not; while the provider keeps failing, it answers UNAVAILABLE at once.
     #[arg(long, env = "SESSION_CACHE_IDP_MAX_IN_FLIGHT", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub idp_max_in_flight: u32,
+
+    /// Most provider calls (one per distinct token) that may wait for one of the
+    /// --idp-max-in-flight slots at once; past it a new one answers UNAVAILABLE at once.
+    /// 0: never wait.
+    #[arg(long, env = "SESSION_CACHE_IDP_MAX_WAITING", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub idp_max_waiting: u32,
 
     /// How long a token the provider refused answers INVALID without asking again, in
     /// seconds (0: ask every time).

@@ -137,19 +137,33 @@ async fn serve_store<S: Store>(
     let auth = auth::current(auth);
     // The service's calls are traced; the health loop's pings are not (see store::traced).
     let traced = Arc::new(Traced(store.clone()));
+    let tls = tls.map(|config| Arc::new(ArcSwap::new(config)));
+    let request_timeout = Duration::from_millis(config.request_timeout_ms);
     let mut service = SessionCacheService::new(traced.clone(), config.enabled, status.clone())
-        .with_hasher(hasher.clone());
+        .with_hasher(hasher.clone())
+        .with_request_timeout(request_timeout);
     if let Some(provider) = &idp {
-        let validator = Validator::new(provider.clone(), config.idp.idp_max_in_flight as usize);
+        let validator = Validator::new(provider.clone(), config.idp.idp_max_in_flight as usize)
+            .with_waiting(config.idp.timeout(), config.idp.idp_max_waiting as usize);
         service = service.with_validator(if revoke.records_session_ids() {
             validator.with_session_ids(hasher.clone())
         } else {
             validator
         });
     }
-    let (routes, reporter) = router::routes(service)?;
-    let tls = tls.map(|config| Arc::new(ArcSwap::new(config)));
-    let request_timeout = Duration::from_millis(config.request_timeout_ms);
+    // Validation at the edge (SPEC §11): Envoy's Check on this listener, and /auth for
+    // the HTTP listener, both over Validate's decision.
+    let appwrite_project = match config.idp.idp {
+        Some(crate::idp::IdpKind::Appwrite) => config.idp.appwrite_project.as_deref(),
+        _ => None,
+    };
+    let edge = crate::edge::Edge::new(
+        &config.edge,
+        appwrite_project,
+        service.decider(),
+        auth.clone(),
+    );
+    let (routes, reporter) = router::routes(service, edge.check_server())?;
     let router = Server::builder()
         // Cuts requests whose message arrives slowly or never, with CANCELLED.
         .timeout(request_timeout)
@@ -169,9 +183,11 @@ async fn serve_store<S: Store>(
             let handle = crate::metrics::install().map_err(|_| SetupError::Recorder)?;
             crate::http::metrics::describe();
             crate::revoke::metrics::describe();
+            crate::decision::export_metrics();
             if let Some(provider) = &idp {
                 crate::metrics::idp_exported(provider.name(), &crate::idp::RESULT_LABELS);
             }
+            crate::decision::export_metrics();
             Some(MetricsEndpoint { listener, handle })
         }
         None => None,
@@ -179,7 +195,8 @@ async fn serve_store<S: Store>(
     // The HTTP listener (--http-listen, SPEC §11, §12), bound with the other ports.
     let http = match config.http.http_listen {
         Some(addr) => {
-            let mut routes: Vec<Arc<dyn crate::http::Route>> = Vec::new();
+            // SPEC §11: forward authentication for nginx, Traefik, Caddy.
+            let mut routes: Vec<Arc<dyn crate::http::Route>> = vec![edge.auth_route()];
             // SPEC §12: revocations pushed by the identity provider.
             routes.extend(revoke.routes(traced.clone(), hasher, config.enabled));
             Some(crate::http::Listener::new(

@@ -8,6 +8,7 @@ logs go to target/ecosystem/logs. redis-server must be on PATH, grpcurl too (the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +145,14 @@ def python_client(*args: str) -> list[str]:
 
 def node_client(*args: str) -> list[str]:
     return ["node", str(NODE_CLIENTS / "client.js"), *args]
+
+
+def grpcurl(address: str, *args: str, data: dict | None = None) -> subprocess.CompletedProcess:
+    """grpcurl -plaintext through server reflection (no .proto files), printing what it said."""
+    argv = ["grpcurl", "-plaintext", "-max-time", "10"]
+    if data is not None:
+        argv += ["-d", json.dumps(data)]
+    done = subprocess.run([*argv, address, *args], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    print("$", " ".join(argv), address, *args, "\n", done.stdout, done.stderr)
+    return done
