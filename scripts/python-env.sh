@@ -18,6 +18,15 @@ if [ -f "$stamp" ] && cat "${REQUIREMENTS[@]}" | cmp -s - "$stamp"; then
 else
   timeout 600 "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
     -r tests/ecosystem/requirements.txt
+  # xds-protos ships its own, older copy of the OpenTelemetry protos (spans under
+  # instrumentation_library_spans) into the same opentelemetry/proto package, and which
+  # copy pip writes last is not fixed: the pinned opentelemetry-proto is written again
+  # over it. Envoy's protos import only the common and resource messages, which both
+  # copies define alike.
+  otel=$(grep -E '^opentelemetry-proto==' tests/ecosystem/requirements.txt)
+  timeout 600 "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+    --no-deps --force-reinstall "$otel"
+  "$VENV/bin/python" -c 'from opentelemetry.proto.trace.v1 import trace_pb2; trace_pb2.ResourceSpans().scope_spans'
   cat "${REQUIREMENTS[@]}" >"$stamp"
 fi
 "$VENV/bin/python" -m pip freeze --disable-pip-version-check

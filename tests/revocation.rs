@@ -105,7 +105,10 @@ async fn run_service(client: SessionCacheClient<Channel>) -> (usize, usize) {
                     .await
                     .unwrap()
                     .into_inner();
-                let fence: u64 = miss.fence.parse().unwrap();
+                let fence: u64 = miss
+                    .fence
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{e}: the Get answered {:?}", miss.outcome()));
                 if step.invalidate_while_validating {
                     invalidate(&mut client, step.user).await;
                 }
