@@ -50,6 +50,12 @@ pub struct CallerName(pub Option<String>);
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline(pub Instant);
 
+/// On an answer: the request's message broke off before it was whole (the client reset
+/// the stream, or the connection ended), so the answer will reach no one. The transport
+/// counts such a stream as reset.
+#[derive(Clone, Copy, Debug)]
+pub struct MessageBroken;
+
 /// Largest request message accepted, in bytes; a larger one is refused with
 /// OUT_OF_RANGE before any handler runs. A Set with a 4 KiB token and a generous user
 /// fits many times.
@@ -354,9 +360,10 @@ where
                     .into_http());
                 }
                 Err(e) => {
-                    return Ok(
-                        Status::cancelled(format!("the message did not arrive: {e}")).into_http(),
-                    );
+                    let mut answer =
+                        Status::cancelled(format!("the message did not arrive: {e}")).into_http();
+                    answer.extensions_mut().insert(MessageBroken);
+                    return Ok(answer);
                 }
             };
             let Ok(_slot) = slots.try_acquire_owned() else {

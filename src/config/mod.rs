@@ -140,9 +140,10 @@ pub struct Config {
     pub reserved_connections: u32,
 
     /// Most calls whose answer is not yet delivered that one client address may hold;
-    /// past it its calls are refused with RESOURCE_EXHAUSTED, except that each of its
-    /// connections may always hold its fair part (this divided among them, at least
-    /// one). Default: a quarter of --max-open-calls, at least 4.
+    /// past it its calls are refused with RESOURCE_EXHAUSTED, except on a connection
+    /// that holds none (each connection may always have one call open, so that one
+    /// connection misbehaving does not lock out the others of its address). Default: a
+    /// quarter of --max-open-calls, at least 4.
     #[arg(long, env = "SESSION_CACHE_MAX_OPEN_CALLS_PER_PEER",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_open_calls_per_peer: Option<u32>,

@@ -6,15 +6,24 @@
 //! Nothing is parsed beyond the 9-byte frame headers and a GOAWAY's last stream id:
 //! the highest stream the client opened (its HEADERS) becomes the GOAWAY's last stream
 //! id, never above one the server already announced in a GOAWAY of its own.
+//!
+//! Whenever the connection ends, after this GOAWAY or one of h2's own (a graceful close,
+//! or h2's ENHANCE_YOUR_CALM), what the client still sends is read and dropped until it
+//! closes, for at most [`LINGER`]: closing a socket with unread bytes would send a TCP
+//! reset, and the client could lose the GOAWAY with it.
 
 use std::{
     future::Future,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::Sleep,
+};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The client's connection preface, before its first frame (RFC 9113 §3.4).
@@ -24,7 +33,12 @@ const HEADERS: u8 = 0x1;
 const GOAWAY: u8 = 0x7;
 /// The error code of a GOAWAY sent to a peer that abuses the protocol.
 const ENHANCE_YOUR_CALM: u32 = 0xb;
+/// The GOAWAY's debug data, which says why.
+const WHY: &[u8] = b"too_many_stream_resets";
+const GOAWAY_LEN: usize = HEADER_LEN + 8 + WHY.len();
 const MAX_STREAM_ID: u32 = 0x7fff_ffff;
+/// How long a closing connection waits for the client to close its side.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
 /// Where one direction's bytes stand among its frames.
 #[derive(Default)]
@@ -103,7 +117,7 @@ impl Cursor {
 enum Cut {
     No,
     /// The GOAWAY frame, and how much of it is written.
-    Writing([u8; HEADER_LEN + 8], usize),
+    Writing([u8; GOAWAY_LEN], usize),
     Flushing,
     ShuttingDown,
     Done,
@@ -118,6 +132,8 @@ pub(crate) struct Frames<IO> {
     inbound: Cursor,
     outbound: Cursor,
     cut: Cut,
+    /// Armed once the connection closes: the end of the wait for the client to close.
+    linger: Option<Pin<Box<Sleep>>>,
 }
 
 impl<IO> Frames<IO> {
@@ -132,6 +148,7 @@ impl<IO> Frames<IO> {
             },
             outbound: Cursor::default(),
             cut: Cut::No,
+            linger: None,
         }
     }
 
@@ -161,11 +178,12 @@ impl<IO: AsyncWrite + Unpin> Frames<IO> {
                         .inbound
                         .highest_stream
                         .min(self.outbound.goaway_last.unwrap_or(MAX_STREAM_ID));
-                    let mut frame = [0u8; HEADER_LEN + 8];
-                    frame[2] = 8;
+                    let mut frame = [0u8; GOAWAY_LEN];
+                    frame[2] = (GOAWAY_LEN - HEADER_LEN) as u8;
                     frame[3] = GOAWAY;
                     frame[9..13].copy_from_slice(&last.to_be_bytes());
                     frame[13..17].copy_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+                    frame[17..].copy_from_slice(WHY);
                     self.cut = Cut::Writing(frame, 0);
                 }
                 Cut::Writing(frame, written) => {
@@ -188,6 +206,28 @@ impl<IO: AsyncWrite + Unpin> Frames<IO> {
                     self.cut = Cut::Done;
                 }
                 Cut::Done => return Poll::Ready(()),
+            }
+        }
+    }
+
+    /// Once closing: reads and drops what the client sends until it closes, or for at
+    /// most [`LINGER`].
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()>
+    where
+        IO: AsyncRead,
+    {
+        let linger = self
+            .linger
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        if linger.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+                Ok(()) if !buf.filled().is_empty() => continue,
+                _ => return Poll::Ready(()),
             }
         }
     }
@@ -216,6 +256,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Frames<IO> {
         // mid-frame, reading goes on until hyper's write finishes the frame.
         if this.cutting(cx) && (!matches!(this.cut, Cut::No) || this.outbound.at_boundary()) {
             ready!(this.poll_cut(cx));
+            ready!(this.poll_linger(cx));
             return Poll::Ready(Err(cut_error()));
         }
         let before = buf.filled().len();
@@ -225,7 +266,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Frames<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Frames<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Frames<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -234,7 +275,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Frames<IO> {
         let this = self.get_mut();
         let Some(allowed) = this.allowed(cx, buf.len()) else {
             ready!(this.poll_cut(cx));
-            return Poll::Ready(Err(cut_error()));
+            // Nothing more goes out after the GOAWAY: what hyper writes is dropped.
+            return Poll::Ready(Ok(buf.len()));
         };
         let n = ready!(Pin::new(&mut this.io).poll_write(cx, &buf[..allowed]))?;
         this.outbound.advance(&buf[..n]);
@@ -275,7 +317,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Frames<IO> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if matches!(this.cut, Cut::Done) {
-            return Poll::Ready(Err(cut_error()));
+            return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_flush(cx)
     }
@@ -285,7 +327,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Frames<IO> {
         if matches!(this.cut, Cut::Done) {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+        }
+        this.poll_linger(cx).map(Ok)
     }
 }
 

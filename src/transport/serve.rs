@@ -61,8 +61,9 @@ const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Streams h2 may reset on protocol errors of the client before it cuts the connection
 /// with GOAWAY ENHANCE_YOUR_CALM.
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
-/// How long a cut connection has to send its GOAWAY before it is dropped.
-const CUT_GRACE: Duration = Duration::from_secs(1);
+/// How long a cut connection has to send its GOAWAY, and let the client read it, before
+/// it is dropped.
+const CUT_GRACE: Duration = Duration::from_secs(2);
 /// TCP keepalive, for peers that vanish without closing (also below HTTP/2's pings).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 

@@ -4,11 +4,10 @@
 //! authenticated calls). A refused call is answered RESOURCE_EXHAUSTED at once, and its
 //! reason counted.
 //!
-//! A connection may always hold its fair part of its peer's share (the share divided
-//! among the peer's connections, at least one call), even once the peer's other
-//! connections have taken the rest: a caller is served on its own connection while
-//! others from its address misbehave. So a peer holds at most twice its share, or its
-//! share plus one call per connection.
+//! A connection with no open call is admitted even once its peer's other connections
+//! have taken the peer's whole share: a caller is served on its own connection, a call
+//! at a time, while other connections from its address misbehave. So a peer holds at
+//! most its share plus one call per connection.
 //!
 //! A stream that ends before its answer was delivered, and before its deadline, was
 //! reset (by the client, or by the server on an error): its connection counts it
@@ -34,7 +33,7 @@ use tonic::{
 
 use super::conn::{Activity, Connections};
 use crate::{
-    call::{CallerName, Deadline},
+    call::{CallerName, Deadline, MessageBroken},
     rpc::Rpc,
 };
 
@@ -62,7 +61,7 @@ impl<S> Track<S> {
 enum Refusal {
     /// Its connection holds its share.
     Connection,
-    /// Its peer holds its share, and its connection its fair part of it.
+    /// Its peer holds its share, and its connection a call already.
     Peer,
     /// What is left of the pool is kept for authenticated calls, or the connection
     /// holds a place kept for them.
@@ -158,12 +157,9 @@ fn admit(
         return Err(Refusal::Connection);
     }
     let peer = &activity.peer;
-    if peer.calls.fetch_add(1, Ordering::Relaxed) >= limits.per_peer {
-        let fair = (limits.per_peer / peer.connections().max(1)).max(1);
-        if mine >= fair {
-            peer.calls.fetch_sub(1, Ordering::Relaxed);
-            return Err(Refusal::Peer);
-        }
+    if peer.calls.fetch_add(1, Ordering::Relaxed) >= limits.per_peer && mine > 0 {
+        peer.calls.fetch_sub(1, Ordering::Relaxed);
+        return Err(Refusal::Peer);
     }
     let pool = if authenticated {
         limits.max
@@ -245,6 +241,11 @@ where
         let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;
+            if response.extensions().get::<MessageBroken>().is_some() {
+                // Reset while its message arrived: counted now, as a reset.
+                drop(in_flight);
+                return Ok(response.map(Tracked::untracked));
+            }
             Ok(response.map(|body| Tracked {
                 body,
                 in_flight: Some(in_flight),

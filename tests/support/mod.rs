@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod failover;
+pub mod hostile;
 pub mod idp;
 pub mod load;
 pub mod nodes;
