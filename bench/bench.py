@@ -376,10 +376,10 @@ def median_result(results):
     return out
 
 
-# --- the issue's targets ----------------------------------------------------------
+# --- the targets ----------------------------------------------------------------
 
 def targets(rows, floors, floor_of):
-    """Issue 15's targets, from this run's rows: (figure, value, target, met or None
+    """The targets, from this run's rows: (figure, value, target, met or None
     when the run lacks a row it needs). Each row is held against the floor measured
     just before it (`floor_of`), else the run's first."""
     by = {(name, f): r for name, f, r in rows}

@@ -2,7 +2,7 @@
 # Benchmarks session-cache against its floors in one run: builds the release binaries,
 # then bench/bench.py starts its own Redis, a three-primary Redis Cluster and servers on
 # free loopback ports, drives them with h2load and redis-benchmark, and prints the table
-# and, after it, issue 15's targets with met / not met.
+# and, after it, the targets with met / not met.
 #
 #   bench/run.sh            the full run (a few minutes)
 #   bench/run.sh --quick    a smoke of every scenario (seconds); what CI runs

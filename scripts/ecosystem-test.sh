@@ -10,8 +10,11 @@
 #     shared Redis layout, the clients once Redis is stopped, the deploy/ manifests'
 #     fields, the dashboard's and alerts' metric names against a live /metrics, and
 #     the spans a stand-in OTLP collector receives (and a dead collector's cost);
+#     it also runs every sh block of README.md and deploy/README.md as written
+#     (test_readme.py), against the release build the README starts;
 #   - buf lint of the proto; promtool check/test of deploy/prometheus/;
-#     kubernetes-validate --strict of deploy/kubernetes/.
+#     kubernetes-validate --strict of deploy/kubernetes/; check-jsonschema of the
+#     Compose files against the Compose specification's schema.
 # It installs what is missing: the Python packages (scripts/python-env.sh, a venv in
 # target/ecosystem/venv), the npm packages (examples/clients/node), redis-server (the
 # Debian package) and promtool (the binary of Debian's prometheus package, into
@@ -86,6 +89,12 @@ build() {
   timeout 1500 cargo build --bin session-cache
 }
 
+# The README starts the service with `cargo run --release`: built here, so that the
+# README's command only starts it.
+build_release() {
+  timeout 1800 cargo build --release --bin session-cache
+}
+
 # debian_tools: redis-server (the package, as .ci/run installs it), h2load (the
 # nghttp2-client package) and promtool, when missing. promtool is the one binary taken from Debian's prometheus package into
 # WORK/bin: installing the package would also install (and on a systemd host start) a
@@ -115,7 +124,7 @@ debian_tools() {
 }
 
 ecosystem_tests() {
-  timeout 600 pytest tests/ecosystem -v -p no:cacheprovider "$@"
+  timeout 1200 pytest tests/ecosystem -v -p no:cacheprovider "$@"
 }
 
 buf_lint() (
@@ -128,6 +137,10 @@ alert_rules() (
 
 # kubernetes_manifests: against the newest schemas the package ships and the oldest
 # (1.25; the gRPC probes need 1.24), so that no field newer than that slips in.
+compose_files() {
+  check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose*.yml
+}
+
 kubernetes_manifests() {
   kubernetes-validate --strict deploy/kubernetes/*.yaml \
     && kubernetes-validate --strict --kubernetes-version 1.25.0 deploy/kubernetes/*.yaml
@@ -140,6 +153,8 @@ step "npm packages (examples/clients/node)" npm_packages
 NPM_READY=$?
 step "cargo build --bin session-cache" build
 BUILT=$?
+step "cargo build --release --bin session-cache (the README's)" build_release
+BUILT=$((BUILT + $?))
 step "Debian tools: redis-server, h2load, promtool" debian_tools
 TOOLS_READY=$?
 
@@ -161,8 +176,10 @@ else
 fi
 if [ "$PY_READY" = 0 ]; then
   step "kubernetes-validate --strict (deploy/kubernetes)" kubernetes_manifests
+  step "check-jsonschema vendor.compose-spec (deploy/docker-compose*.yml)" compose_files
 else
   skip "kubernetes-validate --strict" "no python venv"
+  skip "check-jsonschema (Compose files)" "no python venv"
 fi
 
 echo "($(($(date +%s) - STARTED_AT))s)"

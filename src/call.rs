@@ -69,33 +69,20 @@ struct Shared {
     request_timeout: Duration,
 }
 
-/// The [`tower_layer::Layer`] of [`Call`].
-#[derive(Clone)]
-pub(crate) struct CallLayer {
-    shared: Arc<Shared>,
-}
-
-impl CallLayer {
-    /// Checks callers against `auth`, and cuts calls at `request_timeout`.
-    pub(crate) fn new(auth: auth::Current, request_timeout: Duration) -> CallLayer {
-        CallLayer {
-            shared: Arc::new(Shared {
-                auth,
-                request_timeout,
-            }),
-        }
-    }
-}
-
-impl<S> tower_layer::Layer<S> for CallLayer {
-    type Service = Call<S>;
-
-    fn layer(&self, inner: S) -> Call<S> {
-        Call {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
+/// The layer of [`Call`]: checks callers against `auth`, and cuts calls at
+/// `request_timeout`.
+pub(crate) fn layer<S>(
+    auth: auth::Current,
+    request_timeout: Duration,
+) -> impl tower_layer::Layer<S, Service = Call<S>> + Clone {
+    let shared = Arc::new(Shared {
+        auth,
+        request_timeout,
+    });
+    tower_layer::layer_fn(move |inner| Call {
+        inner,
+        shared: shared.clone(),
+    })
 }
 
 /// See the module's documentation.
@@ -282,30 +269,16 @@ fn refuse<R: Default + Send + 'static, E: Send + 'static>(status: Status) -> Ref
     Box::pin(std::future::ready(Ok(status.into_http())))
 }
 
-/// The [`tower_layer::Layer`] of [`Admission`].
-#[derive(Clone)]
-pub(crate) struct AdmissionLayer {
-    slots: Arc<Semaphore>,
-}
-
-impl AdmissionLayer {
-    /// Serves at most `max_in_flight` of the service's own calls at once.
-    pub(crate) fn new(max_in_flight: usize) -> AdmissionLayer {
-        AdmissionLayer {
-            slots: Arc::new(Semaphore::new(max_in_flight)),
-        }
-    }
-}
-
-impl<S> tower_layer::Layer<S> for AdmissionLayer {
-    type Service = Admission<S>;
-
-    fn layer(&self, inner: S) -> Admission<S> {
-        Admission {
-            inner,
-            slots: self.slots.clone(),
-        }
-    }
+/// The layer of [`Admission`]: serves at most `max_in_flight` of the service's own calls
+/// at once.
+pub(crate) fn admission<S>(
+    max_in_flight: usize,
+) -> impl tower_layer::Layer<S, Service = Admission<S>> + Clone {
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    tower_layer::layer_fn(move |inner| Admission {
+        inner,
+        slots: slots.clone(),
+    })
 }
 
 /// The second half of the call layer: for a call that takes a `--max-in-flight` slot

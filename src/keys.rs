@@ -24,6 +24,11 @@ pub const TOMBSTONE_PREFIX: &str = "session_revoked:";
 /// Cluster slot like the tombstone.
 pub const REFUSED_PREFIX: &str = "session_refused:";
 
+/// Prefix of the user an identity provider's session id belongs to (new in this
+/// service, for back-channel logout tokens that name only the session, SPEC §12):
+/// `session_sid:<hash>`, the session id hashed as tokens are, never in clear.
+pub const SESSION_ID_PREFIX: &str = "session_sid:";
+
 /// How many hex characters of the hash a log line may show.
 const LOG_CHARS: usize = 16;
 
@@ -69,6 +74,13 @@ impl TokenHash {
     /// Cluster slot: `session_refused:{session_cache:<hash>}`.
     pub fn refused_key(&self) -> String {
         format!("{REFUSED_PREFIX}{{{ENTRY_PREFIX}{}}}", self.as_str())
+    }
+
+    /// The key of the user that the identity provider's session id hashed as `self`
+    /// belongs to: `session_sid:<hash>`. One key, on its own, so plain commands reach it
+    /// in Cluster too.
+    pub fn session_id_key(&self) -> String {
+        format!("{SESSION_ID_PREFIX}{}", self.as_str())
     }
 
     /// The tombstone's name before it moved into its entry's slot,

@@ -1,6 +1,6 @@
 //! Every file the configuration names, read and checked before any port is bound: the
 //! keys file, the token secret, the server's TLS, Redis's CA and passwords, the identity
-//! provider's. A bad one stops the start with an error that names the flag and the
+//! provider's, and the keys of the revocations the provider pushes. A bad one stops the start with an error that names the flag and the
 //! file (exit 64), and nothing has been bound or started.
 
 use std::sync::Arc;
@@ -24,6 +24,7 @@ pub struct Prepared {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) redis: Option<RedisConfig>,
     pub(crate) idp: Option<Arc<dyn Provider>>,
+    pub(crate) revoke: crate::revoke::Prepared,
 }
 
 impl Prepared {
@@ -69,6 +70,7 @@ pub fn prepare(config: Config) -> Result<Prepared, SetupError> {
     };
     let redis = redis_config(&config)?;
     let idp = crate::idp::from_config(&config.idp)?;
+    let revoke = crate::revoke::prepare(&config.revoke, &config.idp, config.clock_skew())?;
     Ok(Prepared {
         config,
         auth,
@@ -76,6 +78,7 @@ pub fn prepare(config: Config) -> Result<Prepared, SetupError> {
         tls,
         redis,
         idp,
+        revoke,
     })
 }
 

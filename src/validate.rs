@@ -39,7 +39,7 @@ use tracing::{Instrument, debug, warn};
 use crate::{
     entry::Session,
     idp::{Answer, Provider},
-    keys::TokenHash,
+    keys::{TokenHash, TokenHasher},
     metrics,
     store::{Fence, Store, Stored},
 };
@@ -67,6 +67,8 @@ pub struct Validator {
     flights: Arc<Mutex<HashMap<TokenHash, Arc<Flight>>>>,
     calls: Arc<Semaphore>,
     breaker: Arc<Breaker>,
+    /// How the provider's session ids are hashed, when they are recorded.
+    session_ids: Option<TokenHasher>,
 }
 
 /// One provider call and the Set after it, shared by every Validate of one token.
@@ -107,7 +109,16 @@ impl Validator {
             flights: Arc::default(),
             calls: Arc::new(Semaphore::new(max_in_flight.max(1))),
             breaker: Arc::default(),
+            session_ids: None,
         }
+    }
+
+    /// Records in the store, hashed with `hasher`, the user of each session id a
+    /// provider answer names (before the answer is cached, so that a logout naming only
+    /// the session finds it from then on; SPEC §12).
+    pub fn with_session_ids(mut self, hasher: TokenHasher) -> Validator {
+        self.session_ids = Some(hasher);
+        self
     }
 
     /// Asks the provider about `token` (hashed as `hash`), through the flight in
@@ -190,6 +201,7 @@ impl Validator {
             token: token.to_owned(),
             hash: hash.clone(),
             departure: departure(),
+            session_ids: self.session_ids.clone(),
             _permit: permit,
         };
         let flights = self.flights.clone();
@@ -224,6 +236,7 @@ struct Trip<S> {
     token: String,
     hash: TokenHash,
     departure: Departure<S>,
+    session_ids: Option<TokenHasher>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -238,9 +251,9 @@ impl<S: Store> Trip<S> {
             idp.provider = name,
             idp.result = tracing::field::Empty,
         );
-        let answer = self
+        let (answer, session_id) = self
             .provider
-            .validate(&self.token)
+            .validate_with_session_id(&self.token)
             .instrument(span.clone())
             .await;
         let result = match &answer {
@@ -276,6 +289,17 @@ impl<S: Store> Trip<S> {
                         stored_from: None,
                     };
                 };
+                if let (Some(hasher), Some(sid)) = (&self.session_ids, &session_id) {
+                    // Before the Set: a logout naming the session that arrives once the
+                    // entry can be served finds whose it is.
+                    let sid = hasher.hash(sid);
+                    if let Err(e) = store
+                        .remember_session(&sid, &session.user.id, session.session_expire)
+                        .await
+                    {
+                        debug!(token = self.hash.short(), error = %e, "a session id's user was not recorded");
+                    }
+                }
                 let set_began = Instant::now();
                 let stored_from = match store.set(&self.hash, &session, Some(fence)).await {
                     Ok(Stored::Stored { .. }) => Some(set_began),

@@ -15,12 +15,9 @@ use session_cache::{pb, rpc::Rpc};
 use support::{
     Harness, PATIENCE, eventually, free_port,
     idp::{AppwriteStandIn, Mode},
+    scrape::{scrape, series},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::time::Instant;
 use tonic_reflection::pb::{v1, v1alpha};
 
 /// The services a reflection v1 client sees, with each one's methods.
@@ -122,26 +119,11 @@ async fn every_hosted_method_has_a_row() {
     }
 }
 
-async fn scrape(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
-
 /// The value of the `session_cache_calls_total` series of `rpc` and `outcome`.
 fn calls(text: &str, rpc: &str, outcome: &str) -> f64 {
     let labels = [format!("rpc=\"{rpc}\""), format!("outcome=\"{outcome}\"")];
-    text.lines()
-        .find(|l| {
-            l.starts_with("session_cache_calls_total{") && labels.iter().all(|x| l.contains(x))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    series(text, "session_cache_calls_total", &labels)
         .unwrap_or_else(|| panic!("no calls_total {labels:?} in\n{text}"))
 }
 

@@ -11,11 +11,8 @@ use std::{
     time::Duration,
 };
 
-use support::{PATIENCE, eventually, free_port};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use support::{PATIENCE, eventually, free_port, scrape::get_metrics};
+use tokio::net::TcpStream;
 
 /// The descriptors the service may hold: a few dozen, used up by the test's
 /// connections.
@@ -55,19 +52,6 @@ fn descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| dir.count())
         .unwrap_or(0)
-}
-
-async fn get_metrics(stream: &mut TcpStream) -> String {
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut text))
-        .await
-        .expect("the metrics answer in time")
-        .unwrap();
-    text
 }
 
 /// With its descriptors used up, the metrics listener waits instead of spinning: the

@@ -11,28 +11,10 @@ use session_cache::pb;
 use support::{
     Harness, PATIENCE, Redis, eventually, free_port,
     idp::{AppwriteStandIn, Mode},
-    in_an_hour, user,
+    in_an_hour,
+    scrape::scrape,
+    user,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
-
-async fn scrape(port: u16) -> String {
-    let mut stream = eventually(
-        PATIENCE,
-        format!("the metrics port {port} to accept"),
-        async || TcpStream::connect(("127.0.0.1", port)).await,
-    )
-    .await;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
 
 fn line<'a>(text: &'a str, name: &str, labels: &[&str]) -> &'a str {
     text.lines()

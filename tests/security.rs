@@ -343,16 +343,20 @@ async fn redis_acl_user_over_tls() {
     let dir = Dir::new();
     let ca = Ca::new("redis test CA");
     let leaf = ca.server();
-    let acl = "user default off\n\
-               user cache on >s3cret-pass ~session_cache:* ~user_invalidated:* ~session_revoked:* ~session_refused:* \
-               -@all +evalsha +eval +script|load +ping +get +mget +set +del +exists +pttl +time +info\n";
+    // The one-Redis user docs/OPERATIONS.md documents.
+    let documented = support::acl::documented("redis");
+    let acl = format!(
+        "user default off\nuser {} {}\n",
+        documented.name,
+        documented.rules.join(" ")
+    );
     let mut options = Options::new(Role::Plain).args(&["--aclfile", &dir.write("users.acl", acl)]);
     options.tls = Some(Tls {
         cert: dir.write("redis.pem", &leaf.cert),
         key: dir.write("redis.key", &leaf.key),
         ca: dir.write("ca.pem", ca.pem()),
     });
-    options.auth = Some((Some("cache".into()), "s3cret-pass".into()));
+    options.auth = Some((Some(documented.name.clone()), support::acl::PASSWORD.into()));
     let redis = Redis::start_as(options).await;
     let url = redis.url();
     let ca_file = dir.path().join("ca.pem").to_string_lossy().into_owned();
@@ -403,24 +407,35 @@ async fn redis_acl_user_over_tls() {
     drop(redis);
 }
 
-/// Batched lookups read with one `MGET` a round. An ACL written before they did (the
-/// README's list without `+mget`) refuses it; then lookups read key by key, and every
+/// Batched lookups read with one `MGET` a round. An ACL without `+mget` (the documented
+/// one-Redis user less that right) refuses it; then lookups read key by key, and every
 /// answer is still right: a hit, and INVALIDATED once the user's marker is set.
 #[tokio::test]
 async fn batched_lookups_read_key_by_key_where_the_acl_refuses_mget() {
-    const ACL: &str = "~session_cache:* ~user_invalidated:* ~session_revoked:* ~session_refused:* \
-                       -@all +evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info";
+    let documented = support::acl::documented("redis");
     for mget in [true, false] {
         let dir = Dir::new();
+        let rules: Vec<&str> = documented
+            .rules
+            .iter()
+            .map(String::as_str)
+            .filter(|rule| mget || *rule != "+mget")
+            .collect();
+        assert!(
+            documented.rules.iter().any(|rule| rule == "+mget"),
+            "the documented user reads batches with MGET"
+        );
         let acl = format!(
-            "user default on nopass ~* +@all\nuser cache on >s3cret-pass {ACL}{}\n",
-            if mget { " +mget" } else { "" }
+            "user default on nopass ~* +@all\nuser {} {}\n",
+            documented.name,
+            rules.join(" ")
         );
         let acl_file = dir.write("users.acl", acl);
         let redis = Redis::start_with(&["--aclfile", &acl_file]).await;
-        let url = redis
-            .url()
-            .replace("redis://", "redis://cache:s3cret-pass@");
+        let url = redis.url().replace(
+            "redis://",
+            &format!("redis://{}:{}@", documented.name, support::acl::PASSWORD),
+        );
         // Every lookup as plain commands, so that the first one already tries MGET.
         let server = Server::start(&["--redis-url", &url, "--redis-lookup", "commands"]).await;
         server
@@ -558,50 +573,12 @@ async fn cluster_node_behind_a_url_is_refused() {
     );
 }
 
-/// On a Cluster (three primaries, each with a replica), an ACL user with the README's
-/// rights on every node serves everything: the slot map (CLUSTER SLOTS), the health
-/// check (CLUSTER INFO), and revocations that wait for a replica (WAIT).
+/// On a Cluster (three primaries, each with a replica), the documented Cluster user on
+/// every node serves everything: the slot map (CLUSTER SLOTS), the health check (CLUSTER
+/// INFO), and revocations that wait for a replica (WAIT).
 #[tokio::test]
 async fn redis_acl_user_on_a_cluster() {
-    let dir = Dir::new();
-    let topology = support::cluster::ClusterTopology::start(support::cluster::Cluster {
-        primaries: 3,
-        replicas_per_primary: 1,
-    })
-    .await;
-    for port in topology.ports() {
-        let mut conn = topology.conn(port).await;
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("cache")
-            .arg("on")
-            .arg(">s3cret-pass")
-            .arg("~session_cache:*")
-            .arg("~user_invalidated:*")
-            .arg("~session_revoked:*")
-            .arg("~session_refused:*")
-            .arg("-@all")
-            .arg(
-                "+evalsha +eval +script|load +ping +get +set +del +exists +pttl +time +info \
-                 +wait +asking +cluster|slots +cluster|info"
-                    .split(' ')
-                    .collect::<Vec<_>>(),
-            )
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
-    let password = dir.write("password", "s3cret-pass\n");
-    let mut h = Harness::over_cluster(
-        &topology,
-        &[
-            "--redis-username",
-            "cache",
-            "--redis-password-file",
-            &password,
-        ],
-    )
-    .await;
+    let mut h = support::acl::harness(support::Backend::Cluster, &[]).await;
     for token in ["tok-1", "tok-2", "tok-3", "tok-4"] {
         let miss = h.get(token).await;
         assert_eq!(miss.outcome(), GetOutcome::Miss);

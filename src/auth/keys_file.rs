@@ -138,16 +138,8 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 
 #[cfg(test)]
 mod tests {
-    use sha2::{Digest, Sha256};
-
     use super::*;
-
-    fn sha(key: &str) -> String {
-        Sha256::digest(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
+    use crate::auth::tests::sha;
 
     /// A keys file with mistakes is refused, naming the entry and the field.
     #[test]

@@ -179,7 +179,8 @@ impl Denied {
 mod tests {
     use super::*;
 
-    fn sha(key: &str) -> String {
+    /// The keys file's form of a key: lowercase hex SHA-256.
+    pub(super) fn sha(key: &str) -> String {
         Sha256::digest(key.as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))

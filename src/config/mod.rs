@@ -188,7 +188,7 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// OpenTelemetry collector to send traces to over OTLP/gRPC (http://host:4317); off
-    /// when not given. Spans leave in batches off the request path, within about 10 s;
+    /// when not given. Spans leave in batches off the request path, within about 5 s;
     /// while the collector is down they are dropped, and calls do not wait for it.
     #[arg(long, env = "SESSION_CACHE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -248,6 +248,14 @@ pub struct Config {
     /// The identity provider that Validate asks (SPEC §9).
     #[command(flatten)]
     pub idp: crate::idp::IdpFlags,
+
+    /// The HTTP listener (SPEC §11, §12).
+    #[command(flatten)]
+    pub http: crate::http::HttpFlags,
+
+    /// Revocations pushed by the identity provider (SPEC §12).
+    #[command(flatten)]
+    pub revoke: crate::revoke::RevokeFlags,
 }
 
 /// Whether `text` is a URL the OTLP/gRPC exporter can dial: http://, a host, no path
@@ -323,6 +331,7 @@ impl Config {
         }
         self.redis.validate()?;
         self.idp.validate()?;
+        self.revoke.validate(self.http.http_listen.is_some())?;
         if let Some(endpoint) = &self.otlp_endpoint
             && !otlp_endpoint_ok(endpoint)
         {
@@ -373,6 +382,7 @@ impl Config {
             authenticated,
             keyed_token_hashing = self.token_hmac_secret_file.is_some(),
             metrics_listen = ?self.metrics_listen,
+            http_listen = ?self.http.http_listen,
             max_connections = self.max_connections,
             idle_timeout_seconds = self.idle_timeout_seconds,
             request_timeout_ms = self.request_timeout_ms,

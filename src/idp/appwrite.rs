@@ -43,11 +43,31 @@
 //!
 //! A refusal by either call wins over the other's failure: Appwrite has spoken about
 //! the token. The two answers must name one user (`$id` = `userId`), else `Unexpected`.
+//!
+//! # Appwrite JWTs
+//! A token shaped as a JWT (three base64url parts, a JSON header with `alg`) is one of
+//! Appwrite's JWTs (`account.createJWT`, `users.createJWT`): HS256 over
+//! `{"userId", "sessionId", "exp"}` with a key only Appwrite holds (appwrite/appwrite
+//! `app/controllers/api/account.php`, `POST /v1/account/jwts`). It goes as
+//! `X-Appwrite-JWT`, which `app/init/resources/request.php` verifies, loading the user
+//! only while the JWT's session is active. Its session is asked for by ID,
+//! `GET /account/sessions/<sessionId>`: `current` is resolved from a session secret,
+//! which a JWT request has none of, and answers 404 `user_session_not_found` to every
+//! JWT. A JWT without a session ID (a server's `users.createJWT` for a user with none)
+//! asks `/account` alone. Appwrite answers a JWT it cannot verify or that has expired
+//! 401 `user_jwt_invalid`, one whose session ended as a guest (401, as above).
+//!
+//! The entry of a JWT expires no later than its `exp`, read without verifying (only
+//! Appwrite holds the key, and it has just vouched for the token): Appwrite refuses it
+//! from then on whatever its session's expiry. A JWT whose `exp` has passed is refused
+//! without a call; one without `exp` is cached as if it expired
+//! [`super::introspection::MISSING_EXP_LIFETIME`] after it was validated.
 
-use chrono::Utc;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL};
+use chrono::{DateTime, Utc};
 use reqwest::{StatusCode, header::HeaderValue};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{
     Answer, IdpError, Provider, Reply, Validation, common_failure, parse_instant, scrub, send,
@@ -62,6 +82,8 @@ pub struct Appwrite {
     http: reqwest::Client,
     account_url: String,
     session_url: String,
+    /// `<endpoint>/account/sessions/`, for a JWT's session by ID.
+    sessions_url: String,
     project: HeaderValue,
     tier_pref: String,
 }
@@ -75,39 +97,43 @@ impl Appwrite {
             http,
             account_url: format!("{endpoint}/account"),
             session_url: format!("{endpoint}/account/sessions/current"),
+            sessions_url: format!("{endpoint}/account/sessions/"),
             // The flags' validation admits only ID characters, all valid in a header.
             project: HeaderValue::from_str(&project).unwrap_or(HeaderValue::from_static("")),
             tier_pref,
         }
     }
 
-    async fn get(&self, url: &str, session: &HeaderValue) -> Result<Reply, IdpError> {
+    /// A `GET` with the token in `credential` (`X-Appwrite-Session` or `X-Appwrite-JWT`).
+    async fn get(
+        &self,
+        url: &str,
+        credential: &'static str,
+        token: &HeaderValue,
+    ) -> Result<Reply, IdpError> {
         send(
             self.http
                 .get(url)
                 .header("X-Appwrite-Project", self.project.clone())
-                .header("X-Appwrite-Session", session.clone())
+                .header(credential, token.clone())
                 .header("Content-Type", "application/json")
                 .header("X-Appwrite-Response-Format", RESPONSE_FORMAT),
         )
         .await
     }
 
-    /// The session from the two bodies.
-    fn session(&self, account: &[u8], current: &[u8], token: &str) -> Result<Answer, IdpError> {
+    /// The session from the bodies: the account's, and its session's (none for a JWT
+    /// without a session); `cap` is the JWT's `exp`, when the token is one.
+    fn session(
+        &self,
+        account: &[u8],
+        current: Option<&[u8]>,
+        cap: Option<DateTime<Utc>>,
+        token: &str,
+    ) -> Result<Answer, IdpError> {
         let account: Account = serde_json::from_slice(account).map_err(|e| {
             IdpError::Unexpected(format!("/account is not Appwrite's User model: {e}"))
         })?;
-        let current: CurrentSession = serde_json::from_slice(current).map_err(|e| {
-            IdpError::Unexpected(format!(
-                "/account/sessions/current is not Appwrite's Session model: {e}"
-            ))
-        })?;
-        if account.id.is_empty() || account.id != current.user_id {
-            return Err(IdpError::Unexpected(
-                "/account and /account/sessions/current name different users".into(),
-            ));
-        }
         let instant = |field: &str, text: &str| {
             parse_instant(text).ok_or_else(|| {
                 IdpError::Unexpected(format!(
@@ -116,7 +142,27 @@ impl Appwrite {
                 ))
             })
         };
-        let session_expire = instant("session expire", &current.expire)?;
+        let session_expire = match current {
+            Some(current) => {
+                let current: CurrentSession = serde_json::from_slice(current).map_err(|e| {
+                    IdpError::Unexpected(format!(
+                        "the session is not Appwrite's Session model: {e}"
+                    ))
+                })?;
+                if account.id.is_empty() || account.id != current.user_id {
+                    return Err(IdpError::Unexpected(
+                        "/account and the session name different users".into(),
+                    ));
+                }
+                let expire = instant("session expire", &current.expire)?;
+                cap.map_or(expire, |cap| expire.min(cap))
+            }
+            None => cap.unwrap_or_else(|| {
+                Utc::now()
+                    + chrono::Duration::from_std(super::introspection::MISSING_EXP_LIFETIME)
+                        .unwrap_or_default()
+            }),
+        };
         if session_expire <= Utc::now() {
             return Ok(Answer::Invalid);
         }
@@ -148,25 +194,92 @@ impl Provider for Appwrite {
     fn validate<'a>(&'a self, token: &'a str) -> Validation<'a> {
         Box::pin(async move {
             // A token that cannot be a header value is no session secret.
-            let Ok(mut session) = HeaderValue::from_str(token) else {
+            let Ok(mut value) = HeaderValue::from_str(token) else {
                 return Ok(Answer::Invalid);
             };
-            session.set_sensitive(true);
-            let (account, current) = tokio::join!(
-                self.get(&self.account_url, &session),
-                self.get(&self.session_url, &session)
-            );
-            let account = account.and_then(|r| judge(r, token));
-            let current = current.and_then(|r| judge(r, token));
-            match (account, current) {
-                (Ok(Step::Refused), _) | (_, Ok(Step::Refused)) => Ok(Answer::Invalid),
-                (Err(e), _) | (_, Err(e)) => Err(e),
-                (Ok(Step::Body(account)), Ok(Step::Body(current))) => {
-                    self.session(&account, &current, token)
+            value.set_sensitive(true);
+            let (credential, session_url, cap) = match Jwt::read(token) {
+                None => ("X-Appwrite-Session", Some(self.session_url.clone()), None),
+                Some(jwt) => {
+                    if jwt.exp.is_some_and(|exp| exp <= Utc::now()) {
+                        return Ok(Answer::Invalid);
+                    }
+                    let url = match jwt.session_id {
+                        Some(id) if is_id(&id) => Some(format!("{}{id}", self.sessions_url)),
+                        Some(_) => return Ok(Answer::Invalid),
+                        None => None,
+                    };
+                    ("X-Appwrite-JWT", url, jwt.exp)
                 }
+            };
+            let current = async {
+                match &session_url {
+                    Some(url) => Some(self.get(url, credential, &value).await),
+                    None => None,
+                }
+            };
+            let (account, current) =
+                tokio::join!(self.get(&self.account_url, credential, &value), current);
+            let account = account.and_then(|r| judge(r, token));
+            let current = current.map(|reply| reply.and_then(|r| judge(r, token)));
+            match (account, current) {
+                (Ok(Step::Refused), _) | (_, Some(Ok(Step::Refused))) => Ok(Answer::Invalid),
+                (Err(e), _) | (_, Some(Err(e))) => Err(e),
+                (Ok(Step::Body(account)), Some(Ok(Step::Body(current)))) => {
+                    self.session(&account, Some(&current), cap, token)
+                }
+                (Ok(Step::Body(account)), None) => self.session(&account, None, cap, token),
             }
         })
     }
+}
+
+/// What is read of an Appwrite JWT, unverified: only Appwrite holds its key.
+struct Jwt {
+    exp: Option<DateTime<Utc>>,
+    session_id: Option<String>,
+}
+
+impl Jwt {
+    /// The claims of a token shaped as a JWT (three base64url parts, a JSON header with
+    /// `alg`, a JSON object for claims); `None` for any other token.
+    fn read(token: &str) -> Option<Jwt> {
+        let mut parts = token.split('.');
+        let (header, claims, signature) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || signature.is_empty() {
+            return None;
+        }
+        let object = |part: &str| -> Option<Map<String, Value>> {
+            let bytes = BASE64URL.decode(part.trim_end_matches('=')).ok()?;
+            match serde_json::from_slice(&bytes).ok()? {
+                Value::Object(object) => Some(object),
+                _ => None,
+            }
+        };
+        if !object(header)?.get("alg").is_some_and(Value::is_string) {
+            return None;
+        }
+        let claims = object(claims)?;
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .and_then(|exp| DateTime::from_timestamp_millis((exp * 1000.0) as i64));
+        let session_id = claims
+            .get("sessionId")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned);
+        Some(Jwt { exp, session_id })
+    }
+}
+
+/// Whether `id` can be an Appwrite ID (letters, digits, '.', '-', '_'; at most 36), and
+/// so go into a URL path as it is.
+fn is_id(id: &str) -> bool {
+    id.len() <= 36
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 /// One call's answer, judged.

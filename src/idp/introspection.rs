@@ -28,6 +28,10 @@
 //! | `created_at`     | `iat` (NumericDate)                                          | now                            |
 //! | `updated_at`     | `updated_at` (OIDC, NumericDate)                             | `created_at`                   |
 //!
+//! The `sid` claim (Keycloak sends it), when present, is handed on with the answer
+//! ([`Provider::validate_with_session_id`]): the session id's user is recorded for
+//! back-channel logout tokens that name only the session (SPEC §12).
+//!
 //! A token without `exp` is cached as if it expired [`MISSING_EXP_LIFETIME`] after it
 //! was introspected: the provider is asked again at least that often, whatever
 //! `--ttl-seconds` says, so a revocation the provider knows of is seen within it. An
@@ -44,7 +48,8 @@ use reqwest::{
 use serde_json::{Map, Value};
 
 use super::{
-    Answer, IdpError, Provider, Secret, Validation, common_failure, parse_instant, scrub, send,
+    Answer, IdpError, Provider, Secret, SessionValidation, Validation, common_failure,
+    parse_instant, scrub, send,
 };
 use crate::entry::{Session, User};
 
@@ -80,7 +85,8 @@ impl Introspection {
         }
     }
 
-    fn session(&self, body: &[u8], token: &str) -> Result<Answer, IdpError> {
+    /// The answer of a 200, with the session's `sid` when an active token carries one.
+    fn session(&self, body: &[u8], token: &str) -> Result<(Answer, Option<String>), IdpError> {
         let unexpected =
             |what: String| IdpError::Unexpected(scrub(&what, &[token, &self.secret.0]));
         let claims: Map<String, Value> = match serde_json::from_slice(body) {
@@ -90,7 +96,7 @@ impl Introspection {
         };
         match claims.get("active") {
             Some(Value::Bool(true)) => {}
-            Some(Value::Bool(false)) => return Ok(Answer::Invalid),
+            Some(Value::Bool(false)) => return Ok((Answer::Invalid, None)),
             _ => {
                 return Err(unexpected(
                     "no boolean \"active\" member (RFC 7662 §2.2)".into(),
@@ -114,7 +120,7 @@ impl Introspection {
             now + chrono::Duration::from_std(MISSING_EXP_LIFETIME).unwrap_or_default()
         });
         if session_expire <= now {
-            return Ok(Answer::Invalid);
+            return Ok((Answer::Invalid, None));
         }
         let created_at = instant("iat")?.unwrap_or(now);
         let updated_at = instant("updated_at")?.unwrap_or(created_at);
@@ -137,7 +143,8 @@ impl Introspection {
             Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
             _ => String::new(),
         };
-        Ok(Answer::Valid(Session {
+        let sid = Some(text("sid")).filter(|sid| !sid.is_empty());
+        let answer = Answer::Valid(Session {
             user: User {
                 id,
                 email: text("email"),
@@ -148,7 +155,43 @@ impl Introspection {
                 updated_at,
             },
             session_expire,
-        }))
+        });
+        Ok((answer, sid))
+    }
+
+    /// One introspection call: the answer, and the session's `sid` if it has one.
+    async fn ask(&self, token: &str) -> Result<(Answer, Option<String>), IdpError> {
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .append_pair("token_type_hint", "access_token")
+            .finish();
+        let reply = send(
+            self.http
+                .post(&self.url)
+                .header(AUTHORIZATION, self.authorization.clone())
+                .header(ACCEPT, "application/json")
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form),
+        )
+        .await?;
+        if reply.status == StatusCode::OK {
+            return self.session(&reply.body, token);
+        }
+        if let Some(e) = common_failure(&reply) {
+            return Err(e);
+        }
+        let status = reply.status.as_u16();
+        if matches!(status, 401 | 403) {
+            return Err(IdpError::Unexpected(format!(
+                "HTTP {status}: the introspection endpoint refused this service's client \
+                 credentials; check --introspection-client-id and the client secret"
+            )));
+        }
+        let body = String::from_utf8_lossy(&reply.body);
+        Err(IdpError::Unexpected(format!(
+            "HTTP {status}: {}",
+            scrub(&body, &[token, &self.secret.0])
+        )))
     }
 }
 
@@ -158,38 +201,15 @@ impl Provider for Introspection {
     }
 
     fn validate<'a>(&'a self, token: &'a str) -> Validation<'a> {
+        Box::pin(async move { self.ask(token).await.map(|(answer, _)| answer) })
+    }
+
+    fn validate_with_session_id<'a>(&'a self, token: &'a str) -> SessionValidation<'a> {
         Box::pin(async move {
-            let form = form_urlencoded::Serializer::new(String::new())
-                .append_pair("token", token)
-                .append_pair("token_type_hint", "access_token")
-                .finish();
-            let reply = send(
-                self.http
-                    .post(&self.url)
-                    .header(AUTHORIZATION, self.authorization.clone())
-                    .header(ACCEPT, "application/json")
-                    .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                    .body(form),
-            )
-            .await?;
-            if reply.status == StatusCode::OK {
-                return self.session(&reply.body, token);
+            match self.ask(token).await {
+                Ok((answer, sid)) => (Ok(answer), sid),
+                Err(e) => (Err(e), None),
             }
-            if let Some(e) = common_failure(&reply) {
-                return Err(e);
-            }
-            let status = reply.status.as_u16();
-            if matches!(status, 401 | 403) {
-                return Err(IdpError::Unexpected(format!(
-                    "HTTP {status}: the introspection endpoint refused this service's client \
-                     credentials; check --introspection-client-id and the client secret"
-                )));
-            }
-            let body = String::from_utf8_lossy(&reply.body);
-            Err(IdpError::Unexpected(format!(
-                "HTTP {status}: {}",
-                scrub(&body, &[token, &self.secret.0])
-            )))
         })
     }
 }

@@ -105,6 +105,11 @@ pub fn result_label(result: &Result<Answer, IdpError>) -> &'static str {
 /// The boxed future of [`Provider::validate`].
 pub type Validation<'a> = Pin<Box<dyn Future<Output = Result<Answer, IdpError>> + Send + 'a>>;
 
+/// The boxed future of [`Provider::validate_with_session_id`]: the answer, and the
+/// provider's own ID of the session when the answer names one.
+pub type SessionValidation<'a> =
+    Pin<Box<dyn Future<Output = (Result<Answer, IdpError>, Option<String>)> + Send + 'a>>;
+
 /// An identity provider. One boxed future per call: a call costs milliseconds of
 /// network, the allocation nothing.
 pub trait Provider: Send + Sync + 'static {
@@ -113,6 +118,13 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Asks the provider about `token`, within `--idp-timeout-ms`.
     fn validate<'a>(&'a self, token: &'a str) -> Validation<'a>;
+
+    /// [`Provider::validate`], with the provider's own ID of the session when its answer
+    /// names one (the `sid` of an introspection answer), so that a back-channel logout
+    /// naming only that session can be carried out (SPEC §12). By default, none.
+    fn validate_with_session_id<'a>(&'a self, token: &'a str) -> SessionValidation<'a> {
+        Box::pin(async move { (self.validate(token).await, None) })
+    }
 }
 
 /// The provider the flags name, with every file they name read and checked now, so

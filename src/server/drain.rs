@@ -1,7 +1,8 @@
 //! What a shutdown does, in order: stop the health pinger so that nothing reports
-//! SERVING again, tell probes NOT_SERVING, stop accepting and let calls in flight finish
-//! within `--shutdown-grace-seconds`, and only then let the metrics endpoint, the
-//! reload watcher and the sweep end (when the caller drops [`Background`]).
+//! SERVING again, tell probes NOT_SERVING, stop accepting (gRPC and HTTP) and let calls
+//! in flight finish within `--shutdown-grace-seconds`, and only then let the metrics
+//! endpoint, the reload watcher and the sweep end (when the caller drops
+//! [`Background`]).
 
 use std::time::Duration;
 
@@ -34,11 +35,13 @@ pub(super) async fn drain(
         "shutting down: no new calls; draining calls in flight"
     );
     let _ = drain.send(());
+    background.stop_http();
     // Open streams (a health Watch) never end on their own: the drain is bounded.
     match tokio::time::timeout(grace, &mut server).await {
         Ok(()) => {}
         Err(_) => warn!(?grace, "drain did not finish in time; closing what is left"),
     }
+    background.http_drained().await;
     info!("stopped");
     Ok(())
 }

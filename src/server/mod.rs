@@ -20,8 +20,7 @@ use tower_layer::Layer;
 use tracing::{error, warn};
 
 use crate::{
-    auth,
-    call::{AdmissionLayer, CallLayer},
+    auth, call,
     config::Config,
     error::SetupError,
     health::StoreStatus,
@@ -126,6 +125,7 @@ async fn serve_store<S: Store>(
         tls,
         redis: _,
         idp,
+        revoke,
     } = prepared;
     let config = &config;
     // Disabled, the service serves (pass-through) without a store; enabled, it serves
@@ -137,21 +137,24 @@ async fn serve_store<S: Store>(
     let auth = auth::current(auth);
     // The service's calls are traced; the health loop's pings are not (see store::traced).
     let traced = Arc::new(Traced(store.clone()));
-    let mut service =
-        SessionCacheService::new(traced, config.enabled, status.clone()).with_hasher(hasher);
+    let mut service = SessionCacheService::new(traced.clone(), config.enabled, status.clone())
+        .with_hasher(hasher.clone());
     if let Some(provider) = &idp {
-        service = service.with_validator(Validator::new(
-            provider.clone(),
-            config.idp.idp_max_in_flight as usize,
-        ));
+        let validator = Validator::new(provider.clone(), config.idp.idp_max_in_flight as usize);
+        service = service.with_validator(if revoke.records_session_ids() {
+            validator.with_session_ids(hasher.clone())
+        } else {
+            validator
+        });
     }
     let (routes, reporter) = router::routes(service)?;
+    let tls = tls.map(|config| Arc::new(ArcSwap::new(config)));
     let request_timeout = Duration::from_millis(config.request_timeout_ms);
     // Every call: the call layer (which also cuts requests whose message arrives slowly
     // or never, with CANCELLED), the transport's accounting, admission, the services.
-    let service = CallLayer::new(auth.clone(), request_timeout).layer(
+    let service = call::layer(auth.clone(), request_timeout).layer(
         Track::layer(connections.clone())
-            .layer(AdmissionLayer::new(config.max_in_flight as usize).layer(routes.prepare())),
+            .layer(call::admission(config.max_in_flight as usize).layer(routes.prepare())),
     );
     // The last step that can fail: the metrics port.
     let metrics = match config.metrics_listen {
@@ -160,6 +163,8 @@ async fn serve_store<S: Store>(
                 .await
                 .map_err(|e| SetupError::bind("--metrics-listen", addr, &e))?;
             let handle = crate::metrics::install().map_err(|_| SetupError::Recorder)?;
+            crate::http::metrics::describe();
+            crate::revoke::metrics::describe();
             if let Some(provider) = &idp {
                 crate::metrics::idp_exported(provider.name(), &crate::idp::RESULT_LABELS);
             }
@@ -169,6 +174,23 @@ async fn serve_store<S: Store>(
                 idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
                 stall_timeout: Duration::from_secs(config.stall_timeout_seconds),
             })
+        }
+        None => None,
+    };
+    // The HTTP listener (--http-listen, SPEC §11, §12), bound with the other ports.
+    let http = match config.http.http_listen {
+        Some(addr) => {
+            let mut routes: Vec<Arc<dyn crate::http::Route>> = Vec::new();
+            // SPEC §12: revocations pushed by the identity provider.
+            routes.extend(revoke.routes(traced.clone(), hasher, config.enabled));
+            Some(crate::http::Listener::new(
+                crate::http::bind(addr).await?,
+                routes,
+                tls.clone(),
+                config.http.http_max_connections,
+                request_timeout,
+                Duration::from_secs(config.idle_timeout_seconds),
+            ))
         }
         None => None,
     };
@@ -186,7 +208,6 @@ async fn serve_store<S: Store>(
         reporter.set_service_status(*service, initial).await;
     }
     transport::raise_open_files_limit();
-    let tls = tls.map(|config| Arc::new(ArcSwap::new(config)));
     let mut reloadable = Vec::new();
     if let Some(path) = &config.api_keys_file {
         reloadable.push(Reloadable::keys(
@@ -209,6 +230,8 @@ async fn serve_store<S: Store>(
         reporter: reporter.clone(),
         health_interval: Duration::from_millis(config.health_interval_ms),
         metrics,
+        http,
+        shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
         reloadable,
         connections: connections.clone(),
     });

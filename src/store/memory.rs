@@ -27,7 +27,7 @@ use tracing::warn;
 
 use super::{
     Fence, Judgement, Limits, Lookup, Store, StoreError, Stored, fence_in_range, judge_cached,
-    marker_revokes_fence, ttl_for,
+    marker_revokes_fence, session_id_ttl, ttl_for,
 };
 use crate::{
     clock::Micros,
@@ -59,6 +59,9 @@ pub const ENTRY_OVERHEAD: u32 = 640;
 /// Most refused tokens remembered: about 100 bytes each.
 pub const MAX_REFUSED: u64 = 100_000;
 
+/// Most identity-provider session ids remembered: about 150 bytes each.
+pub const MAX_SESSION_IDS: u64 = 100_000;
+
 /// A cached session, the time to live its Set gave it, and its weight in bytes.
 struct Entry {
     cached: CachedSession,
@@ -85,6 +88,10 @@ pub struct MemoryStore {
     /// [`MAX_REFUSED`], the least used dropped first (a dropped one costs a provider
     /// call, never a wrong answer).
     refused: Cache<TokenHash, ()>,
+    /// The user of each identity-provider session id seen (hashed), with when it may be
+    /// forgotten; at most [`MAX_SESSION_IDS`], the least used dropped first (a dropped
+    /// one turns a logout that names only its session into a 400, as an unknown one).
+    session_ids: Cache<TokenHash, (Arc<str>, Instant)>,
     /// Each invalidated user's marker; Gets read it without the writes lock.
     markers: RwLock<HashMap<Arc<str>, Micros>>,
     /// The newest instant of a collapsed marker (0: none), which judges every user's
@@ -210,6 +217,10 @@ impl MemoryStore {
                 .time_to_live(Duration::from_secs(
                     limits.negative_ttl_seconds.max(1).into(),
                 ))
+                .build(),
+            session_ids: Cache::builder()
+                .max_capacity(MAX_SESSION_IDS)
+                .time_to_live(Duration::from_secs(u64::from(limits.ttl_seconds) + 1))
                 .build(),
             markers: RwLock::default(),
             marker_floor: AtomicI64::new(0),
@@ -411,13 +422,12 @@ impl Store for MemoryStore {
         {
             return Ok(Stored::Revoked);
         }
-        if let Some(fence) = fence {
-            if self
+        if let Some(fence) = fence
+            && self
                 .marker_for(&session.user)
                 .is_some_and(|at| marker_revokes_fence(at, fence, self.limits.clock_skew))
-            {
-                return Ok(Stored::Stale);
-            }
+        {
+            return Ok(Stored::Stale);
         }
         let expire = Micros::from_datetime(session.session_expire);
         let Some(ttl_seconds) = ttl_for(expire, now, self.limits.ttl_seconds) else {
@@ -476,6 +486,29 @@ impl Store for MemoryStore {
         });
         self.trim_markers(&mut revocations);
         Ok(at)
+    }
+
+    async fn remember_session(
+        &self,
+        sid: &TokenHash,
+        user_id: &str,
+        session_expire: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StoreError> {
+        let expire = Micros::from_datetime(session_expire);
+        if let Some(ttl) = session_id_ttl(expire, self.now(), self.limits.ttl_seconds) {
+            let until = Instant::now() + Duration::from_secs(ttl.into());
+            self.session_ids
+                .insert(sid.clone(), (Arc::from(user_id), until));
+        }
+        Ok(())
+    }
+
+    async fn session_user(&self, sid: &TokenHash) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .session_ids
+            .get(sid)
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(user, _)| user.to_string()))
     }
 
     async fn ping(&self) -> Result<Duration, StoreError> {

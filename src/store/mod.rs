@@ -169,6 +169,23 @@ pub trait Store: Send + Sync + 'static {
     /// [`Limits::negative_ttl_seconds`] (nothing when that is 0).
     fn refuse(&self, token: &TokenHash) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Records that the identity provider's session whose id hashes to `sid` belongs to
+    /// `user_id`, for as long as an entry of that session could be cached (at most
+    /// `--ttl-seconds`, cut to `session_expire`), so that a logout naming only the
+    /// session can revoke its user (SPEC §12).
+    fn remember_session(
+        &self,
+        sid: &TokenHash,
+        user_id: &str,
+        session_expire: chrono::DateTime<chrono::Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The user recorded for the session whose id hashes to `sid`, if still recorded.
+    fn session_user(
+        &self,
+        sid: &TokenHash,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
     /// Checks that the store answers; returns the round-trip time.
     fn ping(&self) -> impl Future<Output = Result<Duration, StoreError>> + Send;
 
@@ -232,6 +249,13 @@ pub(crate) fn read_marker(raw: &[u8]) -> Option<Micros> {
     std::str::from_utf8(raw)
         .ok()
         .and_then(Micros::parse_seconds)
+}
+
+/// How long a session id's user is kept: as long as an entry of the session could be
+/// cached from now, and a second more, since the entry is written after it; `None`
+/// when the session has already expired.
+pub(crate) fn session_id_ttl(session_expire: Micros, now: Micros, ttl_seconds: u32) -> Option<u32> {
+    ttl_for(session_expire, now, ttl_seconds).map(|ttl| ttl.saturating_add(1))
 }
 
 /// SPEC §3's time to live: the configured one, cut to the session's remaining whole

@@ -91,6 +91,26 @@ impl<S: Store> Store for Traced<S> {
             .instrument(self.span("store.refuse", "refuse"))
     }
 
+    fn remember_session(
+        &self,
+        sid: &TokenHash,
+        user_id: &str,
+        session_expire: chrono::DateTime<chrono::Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.0
+            .remember_session(sid, user_id, session_expire)
+            .instrument(self.span("store.remember_session", "remember_session"))
+    }
+
+    fn session_user(
+        &self,
+        sid: &TokenHash,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send {
+        self.0
+            .session_user(sid)
+            .instrument(self.span("store.session_user", "session_user"))
+    }
+
     fn ping(&self) -> impl Future<Output = Result<Duration, StoreError>> + Send {
         self.0.ping().instrument(self.span("store.ping", "ping"))
     }

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import yaml
 
-from support import ROOT, SERVICE, Redis, Server, python_client, run
+from support import ROOT, SERVICE, Redis, Server, free_port, python_client, run
 from testkit.local import eventually
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "session-cache.json"
@@ -107,12 +107,17 @@ def scrapes(start) -> dict[str, dict[str, str]]:
     connection: readiness is read from the metrics port) and live, after the example
     client's flow and one Get that met a frozen Redis (a store error)."""
     redis = start(Redis("metrics"))
+
+    def http() -> list[str]:
+        """The HTTP listener, whose families the alert on pushed revocations reads."""
+        return ["--http-listen", f"127.0.0.1:{free_port()}"]
+
     found = {
         # A slow health ping, so that the Get below meets the frozen Redis before the
         # ping marks the store down (then it would answer UNAVAILABLE with no store error).
-        "memory": start(Server("metrics-memory", "memory")),
+        "memory": start(Server("metrics-memory", "memory", http())),
         "redis": start(Server("metrics-redis", "redis", ["--redis-url", f"redis://{redis.address}",
-                                                         "--health-interval-ms", "60000"])),
+                                                         "--health-interval-ms", "60000", *http()])),
     }
     result = {}
     for store, server in found.items():

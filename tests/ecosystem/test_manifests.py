@@ -4,10 +4,13 @@ them work (kubernetes-validate --strict checks the schema; this checks the meani
 from __future__ import annotations
 
 import os
+import re
+import shlex
 
 import pytest
 import yaml
 
+from readme_blocks import sh_blocks
 from support import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -191,4 +194,34 @@ def test_network_policies(kube, checks):
         p_sel = policy.get("spec", {}).get("podSelector", {}).get("matchLabels", {})
         checks.need(bool(p_sel) and all(labels.get(k) == v for k, v in p_sel.items()),
                     "NetworkPolicy: applies to the Deployment's pods")
+    checks.done()
+
+
+def test_docker_run_example(checks):
+    """deploy/README.md's `docker run` steps: the service's port published on the host's
+    loopback only, Redis on a user-defined network under the name the Redis URL gives,
+    and every variable one the service reads (docs/CONFIGURATION.md's table)."""
+    blocks = [b for b in sh_blocks(DEPLOY / "README.md") if "docker run" in b.text]
+    checks.need(len(blocks) == 1, "deploy/README.md has one block of docker run steps")
+    commands = [shlex.split(line) for line in blocks[0].text.replace("\\\n", " ").splitlines() if line.strip()]
+    networks = {c[3] for c in commands if c[:3] == ["docker", "network", "create"]}
+    runs = [c for c in commands if c[:2] == ["docker", "run"]]
+    service = [c for c in runs if c[-1] == "session-cache"]
+    checks.need(len(service) == 1, "one docker run of the session-cache image")
+    known = set(re.findall(r"`(SESSION_CACHE_[A-Z_]+)`", (ROOT / "docs" / "CONFIGURATION.md").read_text()))
+    for run in service:
+        published = [run[i + 1] for i, a in enumerate(run[:-1]) if a in ("-p", "--publish")]
+        checks.need(published != [] and all(p.startswith("127.0.0.1:") for p in published),
+                    f"docker run publishes on loopback only: {published}")
+        network = option(run, "--network")
+        checks.need(network in networks, f"docker run joins a network the steps create: {network}")
+        env = dict(run[i + 1].split("=", 1) for i, a in enumerate(run[:-1]) if a == "-e")
+        checks.need(set(env) <= known, f"every variable is the service's: {sorted(set(env) - known)}")
+        host = re.match(r"rediss?://(?:[^@]*@)?([^:/]+)", env.get("SESSION_CACHE_REDIS_URL", ""))
+        redis = [r for r in runs if option(r, "--name") == (host.group(1) if host else None)]
+        checks.need(redis != [] and option(redis[0], "--network") == network,
+                    "the Redis the URL names runs on the same network under that name")
+    text = (DEPLOY / "README.md").read_text()
+    checks.need("SESSION_CACHE_REDIS_PASSWORD_FILE" in text and "SESSION_CACHE_API_KEYS_FILE" in text,
+                "deploy/README.md says how to give the Redis password and callers' keys as files")
     checks.done()

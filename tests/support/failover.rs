@@ -159,7 +159,7 @@ async fn run_task(
         }
         if last_revocation.elapsed() > REVOCATION_EVERY {
             rounds += 1;
-            if logouts && rounds % 2 == 0 {
+            if logouts && rounds.is_multiple_of(2) {
                 if log_out(&mut client, &token, &user_id, &mut seen).await {
                     logins += 1;
                     token = format!("fo-{task}.{logins}");

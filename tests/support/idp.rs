@@ -17,6 +17,15 @@
 //! `general_unauthorized_scope`), and RFC 7662 §2 (Basic client credentials, a form
 //! body with `token`, `{"active": false}` for any token that is not good, 401
 //! `invalid_client` for bad credentials).
+//!
+//! Appwrite's JWTs as `app/init/resources/request.php` and `POST /v1/account/jwts`
+//! make and check them: HS256 (adhocore/jwt) over `{"userId","sessionId","exp"}` with
+//! a key of the stand-in's own, in `X-Appwrite-JWT`; a bad signature or a past `exp`
+//! answers 401 `user_jwt_invalid`, a JWT whose session ended leaves the caller a guest,
+//! a JWT beside a session 403 `user_jwt_and_cookie_set`. `GET
+//! /v1/account/sessions/current` resolves `current` from a session secret, so with a
+//! JWT it answers 404 `user_session_not_found`; `GET /v1/account/sessions/<id>`
+//! answers the caller's session by ID.
 
 use std::{
     collections::HashMap,
@@ -30,15 +39,20 @@ use std::{
     time::Duration,
 };
 
-use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL},
+};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use session_cache::entry::User;
+use sha2::Sha256;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::{free_port, pki};
@@ -317,6 +331,8 @@ struct AppwriteSession {
 #[derive(Default)]
 struct AppwriteTable {
     sessions: HashMap<String, AppwriteSession>,
+    /// Sessions created so far, for their IDs.
+    created: usize,
     /// The stand-in judges expiry by its clock minus this (a server clock behind ours).
     clock_behind: Duration,
 }
@@ -403,7 +419,8 @@ impl AppwriteStandIn {
         expire: DateTime<Utc>,
     ) {
         let mut table = self.table.lock().unwrap();
-        let session_id = format!("session{}", table.sessions.len() + 1);
+        table.created += 1;
+        let session_id = format!("session{}", table.created);
         table.sessions.insert(
             token.to_owned(),
             AppwriteSession {
@@ -418,6 +435,41 @@ impl AppwriteStandIn {
     /// Deletes the session (a sign-out): the secret is now a guest's, answered 401.
     pub fn revoke(&self, token: &str) {
         self.table.lock().unwrap().sessions.remove(token);
+    }
+
+    /// Deletes every session of the user (a password change, a block, a deletion).
+    pub fn revoke_user(&self, user_id: &str) {
+        self.table
+            .lock()
+            .unwrap()
+            .sessions
+            .retain(|_, session| session.user.id != user_id);
+    }
+
+    /// The ID of the session whose secret is `token`, and its user's ID.
+    pub fn session_of(&self, token: &str) -> Option<(String, String)> {
+        let table = self.table.lock().unwrap();
+        let session = table.sessions.get(token)?;
+        Some((session.session_id.clone(), session.user.id.clone()))
+    }
+
+    /// A JWT for the session whose secret is `token`, valid for `duration`, as
+    /// `account.createJWT` makes it (adhocore/jwt: `{"typ":"JWT","alg":"HS256"}`, then
+    /// `{"userId","sessionId","exp"}`, base64url without padding).
+    pub fn create_jwt(&self, token: &str, duration: Duration) -> String {
+        let (session_id, user_id) = self.session_of(token).expect("a session of the stand-in");
+        let exp = Utc::now().timestamp() + duration.as_secs() as i64;
+        self.sign_jwt(&json!({ "userId": user_id, "sessionId": session_id, "exp": exp }))
+    }
+
+    /// A JWT with these claims, signed with the stand-in's key.
+    pub fn sign_jwt(&self, claims: &Value) -> String {
+        let header = BASE64URL.encode(r#"{"typ":"JWT","alg":"HS256"}"#);
+        let payload = BASE64URL.encode(claims.to_string());
+        let mut mac = Hmac::<Sha256>::new_from_slice(APPWRITE_JWT_KEY).unwrap();
+        mac.update(format!("{header}.{payload}").as_bytes());
+        let signature = BASE64URL.encode(mac.finalize().into_bytes());
+        format!("{header}.{payload}.{signature}")
     }
 
     /// Judges expiry as a server whose clock is `behind` ours would (so that it
@@ -494,6 +546,30 @@ fn appwrite_type(status: u16) -> (&'static str, &'static str) {
     }
 }
 
+/// The key the stand-in signs its JWTs with (`_APP_OPENSSL_KEY_V1` in Appwrite).
+const APPWRITE_JWT_KEY: &[u8] = b"stand-in-openssl-key-v1";
+
+/// The `(userId, sessionId)` of a JWT the stand-in signed that has not expired; `None`
+/// for anything else (Appwrite's `user_jwt_invalid`).
+fn verify_jwt(jwt: &str) -> Option<(String, String)> {
+    let (message, signature) = jwt.rsplit_once('.')?;
+    let (_, payload) = message.split_once('.')?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(APPWRITE_JWT_KEY).unwrap();
+    mac.update(message.as_bytes());
+    mac.verify_slice(&BASE64URL.decode(signature).ok()?).ok()?;
+    let claims: Value = serde_json::from_slice(&BASE64URL.decode(payload).ok()?).ok()?;
+    if claims["exp"]
+        .as_i64()
+        .is_some_and(|exp| exp < Utc::now().timestamp())
+    {
+        return None;
+    }
+    Some((
+        claims["userId"].as_str()?.to_owned(),
+        claims["sessionId"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
 fn appwrite_answer(
     table: &Mutex<AppwriteTable>,
     project: &str,
@@ -501,6 +577,7 @@ fn appwrite_answer(
     mode: Mode,
 ) -> Answer {
     let secret = request.header("x-appwrite-session");
+    let jwt = request.header("x-appwrite-jwt");
     match mode {
         Mode::Normal => {}
         Mode::Refuse => {
@@ -528,6 +605,9 @@ fn appwrite_answer(
     let route = match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/v1/account") => Route::Account,
         ("GET", "/v1/account/sessions/current") => Route::Session,
+        ("GET", path) if path.starts_with("/v1/account/sessions/") => {
+            Route::SessionById(path["/v1/account/sessions/".len()..].to_owned())
+        }
         _ => {
             return appwrite_error(404, "general_route_not_found", "Route not found.");
         }
@@ -538,13 +618,52 @@ fn appwrite_answer(
     }
     let table = table.lock().unwrap();
     let judged_now = Utc::now() - table.clock_behind;
-    let Some(session) = table
-        .sessions
-        .get(&secret)
-        .filter(|s| s.expire >= judged_now)
-    else {
+    let live = |s: &&AppwriteSession| s.expire >= judged_now;
+    let by_secret = table.sessions.get(&secret).filter(live);
+    let session = if jwt.is_empty() {
+        by_secret
+    } else {
+        if by_secret.is_some() {
+            return appwrite_error(
+                403,
+                "user_jwt_and_cookie_set",
+                "JWT and cookie used in the same request.",
+            );
+        }
+        let Some((user_id, session_id)) = verify_jwt(&jwt) else {
+            return appwrite_error(401, "user_jwt_invalid", "Failed to verify JWT.");
+        };
+        // The JWT's user while its session is active, else a guest.
+        table
+            .sessions
+            .values()
+            .filter(live)
+            .find(|s| s.user.id == user_id && s.session_id == session_id)
+    };
+    let Some(session) = session else {
         let (kind, message) = appwrite_type(401);
         return appwrite_error(401, kind, message);
+    };
+    let not_found = || {
+        appwrite_error(
+            404,
+            "user_session_not_found",
+            "The current user session could not be found.",
+        )
+    };
+    let (route, session) = match route {
+        // `current` is the session of the secret; a JWT request has none.
+        Route::Session if !jwt.is_empty() => return not_found(),
+        // Any session of the caller, by its ID.
+        Route::SessionById(id) => match table
+            .sessions
+            .values()
+            .find(|s| s.user.id == session.user.id && s.session_id == id)
+        {
+            Some(by_id) => (Route::Session, by_id),
+            None => return not_found(),
+        },
+        route => (route, session),
     };
     let user = &session.user;
     let body = match route {
@@ -597,6 +716,7 @@ fn appwrite_answer(
             "secret": "",
             "mfaUpdatedAt": "",
         }),
+        Route::SessionById(_) => unreachable!("answered as Session"),
     };
     respond_json(200, &body)
 }
@@ -604,6 +724,7 @@ fn appwrite_answer(
 enum Route {
     Account,
     Session,
+    SessionById(String),
 }
 
 // ---------------------------------------------------------------------------------

@@ -6,18 +6,23 @@
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
+pub mod acl;
 pub mod cluster;
 pub mod failover;
 pub mod hostile;
+pub mod http;
 pub mod idp;
 pub mod load;
 pub mod nodes;
+pub mod oidc;
 pub mod pki;
 pub mod poll;
 pub mod process;
 pub mod redis_server;
+pub mod scrape;
 pub mod sentinel;
 pub mod subject;
+pub mod webhooks;
 
 use std::{
     net::{SocketAddr, TcpListener as StdListener},

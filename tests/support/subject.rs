@@ -144,7 +144,8 @@ impl Subject {
             if replicated && !args.contains(&"--store-timeout-ms") {
                 args.extend(["--store-timeout-ms", "1000"]);
             }
-            let harness = Harness::start(backend, &args).await;
+            // Redis topologies run as the ACL users docs/OPERATIONS.md documents.
+            let harness = super::acl::harness(backend, &args).await;
             return Subject {
                 caller: Caller::Network(harness.client.clone()),
                 backend,

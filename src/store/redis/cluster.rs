@@ -203,10 +203,10 @@ pub(super) struct Primaries(Mutex<Option<(Instant, BTreeMap<String, u16>)>>);
 
 impl Primaries {
     async fn get(&self, conn: &mut ClusterConnection) -> RedisResult<BTreeMap<String, u16>> {
-        if let Some((at, primaries)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            if at.elapsed() < PRIMARIES_LIFETIME {
-                return Ok(primaries.clone());
-            }
+        if let Some((at, primaries)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && at.elapsed() < PRIMARIES_LIFETIME
+        {
+            return Ok(primaries.clone());
         }
         let slots = conn
             .route_command(

@@ -70,6 +70,7 @@ use tracing::debug;
 
 use super::{
     Fence, Judgement, Limits, Lookup, Store, StoreError, Stored, marker_revokes_fence, read_marker,
+    session_id_ttl,
 };
 
 mod cluster;
@@ -222,22 +223,35 @@ impl RedisStore {
         checkout(&self.pool).await
     }
 
+    /// Runs `work` on a connection of the shared pool, checkout included, within
+    /// `deadline`.
+    async fn within<T>(
+        &self,
+        deadline: Instant,
+        work: impl AsyncFnOnce(&mut Handle) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let call = async {
+            let mut handle = self.connection().await?;
+            work(&mut handle).await
+        };
+        timeout_at(deadline, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
+    }
+
     /// Runs one script within `deadline`.
     async fn run<T: FromRedisValue>(
         &self,
         deadline: Instant,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
+        self.within(deadline, async |handle| {
             invocation
                 .invoke_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e))
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+        })
+        .await
     }
 
     /// Runs one script call (`cmd`, an `EVALSHA` of `script`) within `deadline`: outside
@@ -251,13 +265,10 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let counted = Counted::enter(&self.calling);
         let value = if self.cluster || counted.alone {
-            let call = async {
-                let mut handle = self.connection().await?;
-                scripts::evalsha(&mut handle, script, &cmd).await
-            };
-            timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout))?
+            self.within(deadline, async |handle| {
+                scripts::evalsha(handle, script, &cmd).await
+            })
+            .await?
         } else {
             let (reply, replied) = oneshot::channel();
             let call = coalesce::ScriptCall {
@@ -282,15 +293,12 @@ impl RedisStore {
         deadline: Instant,
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
+        self.within(deadline, async |handle| {
             cmd.query_async(&mut handle.conn)
                 .await
                 .map_err(|e| handle.failed(e))
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+        })
+        .await
     }
 
     /// Runs a revocation's script and, with `--revocation-replicas`, waits until that
@@ -343,18 +351,10 @@ impl RedisStore {
 
     /// The Cluster's health within `deadline` (see `cluster::ping`).
     async fn ping_cluster(&self, deadline: Instant) -> Result<(), StoreError> {
-        let call = async {
-            let mut handle = self.connection().await?;
-            cluster::ping(
-                &mut handle,
-                &self.primaries,
-                self.scripts.ping.eval(&[], &[]),
-            )
-            .await
-        };
-        timeout_at(deadline, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+        self.within(deadline, async |handle| {
+            cluster::ping(handle, &self.primaries, self.scripts.ping.eval(&[], &[])).await
+        })
+        .await
     }
 
     /// Looks `key` up outside Cluster: directly when no other lookup is in progress,
@@ -362,16 +362,14 @@ impl RedisStore {
     async fn lookup(&self, deadline: Instant, key: &str) -> Result<read::Looked, StoreError> {
         let counted = Counted::enter(&self.lookups);
         if counted.alone {
-            let call = async {
-                let mut handle = self.connection().await?;
-                let mut outcomes = self.reader.read(&mut handle, &[key], true).await;
-                outcomes
-                    .pop()
-                    .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
-            };
-            return timeout_at(deadline, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout));
+            return self
+                .within(deadline, async |handle| {
+                    let mut outcomes = self.reader.read(handle, &[key], true).await;
+                    outcomes
+                        .pop()
+                        .unwrap_or_else(|| Err(StoreError::Failed("a lookup had no answer".into())))
+                })
+                .await;
         }
         let (reply, replied) = oneshot::channel();
         let job = coalesce::Job {
@@ -526,6 +524,34 @@ impl Store for RedisStore {
                 .arg(self.limits.negative_ttl_seconds),
         )
         .await
+    }
+
+    async fn remember_session(
+        &self,
+        sid: &TokenHash,
+        user_id: &str,
+        session_expire: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), StoreError> {
+        // This process's clock: the key's lifetime needs no better, unlike a fence.
+        let now = Micros::from_datetime(chrono::Utc::now());
+        let expire = Micros::from_datetime(session_expire);
+        let Some(ttl) = session_id_ttl(expire, now, self.limits.ttl_seconds) else {
+            return Ok(());
+        };
+        self.query(
+            self.deadline(),
+            redis::cmd("SET")
+                .arg(sid.session_id_key())
+                .arg(user_id)
+                .arg("EX")
+                .arg(ttl),
+        )
+        .await
+    }
+
+    async fn session_user(&self, sid: &TokenHash) -> Result<Option<String>, StoreError> {
+        self.query(self.deadline(), redis::cmd("GET").arg(sid.session_id_key()))
+            .await
     }
 
     async fn ping(&self) -> Result<Duration, StoreError> {

@@ -83,12 +83,12 @@ impl Resolver {
         config: &AsyncConnectionConfig,
         announced: Option<&str>,
     ) -> RedisResult<(MultiplexedConnection, String)> {
-        if let Some((host, port)) = announced.and_then(|a| a.rsplit_once(':')) {
-            if let Ok(port) = port.parse() {
-                match self.dial(host, port, config).await {
-                    Ok(conn) => return Ok((conn, format!("{host}:{port}"))),
-                    Err(e) => debug!(error = %e, "the announced primary is not one (any more)"),
-                }
+        if let Some((host, port)) = announced.and_then(|a| a.rsplit_once(':'))
+            && let Ok(port) = port.parse()
+        {
+            match self.dial(host, port, config).await {
+                Ok(conn) => return Ok((conn, format!("{host}:{port}"))),
+                Err(e) => debug!(error = %e, "the announced primary is not one (any more)"),
             }
         }
         let views = join_all(self.sentinels.iter().map(|s| self.view(s, config))).await;
@@ -268,10 +268,10 @@ async fn watch_one(
                 .subscribe("+switch-master")
                 .await
                 .map_err(|e| e.to_string())?;
-            if let Ok(Some(address)) = master_address(&client, &master).await {
-                if primary.address().is_some() {
-                    primary.named(&address);
-                }
+            if let Ok(Some(address)) = master_address(&client, &master).await
+                && primary.address().is_some()
+            {
+                primary.named(&address);
             }
             let mut messages = pubsub.on_message();
             while let Some(message) = messages.next().await {
@@ -280,10 +280,10 @@ async fn watch_one(
                 };
                 // "<master name> <old ip> <old port> <new ip> <new port>"
                 let fields: Vec<&str> = text.split_whitespace().collect();
-                if let [name, _, _, ip, port] = fields[..] {
-                    if name == master {
-                        primary.switched(&format!("{ip}:{port}"));
-                    }
+                if let [name, _, _, ip, port] = fields[..]
+                    && name == master
+                {
+                    primary.switched(&format!("{ip}:{port}"));
                 }
             }
             Err::<(), _>("the subscription ended".to_string())
