@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use crate::rpc::{ENDINGS, Rpc, UNKNOWN};
 
 /// The listeners whose connections are counted.
-pub(crate) const LISTENERS: [&str; 2] = ["grpc", "metrics"];
+pub(crate) const LISTENERS: [&str; 3] = ["grpc", "http", "metrics"];
 /// Why a listener closes a connection at accept.
 pub(crate) const CONNECTION_REFUSALS: [&str; 3] = ["full", "peer", "proxy"];
 /// Why the server closes a gRPC connection.

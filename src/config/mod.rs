@@ -168,12 +168,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_stream_resets: u32,
 
-    /// Every connection to --listen starts with a PROXY protocol v2 header (HAProxy,
-    /// Envoy, AWS NLB, ...), and the client address it carries is the peer that
-    /// per-peer shares count; a connection without a valid header within 5 s is
-    /// closed. Off: nothing is read, and a header is refused as an invalid HTTP/2
-    /// preface. Only behind such a proxy: anyone who can reach the port could name any
-    /// address.
+    /// Every connection to --listen and --http-listen starts with a PROXY protocol v2
+    /// header (HAProxy, Envoy, AWS NLB, ...), and the client address it carries is the
+    /// peer that per-peer shares count; a connection without a valid header within 5 s
+    /// is closed. Off: nothing is read, and a header is refused as an invalid request.
+    /// Only behind such a proxy: anyone who can reach the port could name any address.
+    /// --metrics-listen never reads one.
     #[arg(long, env = "SESSION_CACHE_PROXY_PROTOCOL", action = ArgAction::SetTrue)]
     pub proxy_protocol: bool,
 

@@ -187,9 +187,13 @@ async fn serve_store<S: Store>(
                 crate::http::bind(addr).await?,
                 routes,
                 tls.clone(),
-                config.http.http_max_connections,
-                request_timeout,
-                Duration::from_secs(config.idle_timeout_seconds),
+                crate::http::Bounds {
+                    max_connections: config.http.http_max_connections,
+                    request_timeout,
+                    idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+                    stall_timeout: Duration::from_secs(config.stall_timeout_seconds),
+                    proxy_protocol: config.proxy_protocol,
+                },
             ))
         }
         None => None,

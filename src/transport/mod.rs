@@ -39,5 +39,7 @@ pub(crate) use track::Track;
 
 /// The `listener` label of the gRPC listener's connection metrics.
 pub(crate) const GRPC: &str = "grpc";
+/// The `listener` label of the HTTP listener's (`--http-listen`).
+pub(crate) const HTTP: &str = "http";
 /// The `listener` label of the metrics listener's.
 pub(crate) const METRICS: &str = "metrics";
