@@ -787,3 +787,222 @@ async fn streams_reset_in_a_loop_cut_the_connection() {
         );
     }
 }
+
+/// A TCP connection to `addr` that starts with a PROXY protocol v2 header naming
+/// `source` as the client (`None`: a LOCAL header, the proxy's own health check).
+async fn proxied(addr: std::net::SocketAddr, source: Option<&str>) -> TcpStream {
+    use ppp::v2::{Addresses, Builder, Command, Protocol, Version};
+    let header = match source {
+        Some(source) => Builder::with_addresses(
+            Version::Two | Command::Proxy,
+            Protocol::Stream,
+            (source.parse::<std::net::SocketAddr>().unwrap(), addr),
+        ),
+        None => Builder::with_addresses(
+            Version::Two | Command::Local,
+            Protocol::Stream,
+            Addresses::Unspecified,
+        ),
+    }
+    .build()
+    .unwrap();
+    let mut tcp = tcp_from(CALLER, addr).await.unwrap();
+    tcp.write_all(&header).await.unwrap();
+    tcp
+}
+
+/// The HTTP/2 connection on `tcp`, once the server has answered a PING on it; `None`
+/// when the server does not serve it.
+async fn served(tcp: TcpStream) -> Option<(SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>)> {
+    let (client, mut connection) = h2::client::handshake(tcp).await.ok()?;
+    let mut ping_pong = connection.ping_pong().unwrap();
+    let connection = tokio::spawn(connection);
+    let answered = tokio::time::timeout(PATIENCE, ping_pong.ping(h2::Ping::opaque())).await;
+    if !matches!(answered, Ok(Ok(_))) {
+        connection.abort();
+        return None;
+    }
+    Some((client, connection))
+}
+
+/// Whether the server serves HTTP/2 on `tcp`.
+async fn serves_http2(tcp: TcpStream) -> bool {
+    served(tcp).await.is_some()
+}
+
+/// With --proxy-protocol, the address a connection's PROXY header carries is its peer:
+/// shares count the callers behind the proxy, not the proxy. A connection without a
+/// valid header is closed; a LOCAL header (the proxy's health check) is the proxy
+/// itself. Without the flag, a header is not read and the connection is not served.
+#[tokio::test]
+async fn the_proxy_protocol_names_the_peer() {
+    let _serial = SERIAL.lock().await;
+    let service = Service::start(&["--proxy-protocol", "--max-connections-per-peer", "2"]).await;
+    let addr = service.addr;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tcp = proxied(addr, Some("192.0.2.7:40000")).await;
+        held.push(
+            served(tcp)
+                .await
+                .expect("192.0.2.7 is served within its share"),
+        );
+    }
+    assert!(
+        !serves_http2(proxied(addr, Some("192.0.2.7:40001")).await).await,
+        "a third connection of 192.0.2.7 was served past its share of 2"
+    );
+    assert!(
+        serves_http2(proxied(addr, Some("192.0.2.8:40000")).await).await,
+        "another client behind the proxy was refused"
+    );
+    assert!(
+        serves_http2(proxied(addr, None).await).await,
+        "the proxy's LOCAL health check was refused"
+    );
+    assert!(
+        !serves_http2(tcp_from(CALLER, addr).await.unwrap()).await,
+        "a connection without a PROXY header was served"
+    );
+
+    let plain = Service::start(&[]).await;
+    assert!(
+        !serves_http2(proxied(plain.addr, Some("192.0.2.7:40000")).await).await,
+        "a PROXY header was accepted without --proxy-protocol"
+    );
+    assert!(serves_http2(tcp_from(CALLER, plain.addr).await.unwrap()).await);
+}
+
+/// The reader's API key of the reserved-pool test, and its keys file.
+const READER_KEY: &str = "reserved-reader-key-5e1d";
+
+fn keys_file(dir: &support::pki::Dir) -> String {
+    use sha2::{Digest, Sha256};
+    let sha: String = Sha256::digest(READER_KEY.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dir.write(
+        "keys.toml",
+        format!("[[keys]]\nname = \"frontend\"\nsha256 = \"{sha}\"\nroles = [\"reader\"]\n"),
+    )
+}
+
+/// A call on `client`: a Get with the reader's key, or an unauthenticated health Check
+/// (open to anyone).
+fn call(
+    client: &mut SendRequest<Bytes>,
+    addr: std::net::SocketAddr,
+    authenticated: bool,
+) -> h2::client::ResponseFuture {
+    let (request, message) = if authenticated {
+        let mut request = grpc_request(addr, "Get");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {READER_KEY}").parse().unwrap(),
+        );
+        let message = frame(&pb::GetRequest {
+            token: "reserved".into(),
+        });
+        (request, message)
+    } else {
+        let mut request = grpc_request(addr, "Get");
+        *request.uri_mut() = format!("http://{addr}/grpc.health.v1.Health/Check")
+            .parse()
+            .unwrap();
+        let message = frame(&tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        (request, message)
+    };
+    let (reply, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(message, true).unwrap();
+    reply
+}
+
+/// A call's gRPC status: in its headers (a refusal), else in its trailers.
+async fn status_of(reply: h2::client::ResponseFuture) -> Option<i32> {
+    let response = tokio::time::timeout(PATIENCE, reply).await.ok()?.ok()?;
+    if let Some(status) = grpc_status(&response) {
+        return Some(status);
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.ok()?.len());
+    }
+    let trailers = body.trailers().await.ok()??;
+    trailers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Places kept for authenticated callers (`--reserved-connections`,
+/// `--reserved-open-calls`) are never held by unauthenticated peers: once the rest of
+/// each pool is taken, a connection on a reserved place is closed at its first
+/// unauthenticated call, an authenticated caller is served on one, and an
+/// unauthenticated call past the rest of the open calls is refused while an
+/// authenticated one is served.
+#[tokio::test]
+async fn reserved_places_are_kept_for_authenticated_callers() {
+    let _serial = SERIAL.lock().await;
+    let dir = support::pki::Dir::new();
+    let keys = keys_file(&dir);
+    let service = Service::start(&[
+        "--api-keys-file",
+        &keys,
+        "--max-connections",
+        "8",
+        "--reserved-connections",
+        "2",
+        "--max-connections-per-peer",
+        "8",
+        "--max-open-calls",
+        "12",
+        "--reserved-open-calls",
+        "4",
+        "--max-open-calls-per-peer",
+        "12",
+        "--max-open-calls-per-connection",
+        "12",
+    ])
+    .await;
+    let addr = service.addr;
+    // Unauthenticated answers left unread fill the 8 open calls outside the reserve.
+    let mut unread = Vec::new();
+    let (mut client, task) = h2_from(CALLER, addr, Some(0)).await.unwrap();
+    for _ in 0..9 {
+        client = client.ready().await.unwrap();
+        unread.push(call(&mut client, addr, false));
+    }
+    let answers = statuses(unread, Duration::from_millis(500)).await;
+    let refused = count(&answers.codes, Code::ResourceExhausted);
+    eprintln!("9 unread unauthenticated calls at 12 open calls, 4 reserved: {refused} refused");
+    assert_eq!(refused, 1, "{:?}", answers.codes);
+    // An authenticated call still finds room.
+    let (mut reader, _reader_task) = h2_from(CALLER, addr, None).await.unwrap();
+    reader = reader.ready().await.unwrap();
+    assert_eq!(status_of(call(&mut reader, addr, true)).await, Some(0));
+
+    // The rest of the connections outside the reserve: 8 - 2, less the two above.
+    let mut general = Vec::new();
+    for _ in 0..4 {
+        general.push(served(tcp_from(CALLER, addr).await.unwrap()).await.unwrap());
+    }
+    // Next, a reserved place: an unauthenticated call on it is refused, and the
+    // connection closed.
+    let (mut probation, probation_task) =
+        served(tcp_from(CALLER, addr).await.unwrap()).await.unwrap();
+    probation = probation.ready().await.unwrap();
+    let refused = status_of(call(&mut probation, addr, false)).await;
+    assert_eq!(refused, Some(Code::ResourceExhausted as i32));
+    let closed = tokio::time::timeout(PATIENCE, probation_task).await;
+    assert!(
+        closed.is_ok(),
+        "the unauthenticated connection on a reserved place stayed open"
+    );
+    // An authenticated caller on a reserved place is served, and keeps it.
+    let (mut kept, _kept_task) = served(tcp_from(CALLER, addr).await.unwrap()).await.unwrap();
+    for _ in 0..3 {
+        kept = kept.ready().await.unwrap();
+        assert_eq!(status_of(call(&mut kept, addr, true)).await, Some(0));
+    }
+    drop((task, answers, general));
+}

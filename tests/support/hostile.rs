@@ -43,14 +43,22 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts the binary with these flags and waits until it serves.
+    /// Starts the binary with these flags and waits until it serves (behind a proxy,
+    /// with `--proxy-protocol`: until it listens).
     pub async fn start(args: &[&str]) -> Service {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut argv = vec!["--listen", &listen];
         argv.extend(args);
         let process = Process::start(&argv);
-        process::connect(port).await;
+        if args.contains(&"--proxy-protocol") {
+            super::eventually(PATIENCE, "the service to listen", async || {
+                TcpStream::connect(("127.0.0.1", port)).await
+            })
+            .await;
+        } else {
+            process::connect(port).await;
+        }
         Service {
             process,
             addr: ([127, 0, 0, 1], port).into(),
