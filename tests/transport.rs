@@ -1006,3 +1006,130 @@ async fn reserved_places_are_kept_for_authenticated_callers() {
     }
     drop((task, answers, general));
 }
+
+/// Opens `count` connections from `from`, `at_once` at a time, each kept up with PINGs.
+async fn many_pinging_connections(
+    from: IpAddr,
+    addr: std::net::SocketAddr,
+    count: usize,
+    at_once: usize,
+) -> Pinging {
+    let mut all = Pinging {
+        tasks: Vec::new(),
+        accepted: 0,
+        refused: 0,
+    };
+    let mut left = count;
+    while left > 0 {
+        let batch = left.min(at_once);
+        let opened =
+            futures_util::future::join_all((0..batch).map(|_| pinging_connections(from, addr, 1)))
+                .await;
+        for mut held in opened {
+            all.accepted += held.accepted;
+            all.refused += held.refused;
+            all.tasks.append(&mut held.tasks);
+        }
+        left -= batch;
+    }
+    all
+}
+
+/// The issue's attacks at their full size and the default flags, each from 127.0.0.2
+/// with a legitimate caller on 127.0.0.1, then from the same address with the caller on
+/// a connection it opened before: figures for docs/RELIABILITY.md ("Hostile peers").
+/// Run on the release build: `cargo test --release --test transport -- --ignored
+/// --nocapture hostile_peers_at_full_scale`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement of a minute or more; run by hand"]
+async fn hostile_peers_at_full_scale() {
+    let _serial = SERIAL.lock().await;
+    raise_open_files_limit();
+    for placement in PLACEMENTS {
+        eprintln!("== {placement:?}");
+        // 10,000 connections kept up with PINGs.
+        let service = Service::start(&[]).await;
+        let before = service.rss_mib();
+        let (held, report) = during(&service, placement, async |from| {
+            many_pinging_connections(from, service.addr, 10_000, 100).await
+        })
+        .await;
+        let peak = service.rss_mib();
+        let (accepted, refused) = (held.accepted, held.refused);
+        drop(held);
+        let back = memory_comes_back(&service, before, 16.0, Duration::from_secs(10)).await;
+        eprintln!(
+            "  10,000 pinging connections: {accepted} held, {refused} closed at accept; legit \
+             {report}; RSS {before:.1} -> {peak:.1} MiB, back within 16 MiB {back:?} after"
+        );
+
+        // 1,000 slow single-stream connections and 40 of 256 slow streams.
+        let service = Service::start(&[]).await;
+        let (held, report) = during(&service, placement, async |from| {
+            let mut calls = slow_requests(from, service.addr, 1_000, 1).await;
+            calls.extend(slow_requests(from, service.addr, 40, 256).await);
+            calls
+        })
+        .await;
+        let (replies, bodies): (Vec<_>, Vec<_>) = held.into_iter().unzip();
+        let answers = statuses(replies, Duration::from_millis(200)).await;
+        eprintln!(
+            "  slow requests (1,000 x 1, 40 x 256): {} sent, {} refused at once; legit {report}",
+            answers.codes.len(),
+            count(&answers.codes, Code::ResourceExhausted)
+        );
+        drop((answers, bodies));
+
+        // 200 connections of 256 Gets never read.
+        let service = Service::start(&[]).await;
+        let before = service.rss_mib();
+        let ((tasks, replies), report) = during(&service, placement, async |from| {
+            unread_gets(from, service.addr, 200, 256).await
+        })
+        .await;
+        let peak = service.rss_mib();
+        let answers = statuses(replies, Duration::from_millis(200)).await;
+        let refused = count(&answers.codes, Code::ResourceExhausted);
+        for task in tasks {
+            task.abort();
+        }
+        drop(answers);
+        let back = memory_comes_back(&service, before, 16.0, Duration::from_secs(10)).await;
+        eprintln!(
+            "  unread Gets (200 x 256): {refused} refused at once; legit {report}; RSS \
+             {before:.1} -> {peak:.1} MiB, back within 16 MiB {back:?} after"
+        );
+
+        // 100,000 streams reset in a loop, and ten at a time, reconnecting when cut.
+        for (name, at_a_time, paced) in [("tight", 1, false), ("ten at a time", 10, true)] {
+            let service = Service::start(&[]).await;
+            let before = service.rss_mib();
+            let cpu = service.process.cpu_seconds();
+            let ((streams, cuts, took), report) = during(&service, placement, async |from| {
+                let started = Instant::now();
+                let (mut streams, mut cuts) = (0, 0);
+                while streams < 100_000 && started.elapsed() < Duration::from_secs(120) {
+                    let run =
+                        reset_loop(from, service.addr, 100_000 - streams, at_a_time, paced).await;
+                    streams += run.opened;
+                    cuts += usize::from(run.calm);
+                }
+                (streams, cuts, started.elapsed())
+            })
+            .await;
+            let used = service.process.cpu_seconds() - cpu;
+            eprintln!(
+                "  {name} reset loop: {streams} streams in {took:?}, {cuts} connections cut with \
+                 ENHANCE_YOUR_CALM; server CPU {used:.2} s ({:.1} us a stream); RSS \
+                 {before:.1} -> {:.1} MiB; legit {report}",
+                used * 1e6 / streams as f64,
+                service.rss_mib()
+            );
+        }
+    }
+}
+
+/// Raises this process's open-files limit to its hard limit (10,000 connections).
+fn raise_open_files_limit() {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+}
