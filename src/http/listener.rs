@@ -73,9 +73,10 @@ pub(crate) struct Listener {
 /// What a peer may hold of the listener, from the flags.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Bounds {
-    /// `--http-max-connections`; each peer may hold a share of them (a quarter, at
-    /// least 4).
+    /// `--http-max-connections`.
     pub max_connections: u32,
+    /// Of them, what one client address may hold.
+    pub per_peer: u32,
     /// From a request's head to its answer.
     pub request_timeout: Duration,
     /// Between requests, and for a head to arrive.
@@ -135,7 +136,7 @@ impl Listener {
         );
         let peers = Peers::new(Limits {
             max_connections: bounds.max_connections as usize,
-            per_peer: crate::config::share(None, bounds.max_connections) as usize,
+            per_peer: bounds.per_peer as usize,
             reserved: 0,
         });
         let mut connections = JoinSet::new();
@@ -440,6 +441,7 @@ mod tests {
             None,
             Bounds {
                 max_connections: 8,
+                per_peer: 8,
                 request_timeout: Duration::from_millis(200),
                 idle_timeout: Duration::from_secs(5),
                 stall_timeout: Duration::from_secs(5),
