@@ -1,10 +1,12 @@
 //! The one layer every gRPC call goes through, whatever service it is for: it derives
 //! the method from the path once (`crate::rpc`), refuses a method the table does not
 //! know, sheds past `--max-in-flight`, authenticates the caller and checks its role
-//! before the message is read, opens the call's span, and counts the call however it
-//! ends: answered, refused here or further in (the open-call bound, a message too
-//! large), cancelled by the client, or cut by the request timeout. The count is a drop
-//! guard, so a call whose future is dropped is counted as surely as one that returns.
+//! before the message is read, opens the call's span, cuts the call at its deadline
+//! (`--request-timeout-ms`, or the client's shorter `grpc-timeout`) with CANCELLED, and
+//! counts the call however it ends: answered, refused here or further in (the open-call
+//! bounds, a message too large), cancelled by the client, or cut by the request timeout.
+//! The count is a drop guard, so a call whose future is dropped is counted as surely as
+//! one that returns.
 //!
 //! Admission (`--max-in-flight`) happens once the request's message has arrived, in
 //! [`Admission`], the second half of this layer, which the server puts behind the
@@ -38,15 +40,21 @@ use crate::{
     rpc::{Access, CANCELLED, OK, Outcome, Rpc, TIMED_OUT, UNKNOWN, code_label},
 };
 
-/// A call that ends within this long of its deadline was cut by it: the request
-/// timeout runs in tonic, around this layer, from a moment just before this layer saw
-/// the call, and tokio's timers fire on millisecond ticks.
-const DEADLINE_SLACK: Duration = Duration::from_millis(2);
-
 /// The authenticated caller of a call, for the handlers' logs; `None` when the service
 /// authenticates no one.
 #[derive(Clone, Debug)]
 pub struct CallerName(pub Option<String>);
+
+/// When the request timeout cuts the call, for the layers behind this one: a stream
+/// dropped before it was cut by the timeout, not reset by its client.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(pub Instant);
+
+/// On an answer: the request's message broke off before it was whole (the client reset
+/// the stream, or the connection ended), so the answer will reach no one. The transport
+/// counts such a stream as reset.
+#[derive(Clone, Copy, Debug)]
+pub struct MessageBroken;
 
 /// Largest request message accepted, in bytes; a larger one is refused with
 /// OUT_OF_RANGE before any handler runs. A Set with a 4 KiB token and a generous user
@@ -61,8 +69,8 @@ struct Shared {
     request_timeout: Duration,
 }
 
-/// The layer of [`Call`]: checks callers against `auth`, and tells a call cut at
-/// `request_timeout` from one the client cancelled.
+/// The layer of [`Call`]: checks callers against `auth`, and cuts calls at
+/// `request_timeout`.
 pub(crate) fn layer<S>(
     auth: auth::Current,
     request_timeout: Duration,
@@ -107,10 +115,10 @@ where
             return refuse(Status::unimplemented("no such method on this server"));
         };
         let span = span(rpc, &request);
+        let deadline = deadline(started, self.shared.request_timeout, request.headers());
         let record = Record {
             rpc,
             started,
-            deadline: deadline(started, self.shared.request_timeout, request.headers()),
             span: span.clone(),
             ended: false,
         };
@@ -133,11 +141,22 @@ where
         };
         request.extensions_mut().insert(CallerName(caller));
         request.extensions_mut().insert(rpc);
+        request.extensions_mut().insert(Deadline(deadline));
         let answer = self.inner.call(request).instrument(span);
         Box::pin(async move {
-            let response = answer.await?;
-            record.answered(&response);
-            Ok(response)
+            match tokio::time::timeout_at(deadline, answer).await {
+                Ok(response) => {
+                    let response = response?;
+                    record.answered(&response);
+                    Ok(response)
+                }
+                // Cut by the request timeout: what tonic's own timeout answers.
+                Err(_) => {
+                    let mut record = record;
+                    record.end(TIMED_OUT, Code::Cancelled);
+                    Ok(Status::cancelled("Timeout expired").into_http())
+                }
+            }
         })
     }
 }
@@ -191,12 +210,11 @@ fn parse_grpc_timeout(text: &str) -> Option<Duration> {
     })
 }
 
-/// One call's span and metrics, recorded once: when it is answered or refused, or, if
-/// neither happens, when it is dropped.
+/// One call's span and metrics, recorded once: when it is answered, refused or cut by
+/// the request timeout, or, if none of these happens, when it is dropped.
 struct Record {
     rpc: Rpc,
     started: Instant,
-    deadline: Instant,
     span: Span,
     ended: bool,
 }
@@ -239,13 +257,8 @@ impl Drop for Record {
         if self.ended {
             return;
         }
-        // Dropped unanswered: by the request timeout when its deadline has come, else
-        // because the client went away.
-        if Instant::now() + DEADLINE_SLACK >= self.deadline {
-            self.end(TIMED_OUT, Code::Cancelled);
-        } else {
-            self.end(CANCELLED, Code::Cancelled);
-        }
+        // Dropped unanswered: the client went away.
+        self.end(CANCELLED, Code::Cancelled);
     }
 }
 
@@ -320,13 +333,15 @@ where
                     .into_http());
                 }
                 Err(e) => {
-                    return Ok(
-                        Status::cancelled(format!("the message did not arrive: {e}")).into_http(),
-                    );
+                    let mut answer =
+                        Status::cancelled(format!("the message did not arrive: {e}")).into_http();
+                    answer.extensions_mut().insert(MessageBroken);
+                    return Ok(answer);
                 }
             };
             let Ok(_slot) = slots.try_acquire_owned() else {
                 debug!("call shed: too many calls in flight");
+                crate::metrics::call_refused("in_flight");
                 return Ok(Status::resource_exhausted(
                     "overloaded: too many calls in flight; retry with backoff",
                 )

@@ -58,8 +58,6 @@ pub enum SetupError {
     Recorder,
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("the gRPC server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
 }
 
 impl SetupError {
@@ -77,10 +75,7 @@ impl SetupError {
             | SetupError::Redis(_)
             | SetupError::Store(_) => EXIT_CONFIG,
             SetupError::Bind { .. } => EXIT_UNAVAILABLE,
-            SetupError::Runtime(_)
-            | SetupError::Recorder
-            | SetupError::Reflection(_)
-            | SetupError::Serve(_) => 1,
+            SetupError::Runtime(_) | SetupError::Recorder | SetupError::Reflection(_) => 1,
         }
     }
 

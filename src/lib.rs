@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod call;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod decision;
 pub mod edge;

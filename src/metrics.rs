@@ -13,9 +13,10 @@
 //! | `session_cache_store_ping_seconds` | gauge | |
 //! | `session_cache_redis_connections` | gauge | `state` (`open`, `idle`) |
 //! | `session_cache_redis_primary_moves_total` | counter | |
-//! | `session_cache_connections_open` | gauge | |
-//! | `session_cache_connections_refused_total` | counter | |
-//! | `session_cache_connections_closed_total` | counter | `reason` (`idle`, `stalled`) |
+//! | `session_cache_connections_open` | gauge | `listener` (`LISTENERS`) |
+//! | `session_cache_connections_refused_total` | counter | `listener`, `reason` (`CONNECTION_REFUSALS`) |
+//! | `session_cache_connections_closed_total` | counter | `reason` (`CONNECTION_CLOSES`) |
+//! | `session_cache_calls_refused_total` | counter | `reason` (`CALL_REFUSALS`) |
 //! | `session_cache_config_reloads_total` | counter | `config` (`api_keys`, `tls`), `result` (`ok`, `failed`) |
 //! | `session_cache_tls_handshake_failures_total` | counter | `reason` (`failed`, `timeout`) |
 //! | `session_cache_idp_calls_total` | counter | `provider`, `result` (`crate::idp::RESULT_LABELS`) |
@@ -35,6 +36,16 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::time::Instant;
 
 use crate::rpc::{ENDINGS, Rpc, UNKNOWN};
+
+/// The listeners whose connections are counted.
+pub(crate) const LISTENERS: [&str; 3] = ["grpc", "http", "metrics"];
+/// Why a listener closes a connection at accept.
+pub(crate) const CONNECTION_REFUSALS: [&str; 3] = ["full", "peer", "proxy"];
+/// Why the server closes a gRPC connection.
+pub(crate) const CONNECTION_CLOSES: [&str; 4] = ["idle", "stalled", "unauthenticated", "resets"];
+/// Why a call is refused RESOURCE_EXHAUSTED.
+pub(crate) const CALL_REFUSALS: [&str; 5] =
+    ["in_flight", "server", "reserved", "peer", "connection"];
 
 /// Latency buckets, in seconds: a call takes well under a millisecond when healthy
 /// and at most the store timeout when not.
@@ -89,22 +100,40 @@ pub(crate) fn install() -> Result<PrometheusHandle, AlreadyInstalled> {
     );
     describe_gauge!(
         "session_cache_connections_open",
-        "Client connections open (at most --max-connections)"
+        "Client connections open, by listener (grpc: at most --max-connections)"
     );
     describe_counter!(
         "session_cache_connections_refused_total",
-        "Connections closed at accept because --max-connections were open"
+        "Connections closed at accept, by listener and reason: full (the listener's cap), \
+         peer (the client address holds its share), proxy (no valid PROXY header)"
     );
     describe_counter!(
         "session_cache_connections_closed_total",
-        "Connections closed by the server: idle past --idle-timeout-seconds, or stalled \
-         (an answer unread past --stall-timeout-seconds)"
+        "gRPC connections closed by the server: idle past --idle-timeout-seconds, stalled \
+         (an answer unread past --stall-timeout-seconds), unauthenticated (on a place \
+         reserved for authenticated callers), resets (cut for resetting its streams)"
+    );
+    describe_counter!(
+        "session_cache_calls_refused_total",
+        "Calls refused RESOURCE_EXHAUSTED, by the bound that refused them: in_flight \
+         (--max-in-flight), server (--max-open-calls), reserved (what is left is kept \
+         for authenticated callers), peer (the client address's share), connection (the \
+         connection's share)"
     );
     // Exported from the start, so that an alert on its rate has a series to read.
     counter!("session_cache_redis_primary_moves_total").absolute(0);
-    counter!("session_cache_connections_refused_total").absolute(0);
-    for reason in ["idle", "stalled"] {
+    for listener in LISTENERS {
+        gauge!("session_cache_connections_open", "listener" => listener).set(0.0);
+        for reason in CONNECTION_REFUSALS {
+            counter!("session_cache_connections_refused_total", "listener" => listener, "reason" => reason)
+                .absolute(0);
+        }
+    }
+    for reason in CONNECTION_CLOSES {
         counter!("session_cache_connections_closed_total", "reason" => reason).absolute(0);
+    }
+    for reason in CALL_REFUSALS {
+        counter!("session_cache_calls_refused_total", "reason" => reason).absolute(0);
     }
     describe_counter!(
         "session_cache_config_reloads_total",
@@ -134,7 +163,6 @@ pub(crate) fn install() -> Result<PrometheusHandle, AlreadyInstalled> {
         // Registered, so that its buckets are exported at 0 before the first call.
         let _ = histogram!("session_cache_call_duration_seconds", "rpc" => rpc.name());
     }
-    gauge!("session_cache_connections_open").set(0.0);
     describe_counter!(
         "session_cache_idp_calls_total",
         "Calls to the identity provider by result: valid, invalid, or why it did not answer"
@@ -282,17 +310,23 @@ pub(crate) fn redis_primary_moved() {
     counter!("session_cache_redis_primary_moves_total").increment(1);
 }
 
-/// Records how many client connections are open.
-pub(crate) fn connections_open(open: usize) {
-    gauge!("session_cache_connections_open").set(open as f64);
+/// Records how many client connections `listener` has open.
+pub(crate) fn connections_open(listener: &'static str, open: usize) {
+    gauge!("session_cache_connections_open", "listener" => listener).set(open as f64);
 }
 
-/// Records a connection closed at accept, past the cap.
-pub(crate) fn connection_refused() {
-    counter!("session_cache_connections_refused_total").increment(1);
+/// Records a connection `listener` closed at accept, and why (`CONNECTION_REFUSALS`).
+pub(crate) fn connection_refused(listener: &'static str, reason: &'static str) {
+    counter!("session_cache_connections_refused_total", "listener" => listener, "reason" => reason)
+        .increment(1);
 }
 
-/// Records a connection the server closed, and why (`idle` or `stalled`).
+/// Records a connection the server closed, and why (`CONNECTION_CLOSES`).
 pub(crate) fn connection_closed(reason: &'static str) {
     counter!("session_cache_connections_closed_total", "reason" => reason).increment(1);
+}
+
+/// Records a call refused RESOURCE_EXHAUSTED, and by which bound (`CALL_REFUSALS`).
+pub(crate) fn call_refused(reason: &'static str) {
+    counter!("session_cache_calls_refused_total", "reason" => reason).increment(1);
 }

@@ -5,23 +5,14 @@
 //! with the configuration in force when it was accepted; connections already up keep
 //! theirs.
 
-use std::{
-    io,
-    path::Path,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use futures_util::Stream;
 use rustls::{
     RootCertStore, ServerConfig, crypto::CryptoProvider, server::WebPkiClientVerifier,
     sign::CertifiedKey,
 };
 use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
-use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::debug;
 
@@ -107,59 +98,13 @@ fn client_verifier(
         .map_err(|e| SetupError::file(flag, ca, format!("cannot verify clients with it: {e}")))
 }
 
-/// Connections from `incoming`, each handshaken in a task of its own with the
-/// configuration in `current` at the time, so that a slow handshake delays no other.
-/// Failed and timed-out handshakes are dropped and counted.
-pub(crate) fn incoming<S, IO>(incoming: S, current: Current) -> Incoming<S, IO>
+/// The TLS handshake of an accepted connection, with the configuration in force now,
+/// within [`HANDSHAKE_TIMEOUT`]; a failed or timed-out one is counted and `None`.
+pub(crate) async fn accept<IO>(current: &Current, io: IO) -> Option<TlsStream<IO>>
 where
-    S: Stream<Item = io::Result<IO>>,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    Incoming {
-        incoming: Box::pin(incoming),
-        done: false,
-        current,
-        handshakes: JoinSet::new(),
-    }
-}
-
-/// See [`incoming`].
-pub(crate) struct Incoming<S, IO> {
-    incoming: Pin<Box<S>>,
-    done: bool,
-    current: Current,
-    handshakes: JoinSet<Option<TlsStream<IO>>>,
-}
-
-impl<S, IO> Stream for Incoming<S, IO>
-where
-    S: Stream<Item = io::Result<IO>>,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    type Item = io::Result<TlsStream<IO>>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        while !this.done {
-            match this.incoming.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(io))) => {
-                    let acceptor = TlsAcceptor::from(this.current.load_full());
-                    this.handshakes.spawn(handshake(acceptor, io));
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => this.done = true,
-                Poll::Pending => break,
-            }
-        }
-        loop {
-            match this.handshakes.poll_join_next(cx) {
-                Poll::Ready(Some(Ok(Some(tls)))) => return Poll::Ready(Some(Ok(tls))),
-                Poll::Ready(Some(_)) => continue,
-                // No handshake under way: the next connection wakes this stream.
-                Poll::Ready(None) if this.done => return Poll::Ready(None),
-                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
+    handshake(TlsAcceptor::from(current.load_full()), io).await
 }
 
 /// The handshake of one connection within [`HANDSHAKE_TIMEOUT`]; a failed or timed-out

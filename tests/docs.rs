@@ -381,3 +381,42 @@ fn kubernetes_steps_create_every_mounted_secret() {
         missing.join("\n")
     );
 }
+
+/// Every series the code names is a row of docs/METRICS.md's table: an operator reads
+/// there what a family in a scrape means.
+#[test]
+fn every_metric_is_documented() {
+    let metrics = read("docs/METRICS.md");
+    let mut named = Vec::new();
+    let mut folders = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (at, _) in text.match_indices("\"session_cache_") {
+                    let name = text[at + 1..].split('"').next().unwrap();
+                    if name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                        named.push(name.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    named.sort();
+    named.dedup();
+    assert!(named.len() > 20, "the series named in src/: {named:?}");
+    let missing: Vec<_> = named
+        .iter()
+        .filter(|name| !metrics.contains(&format!("| `{name}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/METRICS.md's table lacks {missing:?}"
+    );
+}

@@ -68,7 +68,11 @@ async fn unknown_paths_answer_404_and_are_counted() {
             &["path=\"other\"", &format!("status=\"{status}\"")],
         );
     }
-    value(&before, "session_cache_http_connections_refused_total", &[]);
+    value(
+        &before,
+        "session_cache_connections_refused_total",
+        &["listener=\"http\"", "reason=\"peer\""],
+    );
 
     for (method, path) in [
         ("GET", "/"),

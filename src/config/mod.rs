@@ -125,6 +125,58 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_open_calls: u32,
 
+    /// Most connections one client address (an IPv4 address, an IPv6 /64) may hold;
+    /// past it its new connections are closed at accept, so that one peer cannot take
+    /// every place. Default: a quarter of --max-connections, at least 4.
+    #[arg(long, env = "SESSION_CACHE_MAX_CONNECTIONS_PER_PEER",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_peer: Option<u32>,
+
+    /// Of --max-connections, how many only authenticated callers (an API key or a
+    /// client certificate) may keep: a connection past the rest takes one on
+    /// probation, and is closed unless a call on it authenticates within
+    /// --request-timeout-ms. Default 0 (none kept).
+    #[arg(long, env = "SESSION_CACHE_RESERVED_CONNECTIONS", default_value_t = 0)]
+    pub reserved_connections: u32,
+
+    /// Most calls whose answer is not yet delivered that one client address may hold;
+    /// past it its calls are refused with RESOURCE_EXHAUSTED, except on a connection
+    /// that holds none (each connection may always have one call open, so that one
+    /// connection misbehaving does not lock out the others of its address). Default: a
+    /// quarter of --max-open-calls, at least 4.
+    #[arg(long, env = "SESSION_CACHE_MAX_OPEN_CALLS_PER_PEER",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_open_calls_per_peer: Option<u32>,
+
+    /// Most calls whose answer is not yet delivered on one connection; past it its
+    /// calls are refused with RESOURCE_EXHAUSTED. Default: a quarter of
+    /// --max-open-calls-per-peer, at least 4.
+    #[arg(long, env = "SESSION_CACHE_MAX_OPEN_CALLS_PER_CONNECTION",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_open_calls_per_connection: Option<u32>,
+
+    /// Of --max-open-calls, how many only authenticated calls may take. Default 0.
+    #[arg(long, env = "SESSION_CACHE_RESERVED_OPEN_CALLS", default_value_t = 0)]
+    pub reserved_open_calls: u32,
+
+    /// Most streams one connection may reset in 10 s (the client resetting streams the
+    /// server accepted, or the server resetting them on an error) while they are also
+    /// most of its streams in that time; past it the connection gets GOAWAY
+    /// ENHANCE_YOUR_CALM and is closed. Bounds the CPU that opening and resetting
+    /// streams in a loop can burn.
+    #[arg(long, env = "SESSION_CACHE_MAX_STREAM_RESETS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_stream_resets: u32,
+
+    /// Every connection to --listen and --http-listen starts with a PROXY protocol v2
+    /// header (HAProxy, Envoy, AWS NLB, ...), and the client address it carries is the
+    /// peer that per-peer shares count; a connection without a valid header within 5 s
+    /// is closed. Off: nothing is read, and a header is refused as an invalid request.
+    /// Only behind such a proxy: anyone who can reach the port could name any address.
+    /// --metrics-listen never reads one.
+    #[arg(long, env = "SESSION_CACHE_PROXY_PROTOCOL", action = ArgAction::SetTrue)]
+    pub proxy_protocol: bool,
+
     /// Address to serve Prometheus metrics on (GET /metrics); off when not given. An
     /// address that cannot be bound exits 69, like --listen.
     #[arg(long, env = "SESSION_CACHE_METRICS_LISTEN")]
@@ -222,6 +274,16 @@ fn otlp_endpoint_ok(text: &str) -> bool {
         && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
 }
 
+/// The fewest places a share gives by default, whatever the pool: a peer, or a
+/// connection, always gets a few.
+pub const FEWEST_SHARE: u32 = 4;
+
+/// A share of `pool`: `flag` when given, else a quarter of the pool, never fewer than
+/// [`FEWEST_SHARE`]; never more than the pool.
+pub fn share(flag: Option<u32>, pool: u32) -> u32 {
+    flag.unwrap_or((pool / 4).max(FEWEST_SHARE)).min(pool)
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -255,6 +317,20 @@ impl Config {
                 "--marker-ttl-seconds ({}) must be at least --ttl-seconds ({}): a password \
                  change must be remembered as long as an entry it hides can live",
                 self.marker_ttl_seconds, self.ttl_seconds
+            ));
+        }
+        if self.reserved_connections >= self.max_connections {
+            return Err(format!(
+                "--reserved-connections ({}) must be less than --max-connections ({}): \
+                 unauthenticated callers (probes among them) need a place",
+                self.reserved_connections, self.max_connections
+            ));
+        }
+        if self.reserved_open_calls >= self.max_open_calls {
+            return Err(format!(
+                "--reserved-open-calls ({}) must be less than --max-open-calls ({}): \
+                 unauthenticated calls (health checks among them) need room",
+                self.reserved_open_calls, self.max_open_calls
             ));
         }
         self.redis.validate()?;
@@ -331,12 +407,37 @@ impl Config {
             request_timeout_ms = self.request_timeout_ms,
             stall_timeout_seconds = self.stall_timeout_seconds,
             max_open_calls = self.max_open_calls,
+            max_connections_per_peer = self.connections_per_peer(),
+            reserved_connections = self.reserved_connections,
+            max_open_calls_per_peer = self.open_calls_per_peer(),
+            max_open_calls_per_connection = self.open_calls_per_connection(),
+            reserved_open_calls = self.reserved_open_calls,
+            max_stream_resets = self.max_stream_resets,
+            proxy_protocol = self.proxy_protocol,
             idp = ?self.idp.idp,
             idp_timeout_ms = self.idp.idp_timeout_ms,
             idp_max_in_flight = self.idp.idp_max_in_flight,
             negative_ttl_seconds = self.idp.negative_ttl_seconds,
             "serving"
         );
+    }
+
+    /// `--max-connections-per-peer`, or its default.
+    pub fn connections_per_peer(&self) -> u32 {
+        share(self.max_connections_per_peer, self.max_connections)
+    }
+
+    /// `--max-open-calls-per-peer`, or its default.
+    pub fn open_calls_per_peer(&self) -> u32 {
+        share(self.max_open_calls_per_peer, self.max_open_calls)
+    }
+
+    /// `--max-open-calls-per-connection`, or its default.
+    pub fn open_calls_per_connection(&self) -> u32 {
+        share(
+            self.max_open_calls_per_connection,
+            self.open_calls_per_peer(),
+        )
     }
 
     /// Which store the flags name.

@@ -17,7 +17,9 @@ pub struct HttpFlags {
     pub http_listen: Option<SocketAddr>,
 
     /// Most connections open at once on --http-listen; one more is closed as soon as it
-    /// is accepted. A connection with no request for --idle-timeout-seconds is closed.
+    /// is accepted, and so is one past a client address's share (a quarter, at least
+    /// 4). A connection with no request for --idle-timeout-seconds is closed, and so is
+    /// one that leaves an answer unread for --stall-timeout-seconds.
     #[arg(long, env = "SESSION_CACHE_HTTP_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub http_max_connections: u32,

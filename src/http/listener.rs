@@ -1,6 +1,8 @@
-//! The HTTP listener's plumbing: accept (capped, with the accept-error backoff of the
-//! gRPC port), the TLS handshake when the server has a certificate, hyper's HTTP/1.1 with
-//! its head bounded in size and time, the body read whole within its bounds, exact-path
+//! The HTTP listener's plumbing: accept as every listener does (`crate::transport`: the
+//! accept-error backoff, a cap on connections and each peer's share of it, the PROXY
+//! header with `--proxy-protocol`), the TLS handshake when the server has a certificate,
+//! hyper's HTTP/1.1 with its head bounded in size and time, the body read whole within
+//! its bounds, answers that must be read within `--stall-timeout-seconds`, exact-path
 //! routing, and the metrics of every answer.
 //!
 //! A connection idle between requests is closed after `--idle-timeout-seconds` (hyper's
@@ -26,7 +28,6 @@ use rustls_pki_types::CertificateDer;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
     task::JoinSet,
     time::{Instant, timeout, timeout_at},
 };
@@ -37,7 +38,15 @@ use tracing::{debug, info, warn};
 use super::{
     HttpRequest, HttpResponse, MAX_BODY_BYTES, MAX_HEADER_BYTES, Route, metrics, respond_text,
 };
-use crate::{error::SetupError, transport::accept::accept};
+use crate::{
+    error::SetupError,
+    transport::{
+        HTTP,
+        accept::{accept, configure, enter, identify},
+        peers::{Limits, Peers},
+        stall::Stall,
+    },
+};
 
 /// The one application protocol served over TLS.
 const ALPN_HTTP1: &[u8] = b"http/1.1";
@@ -54,8 +63,24 @@ pub(crate) struct Listener {
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Option<Arc<Tls>>,
-    max_connections: usize,
-    idle_timeout: Duration,
+    bounds: Bounds,
+}
+
+/// What a peer may hold of the listener, from the flags.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounds {
+    /// `--http-max-connections`.
+    pub max_connections: u32,
+    /// Of them, what one client address may hold.
+    pub per_peer: u32,
+    /// From a request's head to its answer.
+    pub request_timeout: Duration,
+    /// Between requests, and for a head to arrive.
+    pub idle_timeout: Duration,
+    /// For the peer to read what it is sent.
+    pub stall_timeout: Duration,
+    /// Whether each connection starts with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
 }
 
 /// What every request of every connection reads.
@@ -71,16 +96,14 @@ impl Listener {
         listener: TcpListener,
         routes: Vec<Arc<dyn Route>>,
         tls: Option<crate::tls::Current>,
-        max_connections: u32,
-        request_timeout: Duration,
-        idle_timeout: Duration,
+        bounds: Bounds,
     ) -> Listener {
         metrics::export(routes.iter().map(|r| (r.path(), r.statuses())));
         Listener {
             listener,
             shared: Arc::new(Shared {
                 routes,
-                request_timeout,
+                request_timeout: bounds.request_timeout,
             }),
             tls: tls.map(|current| {
                 Arc::new(Tls {
@@ -88,8 +111,7 @@ impl Listener {
                     derived: Mutex::new(None),
                 })
             }),
-            max_connections: max_connections as usize,
-            idle_timeout,
+            bounds,
         }
     }
 
@@ -100,8 +122,7 @@ impl Listener {
             listener,
             shared,
             tls,
-            max_connections,
-            idle_timeout,
+            bounds,
         } = self;
         info!(
             http_listen = ?listener.local_addr().ok(),
@@ -109,31 +130,36 @@ impl Listener {
             routes = ?shared.routes.iter().map(|r| r.path()).collect::<Vec<_>>(),
             "serving HTTP"
         );
-        let permits = Arc::new(Semaphore::new(max_connections));
+        let peers = Peers::new(Limits {
+            max_connections: bounds.max_connections as usize,
+            per_peer: bounds.per_peer as usize,
+            reserved: 0,
+        });
         let mut connections = JoinSet::new();
         let mut last_logged: Option<Instant> = None;
         loop {
-            let (tcp, peer) = tokio::select! {
+            let (mut tcp, addr) = tokio::select! {
                 () = stop.cancelled() => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 accepted = accept(&listener, &mut last_logged) => accepted,
             };
-            // Past the cap the connection is closed at once: the peer sees its
-            // connection end, never silence.
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                metrics::connection_refused();
-                drop(tcp);
+            // Past the cap, or the peer's share, the connection is closed at once: the
+            // peer sees its connection end, never silence.
+            let Some(entered) = enter(&peers, HTTP) else {
                 continue;
             };
-            metrics::connections_open(max_connections - permits.available_permits());
-            if let Err(e) = tcp.set_nodelay(true) {
-                debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-            let (shared, tls, stop, permits) =
-                (shared.clone(), tls.clone(), stop.clone(), permits.clone());
+            configure(&tcp);
+            let (shared, tls, stop, peers) =
+                (shared.clone(), tls.clone(), stop.clone(), peers.clone());
             connections.spawn(async move {
+                let proxy = bounds.proxy_protocol;
+                let Some((peer, place)) = identify(&mut tcp, addr, entered, proxy, HTTP).await
+                else {
+                    return;
+                };
+                crate::metrics::connections_open(HTTP, peers.open());
                 match tls {
-                    None => serve(tcp, peer, None, shared, idle_timeout, stop).await,
+                    None => serve(tcp, peer, None, shared, bounds, stop).await,
                     Some(tls) => {
                         if let Some(stream) = tls.handshake(tcp).await {
                             let certs = stream
@@ -141,12 +167,12 @@ impl Listener {
                                 .1
                                 .peer_certificates()
                                 .map(|chain| Arc::new(chain.to_vec()));
-                            serve(stream, peer, certs, shared, idle_timeout, stop).await;
+                            serve(stream, peer, certs, shared, bounds, stop).await;
                         }
                     }
                 }
-                drop(permit);
-                metrics::connections_open(max_connections - permits.available_permits());
+                drop(place);
+                crate::metrics::connections_open(HTTP, peers.open());
             });
         }
         drop(listener);
@@ -168,7 +194,7 @@ async fn serve<IO>(
     peer: SocketAddr,
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     shared: Arc<Shared>,
-    idle_timeout: Duration,
+    bounds: Bounds,
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -180,10 +206,11 @@ async fn serve<IO>(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(idle_timeout)
+        .header_read_timeout(bounds.idle_timeout)
         .max_header_size(MAX_HEADER_BYTES)
         .keep_alive(true);
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let io = TokioIo::new(Stall::new(io, bounds.stall_timeout));
+    let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -399,9 +426,14 @@ mod tests {
             listener,
             routes,
             None,
-            8,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
+            Bounds {
+                max_connections: 8,
+                per_peer: 8,
+                request_timeout: Duration::from_millis(200),
+                idle_timeout: Duration::from_secs(5),
+                stall_timeout: Duration::from_secs(5),
+                proxy_protocol: false,
+            },
         );
         let task = tokio::spawn(served.run(stop.clone(), Duration::from_secs(1)));
         let request = |method: &str, path: &str, body: &str| {

@@ -5,14 +5,12 @@
 //! |---|---|---|
 //! | `session_cache_http_requests_total` | counter | `path` (a route's path, or `other`), `status` |
 //! | `session_cache_http_request_duration_seconds` | histogram | `path` |
-//! | `session_cache_http_connections_open` | gauge | |
-//! | `session_cache_http_connections_refused_total` | counter | |
+//!
+//! Its connections are counted with every listener's, `listener="http"` (`crate::metrics`).
 
 use std::time::Duration;
 
-use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
-};
+use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
 
 /// The `path` label of a request no route claims.
 pub(crate) const OTHER: &str = "other";
@@ -36,14 +34,6 @@ pub(crate) fn describe() {
         Unit::Seconds,
         "Time from a request's head to its answer on --http-listen, by route path"
     );
-    describe_gauge!(
-        "session_cache_http_connections_open",
-        "Connections open on --http-listen (at most --http-max-connections)"
-    );
-    describe_counter!(
-        "session_cache_http_connections_refused_total",
-        "Connections closed at accept on --http-listen because --http-max-connections were open"
-    );
 }
 
 /// Exports every series the listener can record at 0, once its routes are known: each
@@ -66,8 +56,6 @@ pub(crate) fn export<'a>(routes: impl IntoIterator<Item = (&'static str, &'a [u1
         // Registered, so that its buckets are exported at 0 before the first request.
         let _ = histogram!("session_cache_http_request_duration_seconds", "path" => path);
     }
-    gauge!("session_cache_http_connections_open").set(0.0);
-    counter!("session_cache_http_connections_refused_total").absolute(0);
 }
 
 /// Records one answered request.
@@ -76,14 +64,4 @@ pub(crate) fn request(path: &'static str, status: u16, took: Duration) {
         .increment(1);
     histogram!("session_cache_http_request_duration_seconds", "path" => path)
         .record(took.as_secs_f64());
-}
-
-/// Records how many connections are open.
-pub(crate) fn connections_open(open: usize) {
-    gauge!("session_cache_http_connections_open").set(open as f64);
-}
-
-/// Records a connection closed at accept, past the cap.
-pub(crate) fn connection_refused() {
-    counter!("session_cache_http_connections_refused_total").increment(1);
 }

@@ -4,10 +4,11 @@
 //! certificate when `--tls-cert` is given, reloaded with it.
 //!
 //! Each path is one small [`Route`] over shared plumbing ([`listener`]), which bounds
-//! what a peer can hold: connections (`--http-max-connections`, closed at accept past
-//! the cap), header bytes ([`MAX_HEADER_BYTES`], 431), body bytes ([`MAX_BODY_BYTES`],
+//! what a peer can hold: connections (`--http-max-connections`, and each client
+//! address's share of them, a quarter; closed at accept past either), header bytes ([`MAX_HEADER_BYTES`], 431), body bytes ([`MAX_BODY_BYTES`],
 //! 413), and time (`--request-timeout-ms` from the head to the answer: 408 while the body
-//! is still arriving, 503 when the route has not answered). A path no route claims
+//! is still arriving, 503 when the route has not answered; an answer unread for
+//! `--stall-timeout-seconds` closes the connection). A path no route claims
 //! answers 404. Every answer is counted by path and status, and timed by path
 //! (`session_cache_http_requests_total`, `session_cache_http_request_duration_seconds`).
 
@@ -16,7 +17,7 @@ mod listener;
 pub(crate) mod metrics;
 
 pub use config::HttpFlags;
-pub(crate) use listener::{Listener, bind};
+pub(crate) use listener::{Bounds, Listener, bind};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};

@@ -15,8 +15,8 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, sync::oneshot};
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tower_layer::Layer;
 use tracing::{error, warn};
 
 use crate::{
@@ -29,22 +29,11 @@ use crate::{
     rpc,
     service::SessionCacheService,
     store::{MemoryStore, RedisStore, Store, traced::Traced},
-    transport::{self, Bounds, Connections, Track},
+    transport::{self, Bounds, CallLimits, Connections, Grpc, Track, peers},
     validate::Validator,
 };
 use background::{Background, Tasks};
 use metrics_endpoint::MetricsEndpoint;
-
-/// Streams one connection may have open at once; with `--max-in-flight` this bounds
-/// what a few greedy clients can queue inside the process.
-const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-/// An idle HTTP/2 connection is pinged this often, and dropped when the ping is not
-/// answered within the timeout: dead peers (a crashed pod, a cut network) do not hold
-/// connections and their memory forever.
-const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TCP keepalive, for peers that vanish without closing (also below HTTP/2's pings).
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Binds `--listen`.
 pub async fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, SetupError> {
@@ -100,15 +89,26 @@ pub async fn serve(
 /// The bounds on what connections hold, from the flags.
 fn bounds(config: &Config) -> Bounds {
     Bounds {
-        max_connections: config.max_connections as usize,
+        connections: peers::Limits {
+            max_connections: config.max_connections as usize,
+            per_peer: config.connections_per_peer() as usize,
+            reserved: config.reserved_connections as usize,
+        },
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
         stall_timeout: Duration::from_secs(config.stall_timeout_seconds),
-        max_open_calls: config.max_open_calls as usize,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        calls: CallLimits {
+            max: config.max_open_calls as usize,
+            reserved: config.reserved_open_calls as usize,
+            per_peer: config.open_calls_per_peer() as usize,
+            per_connection: config.open_calls_per_connection() as usize,
+        },
+        max_stream_resets: config.max_stream_resets,
     }
 }
 
-/// The boxed future of a serving gRPC server.
-type Serving<'a> = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send + 'a>>;
+/// The boxed future of the serving gRPC listener.
+type Serving<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// Serves with `store`: first every step that can fail (reflection, the metrics port),
 /// then the background tasks, which a drop guard ends on every way out.
@@ -164,16 +164,12 @@ async fn serve_store<S: Store>(
         auth.clone(),
     );
     let (routes, reporter) = router::routes(service, edge.check_server())?;
-    let router = Server::builder()
-        // Cuts requests whose message arrives slowly or never, with CANCELLED.
-        .timeout(request_timeout)
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .layer(call::layer(auth.clone(), request_timeout))
-        .layer(Track::layer(connections.clone()))
-        .layer(call::admission(config.max_in_flight as usize))
-        .add_routes(routes);
+    // Every call: the call layer (which also cuts requests whose message arrives slowly
+    // or never, with CANCELLED), the transport's accounting, admission, the services.
+    let service = call::layer(auth.clone(), request_timeout).layer(
+        Track::layer(connections.clone())
+            .layer(call::admission(config.max_in_flight as usize).layer(routes.prepare())),
+    );
     // The last step that can fail: the metrics port.
     let metrics = match config.metrics_listen {
         Some(addr) => {
@@ -187,8 +183,12 @@ async fn serve_store<S: Store>(
             if let Some(provider) = &idp {
                 crate::metrics::idp_exported(provider.name(), &crate::idp::RESULT_LABELS);
             }
-            crate::decision::export_metrics();
-            Some(MetricsEndpoint { listener, handle })
+            Some(MetricsEndpoint {
+                listener,
+                handle,
+                idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+                stall_timeout: Duration::from_secs(config.stall_timeout_seconds),
+            })
         }
         None => None,
     };
@@ -203,9 +203,15 @@ async fn serve_store<S: Store>(
                 crate::http::bind(addr).await?,
                 routes,
                 tls.clone(),
-                config.http.http_max_connections,
-                request_timeout,
-                Duration::from_secs(config.idle_timeout_seconds),
+                crate::http::Bounds {
+                    max_connections: config.http.http_max_connections,
+                    // A quarter, as for every listener.
+                    per_peer: crate::config::share(None, config.http.http_max_connections),
+                    request_timeout,
+                    idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+                    stall_timeout: Duration::from_secs(config.stall_timeout_seconds),
+                    proxy_protocol: config.proxy_protocol,
+                },
             ))
         }
         None => None,
@@ -252,22 +258,20 @@ async fn serve_store<S: Store>(
         connections: connections.clone(),
     });
     config.log_effective(listener.local_addr().ok(), kind, authenticated);
-    // Accepted connections, with TCP_NODELAY: a unary reply is one small write that
-    // must not wait for the client's ACK of the previous one.
-    let accepted = transport::incoming(listener, connections, TCP_KEEPALIVE);
     let (drain, drained) = oneshot::channel::<()>();
     let drained = async {
         let _ = drained.await;
     };
-    let mut server: Serving<'_> = match tls {
-        Some(current) => Box::pin(
-            router.serve_with_incoming_shutdown(crate::tls::incoming(accepted, current), drained),
-        ),
-        None => Box::pin(router.serve_with_incoming_shutdown(accepted, drained)),
+    let grpc = Grpc {
+        service,
+        connections,
+        tls,
+        proxy_protocol: config.proxy_protocol,
     };
+    let mut server: Serving<'_> = Box::pin(transport::serve(listener, grpc, drained));
 
     tokio::select! {
-        result = &mut server => return result.map_err(SetupError::from),
+        () = &mut server => return Ok(()),
         () = shutdown => {}
     }
     drain::drain(

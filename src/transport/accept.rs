@@ -1,19 +1,20 @@
-//! Accepting connections: the loop every listener shares. Errors of one peer (a reset
-//! before accept) are skipped; errors of the listener (out of descriptors, out of
-//! buffers) back off instead of spinning a core, and are logged at most every few
-//! seconds.
+//! Accepting connections, the same way on every listener: the accept loop, where errors
+//! of one peer (a reset before accept) are skipped and errors of the listener (out of
+//! descriptors, out of buffers) back off instead of spinning a core, logged at most every
+//! few seconds; then the connection's place under the listener's cap ([`enter`], at
+//! once) and in its peer's share ([`identify`], once the PROXY header, if any, says who
+//! the peer is). A connection refused either way is closed at once.
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures_util::{Stream, stream};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     net::{TcpListener, TcpStream},
     time::Instant,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::conn::{Connection, Connections};
+use super::peers::{Entered, Peer, Peers, Place};
 
 /// After an accept error other than a peer's own (EMFILE, ENFILE, ENOBUFS...), the
 /// loop waits this long before accepting again: retrying at once spins a core while
@@ -52,36 +53,64 @@ pub(crate) fn raise_open_files_limit() {
     }
 }
 
-/// Connections accepted from `listener` with TCP_NODELAY and TCP keepalive, at most
-/// `--max-connections` open at once: one past the cap is closed at once. Accept errors
-/// never end the stream.
-pub(crate) fn incoming(
-    listener: TcpListener,
-    connections: Arc<Connections>,
-    keepalive: Duration,
-) -> impl Stream<Item = io::Result<Connection>> {
-    let keepalive = TcpKeepalive::new().with_time(keepalive);
-    let last_logged: Option<Instant> = None;
-    stream::unfold(
-        (listener, connections, keepalive, last_logged),
-        |(listener, connections, keepalive, mut last_logged)| async move {
-            loop {
-                let (tcp, peer) = accept(&listener, &mut last_logged).await;
-                let Ok(permit) = connections.permits.clone().try_acquire_owned() else {
-                    crate::metrics::connection_refused();
-                    continue;
-                };
-                if let Err(e) = tcp.set_nodelay(true) {
-                    warn!(error = %e, "cannot set TCP_NODELAY");
-                }
-                if let Err(e) = SockRef::from(&tcp).set_tcp_keepalive(&keepalive) {
-                    warn!(error = %e, "cannot set TCP keepalive");
-                }
-                let conn = Connection::new(tcp, peer, permit, &connections);
-                return Some((Ok(conn), (listener, connections, keepalive, last_logged)));
+/// Takes a place under `peers`' cap for a connection `listener` just accepted; `None`
+/// (counted, and the connection closed when the caller drops it) past the cap.
+pub(crate) fn enter(peers: &Arc<Peers>, listener: &'static str) -> Option<Entered> {
+    match peers.enter() {
+        Ok(entered) => Some(entered),
+        Err(refused) => {
+            crate::metrics::connection_refused(listener, refused.label());
+            None
+        }
+    }
+}
+
+/// Whom an accepted connection is for, and its place charged to that peer: the address
+/// its PROXY header carries when `proxy`, else its own. `None` (counted; the caller
+/// drops the connection, which closes it) when the header is missing or invalid, or
+/// the peer holds its share.
+pub(crate) async fn identify(
+    tcp: &mut TcpStream,
+    addr: SocketAddr,
+    entered: Entered,
+    proxy: bool,
+    listener: &'static str,
+) -> Option<(SocketAddr, Place)> {
+    let peer = if proxy {
+        match super::proxy::read_header(tcp, addr).await {
+            Ok(peer) => peer,
+            Err(e) => {
+                debug!(error = %e, %addr, listener, "connection refused: PROXY header");
+                crate::metrics::connection_refused(listener, "proxy");
+                return None;
             }
-        },
-    )
+        }
+    } else {
+        addr
+    };
+    match entered.assign(Peer::of_addr(peer)) {
+        Ok(place) => Some((peer, place)),
+        Err(refused) => {
+            crate::metrics::connection_refused(listener, refused.label());
+            None
+        }
+    }
+}
+
+/// TCP keepalive, for peers that vanish without closing (also below HTTP/2's pings).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// TCP_NODELAY (a unary reply is one small write that must not wait for the client's
+/// ACK of the previous one) and TCP keepalive (for peers that vanish without closing),
+/// on every listener's connections.
+pub(crate) fn configure(tcp: &TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        warn!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let keepalive = TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    if let Err(e) = SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        warn!(error = %e, "cannot set TCP keepalive");
+    }
 }
 
 /// An error that concerns one peer only, not the listener.

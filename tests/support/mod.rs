@@ -9,6 +9,7 @@
 pub mod acl;
 pub mod cluster;
 pub mod failover;
+pub mod hostile;
 pub mod http;
 pub mod idp;
 pub mod load;
