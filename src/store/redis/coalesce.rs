@@ -17,13 +17,16 @@ use std::{future::Future, sync::Arc};
 
 use bb8::Pool;
 use bb8_redis::redis::{self, Cmd, ServerErrorKind, Value};
+use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    connection::{Handle, Manager},
+    cluster,
+    connection::{Handle, Manager, Place},
     pool::checkout,
     read::{Reader, Reading},
-    scripts::Lua,
+    scripts::{self, Lua},
+    slots::SlotMap,
 };
 use crate::store::StoreError;
 
@@ -33,11 +36,12 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Reading>,
 }
 
-/// One script call waiting for its batch: its `EVALSHA`, and the script, for a Redis
-/// that has lost it.
+/// One script call waiting for its batch: its `EVALSHA`, the script, for a Redis that
+/// has lost it, and the Cluster slot of its keys.
 pub(super) struct ScriptCall {
     pub cmd: Cmd,
     pub script: Arc<Lua>,
+    pub slot: u16,
     pub reply: oneshot::Sender<Result<Value, StoreError>>,
 }
 
@@ -75,11 +79,11 @@ const MAX_BATCH: usize = 256;
 /// channel needs no bound of its own: `--max-in-flight` bounds the calls that can be
 /// waiting in it.
 pub(super) fn lookups(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::UnboundedSender<Job> {
-    spawn(pool, move |mut handle, batch: Vec<Job>| {
+    spawn(pool, move |handle, batch: Vec<Job>| {
         let reader = reader.clone();
         async move {
             let keys: Vec<&str> = batch.iter().map(|job| job.key.as_str()).collect();
-            let outcomes = reader.read(&mut handle, &keys, false).await;
+            let outcomes = reader.read(&handle, &keys, false).await;
             for (job, outcome) in batch.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome);
             }
@@ -88,9 +92,15 @@ pub(super) fn lookups(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::Unbound
 }
 
 /// Starts the script calls' batcher (Sets and revocations that wait for no replica);
-/// it ends when the returned sender is dropped.
-pub(super) fn calls(pool: Pool<Manager>) -> mpsc::UnboundedSender<ScriptCall> {
-    spawn(pool, run_calls)
+/// it ends when the returned sender is dropped. In a Cluster, `slots` splits each batch
+/// by primary.
+pub(super) fn calls(
+    pool: Pool<Manager>,
+    slots: Option<SlotMap>,
+) -> mpsc::UnboundedSender<ScriptCall> {
+    spawn(pool, move |handle, batch| {
+        run_calls(handle, batch, slots.clone())
+    })
 }
 
 fn spawn<J, F, Fut>(pool: Pool<Manager>, send: F) -> mpsc::UnboundedSender<J>
@@ -139,11 +149,35 @@ where
     }
 }
 
-/// Sends a batch of script calls as one pipeline. The calls whose script Redis has lost
+/// Sends a batch of script calls: as one pipeline, or in a Cluster as one pipeline per
+/// primary, by the slot of each call's keys (each script's keys share one slot).
+async fn run_calls(handle: Handle, batch: Vec<ScriptCall>, slots: Option<SlotMap>) {
+    let Some(slots) = slots else {
+        return send_calls(&handle, Place::Node, batch).await;
+    };
+    let groups = slots.split(batch.iter().map(|call| call.slot));
+    let mut batch: Vec<Option<ScriptCall>> = batch.into_iter().map(Some).collect();
+    let parts: Vec<_> = groups
+        .into_iter()
+        .map(|(slot, members)| {
+            let calls = members
+                .into_iter()
+                .filter_map(|i| batch[i].take())
+                .collect();
+            send_calls(&handle, Place::Slot(slot), calls)
+        })
+        .collect();
+    join_all(parts).await;
+}
+
+/// Sends script calls to one node as one pipeline. The calls whose script Redis has lost
 /// (a restart, a failover, SCRIPT FLUSH) are sent again in a second pipeline, behind a
 /// `SCRIPT LOAD` of each script they need: two round trips for the batch, however many
-/// calls were refused.
-async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
+/// calls were refused. A Cluster pipeline that meets a redirection it cannot follow
+/// whole (see `read`) is sent again call by call, each followed by the cluster client;
+/// the scripts may run twice, which each of them allows (a Set stores the same entry, a
+/// revocation's marker never moves back, a tombstone is written again).
+async fn send_calls(handle: &Handle, place: Place, batch: Vec<ScriptCall>) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut scripts = Vec::with_capacity(batch.len());
@@ -153,8 +187,16 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
         scripts.push(call.script);
         replies.push(call.reply);
     }
-    let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
+    let values: Vec<Value> = match handle.send(place, &pipe).await {
         Ok(values) => values,
+        Err(e) if matches!(place, Place::Slot(_)) && cluster::redirected(&e) => {
+            let calls = pipe.cmd_iter().zip(&scripts).zip(replies);
+            join_all(calls.map(|((cmd, script), reply)| async move {
+                let _ = reply.send(scripts::evalsha(handle, script, cmd).await);
+            }))
+            .await;
+            return;
+        }
         Err(e) => {
             let e = handle.failed(e);
             for reply in replies {
@@ -165,6 +207,8 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
     };
     let mut again = redis::pipe();
     again.ignore_errors();
+    // Which commands of `again` are a `SCRIPT LOAD`, whose replies answer no call.
+    let mut loads = Vec::new();
     let mut loaded: Vec<&str> = Vec::new();
     let mut refused = Vec::new();
     let calls = pipe.cmd_iter().zip(&scripts).zip(replies).zip(values);
@@ -174,9 +218,11 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
                 let hash = script.script.get_hash();
                 if !loaded.contains(&hash) {
                     loaded.push(hash);
-                    again.cmd("SCRIPT").arg("LOAD").arg(&script.code).ignore();
+                    again.cmd("SCRIPT").arg("LOAD").arg(&script.code);
+                    loads.push(true);
                 }
                 again.add_command(cmd.clone());
+                loads.push(false);
                 refused.push(reply);
                 continue;
             }
@@ -188,20 +234,21 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
     if refused.is_empty() {
         return;
     }
-    let outcomes: Vec<Result<Value, StoreError>> =
-        match again.query_async::<Vec<Value>>(&mut handle.conn).await {
-            Ok(values) => values
-                .into_iter()
-                .map(|value| match value {
-                    Value::ServerError(e) => Err(handle.failed(e.into())),
-                    value => Ok(value),
-                })
-                .collect(),
-            Err(e) => {
-                let e = handle.failed(e);
-                refused.iter().map(|_| Err(e.clone())).collect()
-            }
-        };
+    let outcomes: Vec<Result<Value, StoreError>> = match handle.send(place, &again).await {
+        Ok(values) => values
+            .into_iter()
+            .zip(loads)
+            .filter(|(_, load)| !load)
+            .map(|(value, _)| match value {
+                Value::ServerError(e) => Err(handle.failed(e.into())),
+                value => Ok(value),
+            })
+            .collect(),
+        Err(e) => {
+            let e = handle.failed(e);
+            refused.iter().map(|_| Err(e.clone())).collect()
+        }
+    };
     for (reply, outcome) in refused.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }

@@ -27,10 +27,12 @@ use std::sync::{
 
 use bb8::{ErrorSink, ManageConnection};
 use bb8_redis::redis::{
-    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value,
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
+    Value,
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
+    cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr},
 };
 use tracing::warn;
 
@@ -80,6 +82,16 @@ impl ConnectionLike for Conn {
             Conn::Cluster(conn) => conn.get_db(),
         }
     }
+}
+
+/// Where a pipeline goes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Place {
+    /// The node of a connection to one node (one Redis, the primary the Sentinels name);
+    /// on a Cluster connection, the node of the pipeline's first key.
+    Node,
+    /// The Cluster primary that serves this slot, by the cluster client's slot map.
+    Slot(u16),
 }
 
 /// bb8's view of a connection: the pipelined handle, its `broken` flag, and the epoch
@@ -246,6 +258,24 @@ impl Handle {
             broken: pooled.broken.clone(),
             epoch: pooled.epoch,
             primary: pooled.primary.clone(),
+        }
+    }
+
+    /// Sends `pipe` to `place` and answers every command's reply, a refusal as a
+    /// `Value::ServerError` (the pipeline must ignore errors; none may be `ignore`d). On
+    /// a Cluster connection the pipeline goes whole to the node that serves the slot,
+    /// whatever slots its keys are in: the cluster client retries a pipeline that meets
+    /// a redirection whole, and answers an error when that fails (see `read`).
+    pub(crate) async fn send(&self, place: Place, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        let mut conn = self.conn.clone();
+        match (&mut conn, place) {
+            (Conn::Cluster(cluster), Place::Slot(slot)) => {
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                cluster
+                    .route_pipeline(pipe.clone(), 0, pipe.len(), route)
+                    .await
+            }
+            (conn, _) => pipe.query_async(conn).await,
         }
     }
 

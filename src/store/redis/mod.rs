@@ -83,6 +83,7 @@ mod readiness;
 mod scripts;
 mod sentinel;
 mod settings;
+mod slots;
 
 use connection::{DialErrors, Handle, Manager, Target};
 use pool::{DURABLE_CONNECTIONS, checkout, pool, pool_error};
@@ -140,6 +141,7 @@ impl RedisStore {
         });
         let primary = Arc::new(Primary::default());
         let stop = CancellationToken::new();
+        let map = slots::SlotMap::default();
         let (kind, target) = match &config.topology {
             RedisTopology::Url(url) => {
                 // Small requests and replies: send each at once instead of letting
@@ -173,11 +175,12 @@ impl RedisStore {
                 ("redis-sentinel", Target::Sentinel(resolver))
             }
             RedisTopology::Cluster(nodes) => {
-                let client = cluster::client(nodes, config, certificates.clone())?;
+                let client = cluster::client(nodes, config, certificates.clone(), map.clone())?;
                 ("redis-cluster", Target::Cluster(client))
             }
         };
         let cluster = matches!(config.topology, RedisTopology::Cluster(_));
+        let slots = cluster.then_some(map);
         // redis-rs has its own response timeout (500 ms by default); it must agree with
         // ours, or a late reply would be waited for after the caller was answered.
         let connection = AsyncConnectionConfig::new()
@@ -198,13 +201,14 @@ impl RedisStore {
             script: scripts.get.clone(),
             margin: config.limits.clock_skew,
             mget: AtomicBool::new(true),
+            slots: slots.clone(),
         });
         Ok(RedisStore {
             kind,
             cluster,
             primaries: cluster::Primaries::default(),
             gets: coalesce::lookups(shared.clone(), reader.clone()),
-            calls: coalesce::calls(shared.clone()),
+            calls: coalesce::calls(shared.clone(), slots),
             calling: AtomicUsize::new(0),
             reader,
             lookups: AtomicUsize::new(0),
@@ -254,17 +258,18 @@ impl RedisStore {
         .await
     }
 
-    /// Runs one script call (`cmd`, an `EVALSHA` of `script`) within `deadline`: outside
-    /// Cluster, through the coalescer when another call is in progress (see `coalesce`), else
-    /// straight away.
+    /// Runs one script call (`cmd`, an `EVALSHA` of `script` whose first key is `key`)
+    /// within `deadline`: through the coalescer when another call is in progress (see
+    /// `coalesce`), else straight away.
     async fn call<T: FromRedisValue>(
         &self,
         deadline: Instant,
         script: &Arc<Lua>,
+        key: &str,
         cmd: Cmd,
     ) -> Result<T, StoreError> {
         let counted = Counted::enter(&self.calling);
-        let value = if self.cluster || counted.alone {
+        let value = if counted.alone {
             self.within(deadline, async |handle| {
                 scripts::evalsha(handle, script, &cmd).await
             })
@@ -274,6 +279,7 @@ impl RedisStore {
             let call = coalesce::ScriptCall {
                 cmd,
                 script: script.clone(),
+                slot: slots::slot(key.as_bytes()),
                 reply,
             };
             self.calls
@@ -312,7 +318,9 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let deadline = self.deadline();
         let Some(durable) = &self.durable else {
-            return self.call(deadline, lua, lua.evalsha(keys, args)).await;
+            return self
+                .call(deadline, lua, &keys[0], lua.evalsha(keys, args))
+                .await;
         };
         let call = async {
             let pooled = durable.get().await.map_err(pool_error)?;
@@ -357,8 +365,8 @@ impl RedisStore {
         .await
     }
 
-    /// Looks `key` up outside Cluster: directly when no other lookup is in progress,
-    /// else through the coalescer.
+    /// Looks `key` up: directly when no other lookup is in progress, else through the
+    /// coalescer.
     async fn lookup(&self, deadline: Instant, key: &str) -> Result<read::Looked, StoreError> {
         let counted = Counted::enter(&self.lookups);
         if counted.alone {
@@ -402,11 +410,7 @@ impl Store for RedisStore {
             raw,
             now,
             judgement,
-        } = if self.cluster {
-            self.lookup_in_cluster(deadline, &key).await?
-        } else {
-            self.lookup(deadline, &key).await?
-        };
+        } = self.lookup(deadline, &key).await?;
         let fence = Fence(now);
         match judgement {
             Judgement::Hit(session) => Ok(Lookup::Hit(session)),
@@ -457,14 +461,14 @@ impl Store for RedisStore {
         }
         let script = &self.scripts.set;
         let mut cmd = script.evalsha_of(keys.len());
-        cmd.arg(keys)
+        cmd.arg(&keys)
             .arg(entry::encode_head(session))
             .arg(expire.0)
             .arg(fence.map(|f| f.to_string()).unwrap_or_default())
             .arg(self.limits.ttl_seconds)
             .arg(self.limits.clock_skew.0)
             .arg(self.limits.marker_ttl_seconds);
-        let (outcome, ttl): (String, u32) = self.call(deadline, script, cmd).await?;
+        let (outcome, ttl): (String, u32) = self.call(deadline, script, &keys[0], cmd).await?;
         match outcome.as_str() {
             "stored" => Ok(Stored::Stored { ttl_seconds: ttl }),
             "revoked" => Ok(Stored::Revoked),
