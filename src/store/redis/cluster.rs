@@ -13,8 +13,8 @@
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use bb8_redis::redis::{
-    self, Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError,
-    RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
+    self, Cmd, ConnectionAddr, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult,
+    ServerErrorKind, TlsCertificates, TlsMode, Value,
     cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
     cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr},
@@ -78,22 +78,6 @@ pub(super) fn client(
         }
     }
     builder.build()
-}
-
-/// Whether the cluster client gave a pipeline up for a redirection, or for a slot that
-/// is moving or unserved: its keys no longer live on one node, and commands sent one by
-/// one, which the client follows each, get through.
-pub(super) fn redirected(e: &RedisError) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::Server(
-            ServerErrorKind::Moved
-                | ServerErrorKind::Ask
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-        )
-    )
 }
 
 /// Runs `script` on `handle` and `wait` right behind it on the same node connection;

@@ -16,17 +16,16 @@
 use std::{future::Future, sync::Arc};
 
 use bb8::Pool;
-use bb8_redis::redis::{self, Cmd, ServerErrorKind, Value};
+use bb8_redis::redis::{self, Cmd, Pipeline, RedisError, ServerErrorKind, Value};
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    cluster,
-    connection::{Handle, Manager, Place},
+    connection::{Handle, Manager},
+    nodes::{self, Nodes, Place},
     pool::checkout,
     read::{Reader, Reading},
     scripts::{self, Lua},
-    slots::SlotMap,
 };
 use crate::store::StoreError;
 
@@ -92,14 +91,14 @@ pub(super) fn lookups(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::Unbound
 }
 
 /// Starts the script calls' batcher (Sets and revocations that wait for no replica);
-/// it ends when the returned sender is dropped. In a Cluster, `slots` splits each batch
-/// by primary.
+/// it ends when the returned sender is dropped. In a Cluster (`cluster`), each batch goes
+/// to the primaries as a pipeline each.
 pub(super) fn calls(
     pool: Pool<Manager>,
-    slots: Option<SlotMap>,
+    cluster: Option<Arc<Nodes>>,
 ) -> mpsc::UnboundedSender<ScriptCall> {
     spawn(pool, move |handle, batch| {
-        run_calls(handle, batch, slots.clone())
+        run_calls(handle, batch, cluster.clone())
     })
 }
 
@@ -151,33 +150,58 @@ where
 
 /// Sends a batch of script calls: as one pipeline, or in a Cluster as one pipeline per
 /// primary, by the slot of each call's keys (each script's keys share one slot).
-async fn run_calls(handle: Handle, batch: Vec<ScriptCall>, slots: Option<SlotMap>) {
-    let Some(slots) = slots else {
-        return send_calls(&handle, Place::Node, batch).await;
+async fn run_calls(handle: Handle, batch: Vec<ScriptCall>, cluster: Option<Arc<Nodes>>) {
+    let Some(nodes) = cluster else {
+        return send_calls(&handle, None, Place::Pooled, batch).await;
     };
-    let groups = slots.split(batch.iter().map(|call| call.slot));
+    let groups = nodes.split(batch.iter().map(|call| call.slot));
     let mut batch: Vec<Option<ScriptCall>> = batch.into_iter().map(Some).collect();
     let parts: Vec<_> = groups
         .into_iter()
-        .map(|(slot, members)| {
-            let calls = members
+        .map(|group| {
+            let calls: Vec<ScriptCall> = group
+                .members
                 .into_iter()
                 .filter_map(|i| batch[i].take())
                 .collect();
-            send_calls(&handle, Place::Slot(slot), calls)
+            let nodes = &nodes;
+            let handle = &handle;
+            async move {
+                match group.primary {
+                    Some(primary) => {
+                        let place = Place::Primary(primary, group.slot);
+                        send_calls(handle, Some(nodes), place, calls).await;
+                    }
+                    // A slot the map names no primary for: the cluster client finds it.
+                    None => alone(handle, calls).await,
+                }
+            }
         })
         .collect();
     join_all(parts).await;
 }
 
+/// Sends each call on its own through the pooled connection; in a Cluster, the cluster
+/// client routes each and follows its redirections.
+async fn alone(handle: &Handle, calls: Vec<ScriptCall>) {
+    join_all(calls.into_iter().map(|call| async move {
+        let _ = call
+            .reply
+            .send(scripts::evalsha(handle, &call.script, &call.cmd).await);
+    }))
+    .await;
+}
+
 /// Sends script calls to one node as one pipeline. The calls whose script Redis has lost
 /// (a restart, a failover, SCRIPT FLUSH) are sent again in a second pipeline, behind a
 /// `SCRIPT LOAD` of each script they need: two round trips for the batch, however many
-/// calls were refused. A Cluster pipeline that meets a redirection it cannot follow
-/// whole (see `read`) is sent again call by call, each followed by the cluster client;
-/// the scripts may run twice, which each of them allows (a Set stores the same entry, a
-/// revocation's marker never moves back, a tombstone is written again).
-async fn send_calls(handle: &Handle, place: Place, batch: Vec<ScriptCall>) {
+/// calls were refused. A call that a Cluster primary redirects (its slot has moved, or is
+/// moving) is sent again on its own (see [`alone`]).
+async fn send_calls(handle: &Handle, nodes: Option<&Nodes>, place: Place, batch: Vec<ScriptCall>) {
+    let send = async |pipe: &Pipeline| match (&place, nodes) {
+        (Place::Primary(primary, _), Some(nodes)) => nodes.send(primary, pipe).await,
+        _ => handle.send(pipe).await,
+    };
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut scripts = Vec::with_capacity(batch.len());
@@ -187,18 +211,21 @@ async fn send_calls(handle: &Handle, place: Place, batch: Vec<ScriptCall>) {
         scripts.push(call.script);
         replies.push(call.reply);
     }
-    let values: Vec<Value> = match handle.send(place, &pipe).await {
+    let values: Vec<Value> = match send(&pipe).await {
         Ok(values) => values,
-        Err(e) if matches!(place, Place::Slot(_)) && cluster::redirected(&e) => {
-            let calls = pipe.cmd_iter().zip(&scripts).zip(replies);
-            join_all(calls.map(|((cmd, script), reply)| async move {
-                let _ = reply.send(scripts::evalsha(handle, script, cmd).await);
-            }))
-            .await;
-            return;
+        // Sent again one by one, through the cluster client (see `nodes::unreachable`).
+        Err(e) if nodes.is_some() && nodes::unreachable(&e) => {
+            let calls = pipe.cmd_iter().zip(scripts).zip(replies);
+            let calls = calls.map(|((cmd, script), reply)| ScriptCall {
+                cmd: cmd.clone(),
+                script,
+                slot: 0,
+                reply,
+            });
+            return alone(handle, calls.collect()).await;
         }
         Err(e) => {
-            let e = handle.failed(e);
+            let e = failed(handle, nodes, e);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
@@ -211,6 +238,7 @@ async fn send_calls(handle: &Handle, place: Place, batch: Vec<ScriptCall>) {
     let mut loads = Vec::new();
     let mut loaded: Vec<&str> = Vec::new();
     let mut refused = Vec::new();
+    let mut redirected = Vec::new();
     let calls = pipe.cmd_iter().zip(&scripts).zip(replies).zip(values);
     for (((cmd, script), reply), value) in calls {
         let outcome = match value {
@@ -226,30 +254,51 @@ async fn send_calls(handle: &Handle, place: Place, batch: Vec<ScriptCall>) {
                 refused.push(reply);
                 continue;
             }
+            value if nodes::is_redirection(&value) => {
+                redirected.push(ScriptCall {
+                    cmd: cmd.clone(),
+                    script: script.clone(),
+                    slot: 0,
+                    reply,
+                });
+                continue;
+            }
             Value::ServerError(e) => Err(handle.failed(e.into())),
             value => Ok(value),
         };
         let _ = reply.send(outcome);
     }
-    if refused.is_empty() {
-        return;
-    }
-    let outcomes: Vec<Result<Value, StoreError>> = match handle.send(place, &again).await {
-        Ok(values) => values
-            .into_iter()
-            .zip(loads)
-            .filter(|(_, load)| !load)
-            .map(|(value, _)| match value {
-                Value::ServerError(e) => Err(handle.failed(e.into())),
-                value => Ok(value),
-            })
-            .collect(),
-        Err(e) => {
-            let e = handle.failed(e);
-            refused.iter().map(|_| Err(e.clone())).collect()
+    let resent = alone(handle, redirected);
+    let reloaded = async {
+        if refused.is_empty() {
+            return;
+        }
+        let outcomes: Vec<Result<Value, StoreError>> = match send(&again).await {
+            Ok(values) => values
+                .into_iter()
+                .zip(loads)
+                .filter(|(_, load)| !load)
+                .map(|(value, _)| match value {
+                    Value::ServerError(e) => Err(handle.failed(e.into())),
+                    value => Ok(value),
+                })
+                .collect(),
+            Err(e) => {
+                let e = failed(handle, nodes, e);
+                refused.iter().map(|_| Err(e.clone())).collect()
+            }
+        };
+        for (reply, outcome) in refused.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
         }
     };
-    for (reply, outcome) in refused.into_iter().zip(outcomes) {
-        let _ = reply.send(outcome);
+    tokio::join!(resent, reloaded);
+}
+
+/// A failed send, as the store reports it: on the pooled connection, or to a primary.
+fn failed(handle: &Handle, nodes: Option<&Nodes>, e: RedisError) -> StoreError {
+    match nodes {
+        Some(_) => nodes::failed(e),
+        None => handle.failed(e),
     }
 }

@@ -32,7 +32,6 @@ use bb8_redis::redis::{
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
-    cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr},
 };
 use tracing::warn;
 
@@ -82,16 +81,6 @@ impl ConnectionLike for Conn {
             Conn::Cluster(conn) => conn.get_db(),
         }
     }
-}
-
-/// Where a pipeline goes.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Place {
-    /// The node of a connection to one node (one Redis, the primary the Sentinels name);
-    /// on a Cluster connection, the node of the pipeline's first key.
-    Node,
-    /// The Cluster primary that serves this slot, by the cluster client's slot map.
-    Slot(u16),
 }
 
 /// bb8's view of a connection: the pipelined handle, its `broken` flag, and the epoch
@@ -261,22 +250,10 @@ impl Handle {
         }
     }
 
-    /// Sends `pipe` to `place` and answers every command's reply, a refusal as a
-    /// `Value::ServerError` (the pipeline must ignore errors; none may be `ignore`d). On
-    /// a Cluster connection the pipeline goes whole to the node that serves the slot,
-    /// whatever slots its keys are in: the cluster client retries a pipeline that meets
-    /// a redirection whole, and answers an error when that fails (see `read`).
-    pub(crate) async fn send(&self, place: Place, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
-        let mut conn = self.conn.clone();
-        match (&mut conn, place) {
-            (Conn::Cluster(cluster), Place::Slot(slot)) => {
-                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-                cluster
-                    .route_pipeline(pipe.clone(), 0, pipe.len(), route)
-                    .await
-            }
-            (conn, _) => pipe.query_async(conn).await,
-        }
+    /// Sends `pipe` (which ignores errors, and none of whose commands is `ignore`d) on
+    /// this connection: every command's reply, a refusal as a `Value::ServerError`.
+    pub(crate) async fn send(&self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        pipe.query_async(&mut self.conn.clone()).await
     }
 
     /// Maps a Redis error. A connection that Redis dropped is marked broken so that the

@@ -58,8 +58,8 @@ use std::{
 
 use bb8::Pool;
 use bb8_redis::redis::{
-    self, AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError,
-    ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
+    self, AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError, ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
 };
 use tokio::{
     sync::{mpsc, oneshot},
@@ -76,6 +76,7 @@ use super::{
 mod cluster;
 mod coalesce;
 mod connection;
+mod nodes;
 mod pool;
 mod primary;
 mod read;
@@ -180,12 +181,30 @@ impl RedisStore {
             }
         };
         let cluster = matches!(config.topology, RedisTopology::Cluster(_));
-        let slots = cluster.then_some(map);
         // redis-rs has its own response timeout (500 ms by default); it must agree with
         // ours, or a late reply would be waited for after the caller was answered.
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(config.timeout));
+        // Batches in a Cluster go on connections of their own to each primary (see
+        // `nodes`), dialled as the cluster client dials.
+        let nodes = cluster.then(|| {
+            let mut redis = RedisConnectionInfo::default();
+            if let Some(user) = &config.credentials.username {
+                redis = redis.set_username(user);
+            }
+            if let Some(password) = &config.credentials.password {
+                redis = redis.set_password(password);
+            }
+            Arc::new(nodes::Nodes::new(
+                map,
+                nodes::Dial {
+                    redis,
+                    tls: config.tls.then(|| certificates.clone()),
+                    config: connection.clone(),
+                },
+            ))
+        });
         let manager = Manager::new(target, connection, CONNECT_TIMEOUT, primary);
         let dial_errors = DialErrors::default();
         let shared =
@@ -201,14 +220,14 @@ impl RedisStore {
             script: scripts.get.clone(),
             margin: config.limits.clock_skew,
             mget: AtomicBool::new(true),
-            slots: slots.clone(),
+            cluster: nodes.clone(),
         });
         Ok(RedisStore {
             kind,
             cluster,
             primaries: cluster::Primaries::default(),
             gets: coalesce::lookups(shared.clone(), reader.clone()),
-            calls: coalesce::calls(shared.clone(), slots),
+            calls: coalesce::calls(shared.clone(), nodes),
             calling: AtomicUsize::new(0),
             reader,
             lookups: AtomicUsize::new(0),

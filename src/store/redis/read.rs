@@ -30,26 +30,29 @@
 //! commands.
 //!
 //! # Redirections, in a Cluster
-//! The cluster client sends a pipeline whose replies hold a redirection (MOVED, ASK) or a
-//! refusal to retry (TRYAGAIN, CLUSTERDOWN) again whole, to the node the first one names,
-//! and answers an error when that still does not serve every key of it (a slot moved off
-//! a node whose other slots stayed). The lookups of such a pipeline are read again one by
-//! one, each read a command of its own (the Get script, on the entry, then on the
-//! marker), which the client follows key by key, within the caller's deadline: never a
-//! judgement from a partial read.
+//! A Cluster pipeline goes on the store's own connection to the primary (`nodes`), and
+//! each key gets its own reply. A key that the slot map placed wrongly (its slot moved,
+//! or is moving: MOVED, ASK) is read again alone, each read a command of its own (the Get
+//! script, on the entry, then on the marker), which the cluster client routes and
+//! redirects by itself, within the caller's deadline; the other keys' replies stand.
+//! Never a judgement from a partial read: a lookup is judged from its entry and, when
+//! live, a marker read after it, wherever each was read.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use bb8_redis::redis::{self, FromRedisValue, Pipeline, Script, ServerErrorKind, Value};
 use futures_util::future::join_all;
 use tracing::warn;
 
 use super::{
-    cluster,
-    connection::{Handle, Place},
+    connection::Handle,
+    nodes::{self, Nodes, Place},
     scripts::READ_MARKER,
     settings::LookupMode,
-    slots::{self, SlotMap},
+    slots,
 };
 use crate::{
     clock::Micros,
@@ -82,9 +85,8 @@ pub(super) struct Reader {
     /// Whether lookups on one Redis read with `MGET` (one command a round, which costs
     /// Redis less than a `GET` per key); turned off for good when the ACL refuses it.
     pub mget: AtomicBool,
-    /// In a Cluster, the client's slot map, by which each round splits into a pipeline
-    /// per primary.
-    pub slots: Option<SlotMap>,
+    /// In a Cluster, the primaries, to which each round goes as a pipeline each.
+    pub cluster: Option<Arc<Nodes>>,
 }
 
 /// What one lookup came to.
@@ -116,10 +118,10 @@ impl Reader {
             LookupMode::Mixed => lone,
             LookupMode::Commands => false,
         };
-        if script && self.slots.is_none() {
+        if script && self.cluster.is_none() {
             return self.by_script(handle, keys).await;
         }
-        let mut mget = self.slots.is_none() && self.mget.load(Ordering::Relaxed);
+        let mut mget = self.cluster.is_none() && self.mget.load(Ordering::Relaxed);
         loop {
             match self.by_commands(handle, keys, mget).await {
                 Ok(outcomes) => return outcomes,
@@ -157,7 +159,7 @@ impl Reader {
                 .arg(key)
                 .arg(READ_MARKER);
         }
-        let values = match handle.send(Place::Node, &pipe).await {
+        let values = match handle.send(&pipe).await {
             Ok(values) => values,
             Err(e) => {
                 let e = handle.failed(e);
@@ -337,33 +339,40 @@ impl Reader {
         clock: bool,
         mget: bool,
     ) -> Result<Vec<Got>, Failure> {
-        let Some(slots) = &self.slots else {
-            let (now, values) = self.part(handle, Place::Node, keys, clock, mget).await?;
+        let Some(nodes) = &self.cluster else {
+            let (now, values) = self.part(handle, Place::Pooled, keys, clock, mget).await?;
             return Ok(values.into_iter().map(|v| Got::Value(v, now)).collect());
         };
-        let parts = slots.split(keys.iter().map(|key| slots::slot(key.as_bytes())));
-        let sent = join_all(parts.iter().map(|(slot, members)| async move {
-            let keys: Vec<&str> = members.iter().map(|&i| keys[i]).collect();
-            self.part(handle, Place::Slot(*slot), &keys, clock, mget)
-                .await
+        let groups = nodes.split(keys.iter().map(|key| slots::slot(key.as_bytes())));
+        let sent = join_all(groups.iter().map(|group| async move {
+            // A slot the map names no primary for: the cluster client finds it, or fails.
+            let Some(primary) = &group.primary else {
+                return Err(Failure::Redirected);
+            };
+            let keys: Vec<&str> = group.members.iter().map(|&i| keys[i]).collect();
+            let place = Place::Primary(primary.clone(), group.slot);
+            self.part(handle, place, &keys, clock, mget).await
         }))
         .await;
         let mut got: Vec<Option<Got>> = keys.iter().map(|_| None).collect();
-        for ((_, members), sent) in parts.into_iter().zip(sent) {
+        for (group, sent) in groups.into_iter().zip(sent) {
             match sent {
                 Ok((now, values)) => {
-                    for (index, value) in members.into_iter().zip(values) {
-                        got[index] = Some(Got::Value(value, now));
+                    for (index, value) in group.members.into_iter().zip(values) {
+                        got[index] = Some(match nodes::is_redirection(&value) {
+                            true => Got::Redirected,
+                            false => Got::Value(value, now),
+                        });
                     }
                 }
                 Err(Failure::MgetDenied) => return Err(Failure::MgetDenied),
                 Err(Failure::Redirected) => {
-                    for index in members {
+                    for index in group.members {
                         got[index] = Some(Got::Redirected);
                     }
                 }
                 Err(Failure::Store(e)) => {
-                    for index in members {
+                    for index in group.members {
                         got[index] = Some(Got::Failed(e.clone()));
                     }
                 }
@@ -395,18 +404,25 @@ impl Reader {
             pipe.cmd("TIME");
         }
         read_keys(&mut pipe, keys.iter().copied(), mget);
-        match place {
-            Place::Node => pipe.cmd("DEL").arg(PRIMARY_CHECK),
-            Place::Slot(slot) => pipe.cmd("DEL").arg(slots::check_key(slot)),
-        };
-        let mut values = match handle.send(place, &pipe).await {
-            Ok(values) => values,
-            Err(e) if self.slots.is_some() && cluster::redirected(&e) => {
-                return Err(Failure::Redirected);
+        let sent = match (&place, &self.cluster) {
+            (Place::Primary(primary, slot), Some(nodes)) => {
+                pipe.cmd("DEL").arg(slots::check_key(*slot));
+                match nodes.send(primary, &pipe).await {
+                    Ok(values) => Ok(values),
+                    // Read alone, through the cluster client (see `nodes::unreachable`).
+                    Err(e) if nodes::unreachable(&e) => return Err(Failure::Redirected),
+                    Err(e) => Err(nodes::failed(e)),
+                }
             }
-            Err(e) => return Err(handle.failed(e).into()),
+            _ => {
+                pipe.cmd("DEL").arg(PRIMARY_CHECK);
+                handle.send(&pipe).await.map_err(|e| handle.failed(e))
+            }
         };
+        let mut values = sent?;
         match values.pop() {
+            // The check's slot has moved: read this part's lookups alone.
+            Some(check) if nodes::is_redirection(&check) => return Err(Failure::Redirected),
             Some(Value::ServerError(e)) => {
                 handle.refused(e.code());
                 return Err(StoreError::Failed(format!("Redis refused the lookup: {e}")).into());
@@ -486,8 +502,8 @@ impl Reader {
 enum Failure {
     /// The Redis user may not run `MGET`: read again key by key.
     MgetDenied,
-    /// A Cluster pipeline met a redirection it could not follow whole: read its lookups
-    /// one by one.
+    /// A Cluster pipeline's primary check was redirected, its primary could not be
+    /// reached, or no primary is known for its slot: read its lookups one by one.
     Redirected,
     Store(StoreError),
 }

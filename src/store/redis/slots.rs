@@ -3,11 +3,11 @@
 //! as one pipeline per primary instead of one call each.
 //!
 //! The map is the client's own: redis-rs tells a read routing strategy every slot map it
-//! learns (at the first dial, and after each MOVED or reconnection), and [`SlotMap`] is
-//! such a strategy that keeps the latest and routes every read to the primary, as the
-//! client does without one. A map that is stale (a slot moved since) only makes a
-//! pipeline meet a redirection; what the store does then is `read`'s and `coalesce`'s
-//! matter.
+//! learns (at the first dial, and after each MOVED or reconnection), and [`SlotMap`]
+//! makes such strategies, which keep the latest and route every read to the primary, as
+//! the client does without one. A map that is stale (a slot moved since) only makes some
+//! keys of a pipeline meet a redirection; what the store does then is `read`'s and
+//! `coalesce`'s matter.
 //!
 //! Each pipeline of plain reads ends with a write that only a primary fit to serve takes
 //! (see `read::PRIMARY_CHECK`); in Cluster that key must live on the pipeline's node, so
@@ -51,31 +51,42 @@ pub(crate) struct SlotMap {
 }
 
 impl SlotMap {
-    /// Splits the items of one batch by the primary that serves `slot_of` each: the
-    /// indices of each group, in order, with the slot of its first item (by which the
-    /// group's pipeline is routed). An item whose slot has no known primary is a group of
-    /// its own.
-    pub(super) fn split(&self, slots: impl Iterator<Item = u16>) -> Vec<(u16, Vec<usize>)> {
+    /// Splits the items of one batch by the primary that serves the slot of each: each
+    /// group's primary, the slot of its first item, and its items' indices, in order. An
+    /// item whose slot has no known primary is a group of its own, without one.
+    pub(super) fn split(&self, slots: impl Iterator<Item = u16>) -> Vec<Group> {
         let topology = self.topology.load();
-        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         let mut by_primary: HashMap<&NodeAddress, usize> = HashMap::new();
         for (index, slot) in slots.enumerate() {
             let primary = topology
                 .as_ref()
                 .and_then(|topology| topology.shard_for_slot(slot))
                 .map(|shard| shard.primary());
-            match primary.and_then(|primary| by_primary.get(primary).map(|&g| (primary, g))) {
-                Some((_, group)) => groups[group].1.push(index),
-                None => {
-                    if let Some(primary) = primary {
-                        by_primary.insert(primary, groups.len());
-                    }
-                    groups.push((slot, vec![index]));
-                }
+            if let Some(&group) = primary.and_then(|primary| by_primary.get(primary)) {
+                groups[group].members.push(index);
+                continue;
             }
+            if let Some(primary) = primary {
+                by_primary.insert(primary, groups.len());
+            }
+            groups.push(Group {
+                primary: primary.cloned(),
+                slot,
+                members: vec![index],
+            });
         }
         groups
     }
+}
+
+/// Items of a batch that one primary serves.
+pub(super) struct Group {
+    /// `None` when the slot map names none (before the first map, or an unserved slot).
+    pub primary: Option<NodeAddress>,
+    /// The slot of the first item, for the pipeline's primary check.
+    pub slot: u16,
+    pub members: Vec<usize>,
 }
 
 impl ReadRoutingStrategyFactory for SlotMap {
