@@ -43,8 +43,8 @@ use crate::{
 /// the call, and tokio's timers fire on millisecond ticks.
 const DEADLINE_SLACK: Duration = Duration::from_millis(2);
 
-/// The authenticated caller of a call, for the handlers' logs; `None` when the service
-/// authenticates no one.
+/// The authenticated caller of a call, for the handlers' logs; absent (or `None`) when
+/// the service authenticates no one.
 #[derive(Clone, Debug)]
 pub struct CallerName(pub Option<String>);
 
@@ -131,7 +131,11 @@ where
                 }
             }
         };
-        request.extensions_mut().insert(CallerName(caller));
+        // Only a caller with a name: a handler reads a missing one as none, and a
+        // service that authenticates no one is spared an insertion per call.
+        if caller.is_some() {
+            request.extensions_mut().insert(CallerName(caller));
+        }
         request.extensions_mut().insert(rpc);
         let answer = self.inner.call(request).instrument(span);
         Box::pin(async move {
