@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Interleaved A/B of two session-cache servers on one Redis, same load as bench.py.
+"""Interleaved A/B of two session-cache servers on one store, same load as bench.py.
 
-Each side is a command line (a binary and its flags; `{redis}` stands for the Redis URL),
-so one binary with two settings, or two builds, can be compared. Both servers run at
-once beside one Redis; the scenarios run A, B, A, B, ... for the given number of pairs,
-so that a busy host slows both alike, and the table gives B/A within each pair.
+Each side is a command line (a binary and its flags; `{redis}` stands for the Redis URL,
+`{cluster}` for the nodes of a three-primary Redis Cluster started beside it, and
+neither means the memory store), so one binary with two settings, or two builds, can be
+compared. Both servers run at once on the same store; the scenarios run A, B, A, B, ...
+for the given number of pairs, so that a busy host slows both alike, and the table gives
+B/A within each pair.
 
     bench/ab.py --a 'target/release/session-cache --redis-url {redis} --redis-lookup script' \\
                 --b 'target/release/session-cache --redis-url {redis} --redis-lookup commands'
@@ -19,11 +21,15 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench
 
+# Each scenario's calls, one body per load process, as bench.py spreads them.
 SCENARIOS = {
-    "get-hit": ("Get", bench.get_request("bench-token"), 1),
-    "get-miss": ("Get", bench.get_request("bench-miss"), 2),
-    "set": ("Set", bench.set_request("bench-set", "bench-set-user"), 1),
-    "invalidate-user": ("InvalidateUser", bench.invalidate_user_request("bench-invalidated-user"), None),
+    "get-hit": ("Get", [bench.get_request(token) for token in bench.TOKENS], 1),
+    "get-miss": ("Get", [bench.get_request(token) for token in bench.spread("bench-miss-", bench.entry_key)], 2),
+    "set": ("Set", [bench.set_request(token, user) for token, user in
+                    zip(bench.spread("bench-set-", bench.entry_key), bench.USERS)], 1),
+    "invalidate-user": ("InvalidateUser", [
+        bench.invalidate_user_request(user)
+        for user in bench.spread("bench-invalidated-", lambda user: "user_invalidated:" + user)], None),
 }
 
 
@@ -47,25 +53,32 @@ def main():
     results = []  # (scenario, in_flight, pair, side, result)
     try:
         redis_port = bench.start_redis(procs, workdir)
+        cluster_ports = (bench.start_cluster(procs, workdir)
+                         if "{cluster}" in args.a + args.b else [])
+        nodes = ",".join(f"127.0.0.1:{port}" for port in cluster_ports)
         sides = {}
         for side, line in (("A", args.a), ("B", args.b)):
-            cmd = [part.replace("{redis}", f"redis://127.0.0.1:{redis_port}") for part in shlex.split(line)]
-            uses_redis = any("{redis}" in part for part in shlex.split(line))
-            sides[side] = (*bench.start_service(procs, workdir, cmd), [redis_port] if uses_redis else [])
+            parts = shlex.split(line)
+            cmd = [part.replace("{redis}", f"redis://127.0.0.1:{redis_port}").replace("{cluster}", nodes)
+                   for part in parts]
+            rports = ([redis_port] if any("{redis}" in part for part in parts) else []) + (
+                cluster_ports if any("{cluster}" in part for part in parts) else [])
+            sides[side] = (*bench.start_service(procs, workdir, cmd), rports)
         for port, _, _ in sides.values():
-            bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
-            bench.call_once(port, "Set", bench.set_request("bench-set", "bench-set-user"), workdir)
+            for token, user in zip(bench.TOKENS, bench.USERS):
+                bench.call_once(port, "Set", bench.set_request(token, user), workdir)
         for scenario in scenarios:
-            method, body, outcome = SCENARIOS[scenario]
+            method, bodies, outcome = SCENARIOS[scenario]
             for in_flight in levels:
                 requests = args.requests if in_flight == 500 else args.few
                 for pair in range(args.pairs):
                     for side in ("A", "B"):
                         port, proc, rports = sides[side]
-                        reply, _ = bench.call_once(port, method, body, workdir)
-                        if outcome is not None and bench.first_varint_field(reply) != outcome:
-                            raise SystemExit(f"{side} {scenario}: not the expected outcome")
-                        r = bench.measure(port, proc.pid, rports, method, body, requests, in_flight,
+                        for body in bodies:
+                            reply, _ = bench.call_once(port, method, body, workdir)
+                            if outcome is not None and bench.first_varint_field(reply) != outcome:
+                                raise SystemExit(f"{side} {scenario}: not the expected outcome")
+                        r = bench.measure(port, proc.pid, rports, method, bodies, requests, in_flight,
                                           workdir)
                         if r["ok"] != requests:
                             raise SystemExit(f"{side} {scenario}: {r['ok']} of {requests} ok")

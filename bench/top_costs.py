@@ -28,10 +28,13 @@ AREAS = [
 
 # Inclusive: the share of samples with this frame anywhere on the stack.
 INCLUSIVE = [
+    ("call layer (call.rs)", r"session_cache::call::"),
+    ("connection accounting (transport::)", r"session_cache::transport::"),
     ("gRPC handler (service::)", r"session_cache::service::"),
     ("Redis store get", r"session_cache::store::redis::.*get"),
     ("memory store get", r"session_cache::store::memory::.*get"),
-    ("Redis lookups batched (batch.rs)", r"session_cache::store::redis::batch"),
+    ("Redis reads (read.rs)", r"session_cache::store::redis::read"),
+    ("Redis batcher (coalesce.rs)", r"session_cache::store::redis::coalesce"),
     ("entry decode (JSON + ISO 8601)", r"session_cache::entry::decode"),
     ("token hashing", r"sha2::|TokenHash"),
     ("metrics", r"metrics"),

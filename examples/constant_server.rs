@@ -87,12 +87,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         seconds: 1_705_314_600,
         nanos: 0,
     };
-    // The same user the benchmark stores in the real service, so replies match in size.
+    // A user of the benchmark's shape (`bench-user-NNN`, bench/bench.py), so replies
+    // match the real service's in size.
     let hit = pb::GetResponse {
         outcome: GetOutcome::Hit.into(),
         user: Some(pb::User {
-            id: "bench-user".into(),
-            email: "bench-user@example.com".into(),
+            id: "bench-user-000".into(),
+            email: "bench-user-000@example.com".into(),
             name: "Bench User".into(),
             email_verified: true,
             tier: "pro".into(),

@@ -40,8 +40,8 @@ use crate::{
     rpc::{Access, CANCELLED, OK, Outcome, Rpc, TIMED_OUT, UNKNOWN, code_label},
 };
 
-/// The authenticated caller of a call, for the handlers' logs; `None` when the service
-/// authenticates no one.
+/// The authenticated caller of a call, for the handlers' logs; absent (or `None`) when
+/// the service authenticates no one.
 #[derive(Clone, Debug)]
 pub struct CallerName(pub Option<String>);
 
@@ -139,7 +139,11 @@ where
                 }
             }
         };
-        request.extensions_mut().insert(CallerName(caller));
+        // Only a caller with a name: a handler reads a missing one as none, and a
+        // service that authenticates no one is spared an insertion per call.
+        if caller.is_some() {
+            request.extensions_mut().insert(CallerName(caller));
+        }
         request.extensions_mut().insert(rpc);
         request.extensions_mut().insert(Deadline(deadline));
         let answer = self.inner.call(request).instrument(span);

@@ -27,7 +27,10 @@
 //! | `session_cache_decisions_total` | counter | `via` (`Validate`, `Check`, `/auth`), `source` (`cache`, `negative_cache`, `provider`), `decision` (`valid`, `invalid`, `unavailable`) |
 //! | `session_cache_validate_negative_hits_total` | counter | |
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
@@ -67,6 +70,7 @@ pub(crate) fn install() -> Result<PrometheusHandle, AlreadyInstalled> {
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| AlreadyInstalled)?;
+    RECORDING.store(true, Ordering::Relaxed);
     describe_counter!(
         "session_cache_calls_total",
         "gRPC calls by method (rpc) and how each ended (outcome): an answer, a refusal by \
@@ -217,8 +221,16 @@ pub(crate) fn tls_handshake_failed(reason: &'static str) {
     counter!("session_cache_tls_handshake_failures_total", "reason" => reason).increment(1);
 }
 
+/// Whether a recorder is installed. Without one every recording is dropped, but the
+/// `metrics` macros would still build each series' key (a label vector, allocated) on
+/// every call: the per-call recording checks this first.
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
 /// Records one call, however it ended.
 pub(crate) fn call(rpc: &'static str, started: Instant, outcome: &'static str) {
+    if !RECORDING.load(Ordering::Relaxed) {
+        return;
+    }
     counter!("session_cache_calls_total", "rpc" => rpc, "outcome" => outcome).increment(1);
     histogram!("session_cache_call_duration_seconds", "rpc" => rpc)
         .record(started.elapsed().as_secs_f64());

@@ -25,6 +25,7 @@ use tokio::time::{Instant, sleep};
 use super::{
     connection::{Conn, Handle},
     settings::{CONNECT_TIMEOUT, HostPort, RedisConfig},
+    slots::SlotMap,
 };
 use crate::store::StoreError;
 
@@ -33,11 +34,12 @@ use crate::store::StoreError;
 const SETTLE: Duration = Duration::from_millis(10);
 
 /// The cluster client: the store timeout bounds each call, retries included; TLS and
-/// credentials apply to every node.
+/// credentials apply to every node; every slot map it learns is kept in `slots`.
 pub(super) fn client(
     nodes: &[HostPort],
     config: &RedisConfig,
     certificates: Option<TlsCertificates>,
+    slots: SlotMap,
 ) -> RedisResult<ClusterClient> {
     let seeds = nodes
         .iter()
@@ -60,7 +62,9 @@ pub(super) fn client(
         // Per attempt and overall, retries and redirections included.
         .response_timeout(config.timeout)
         // Small requests and replies: send each at once (see RedisStore::new).
-        .tcp_settings(TcpSettings::default().set_nodelay(true));
+        .tcp_settings(TcpSettings::default().set_nodelay(true))
+        // Reads still go to primaries; the strategy is how the store sees the slot map.
+        .read_routing_strategy(slots);
     if let Some(user) = &config.credentials.username {
         builder = builder.username(user);
     }

@@ -16,14 +16,16 @@
 use std::{future::Future, sync::Arc};
 
 use bb8::Pool;
-use bb8_redis::redis::{self, Cmd, ServerErrorKind, Value};
+use bb8_redis::redis::{self, Cmd, Pipeline, RedisError, ServerErrorKind, Value};
+use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     connection::{Handle, Manager},
+    nodes::{self, Nodes, Place},
     pool::checkout,
     read::{Reader, Reading},
-    scripts::Lua,
+    scripts::{self, Lua},
 };
 use crate::store::StoreError;
 
@@ -33,11 +35,12 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Reading>,
 }
 
-/// One script call waiting for its batch: its `EVALSHA`, and the script, for a Redis
-/// that has lost it.
+/// One script call waiting for its batch: its `EVALSHA`, the script, for a Redis that
+/// has lost it, and the Cluster slot of its keys.
 pub(super) struct ScriptCall {
     pub cmd: Cmd,
     pub script: Arc<Lua>,
+    pub slot: u16,
     pub reply: oneshot::Sender<Result<Value, StoreError>>,
 }
 
@@ -75,11 +78,11 @@ const MAX_BATCH: usize = 256;
 /// channel needs no bound of its own: `--max-in-flight` bounds the calls that can be
 /// waiting in it.
 pub(super) fn lookups(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::UnboundedSender<Job> {
-    spawn(pool, move |mut handle, batch: Vec<Job>| {
+    spawn(pool, move |handle, batch: Vec<Job>| {
         let reader = reader.clone();
         async move {
             let keys: Vec<&str> = batch.iter().map(|job| job.key.as_str()).collect();
-            let outcomes = reader.read(&mut handle, &keys, false).await;
+            let outcomes = reader.read(&handle, &keys, false).await;
             for (job, outcome) in batch.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome);
             }
@@ -88,9 +91,15 @@ pub(super) fn lookups(pool: Pool<Manager>, reader: Arc<Reader>) -> mpsc::Unbound
 }
 
 /// Starts the script calls' batcher (Sets and revocations that wait for no replica);
-/// it ends when the returned sender is dropped.
-pub(super) fn calls(pool: Pool<Manager>) -> mpsc::UnboundedSender<ScriptCall> {
-    spawn(pool, run_calls)
+/// it ends when the returned sender is dropped. In a Cluster (`cluster`), each batch goes
+/// to the primaries as a pipeline each.
+pub(super) fn calls(
+    pool: Pool<Manager>,
+    cluster: Option<Arc<Nodes>>,
+) -> mpsc::UnboundedSender<ScriptCall> {
+    spawn(pool, move |handle, batch| {
+        run_calls(handle, batch, cluster.clone())
+    })
 }
 
 fn spawn<J, F, Fut>(pool: Pool<Manager>, send: F) -> mpsc::UnboundedSender<J>
@@ -139,11 +148,60 @@ where
     }
 }
 
-/// Sends a batch of script calls as one pipeline. The calls whose script Redis has lost
+/// Sends a batch of script calls: as one pipeline, or in a Cluster as one pipeline per
+/// primary, by the slot of each call's keys (each script's keys share one slot).
+async fn run_calls(handle: Handle, batch: Vec<ScriptCall>, cluster: Option<Arc<Nodes>>) {
+    let Some(nodes) = cluster else {
+        return send_calls(&handle, None, Place::Pooled, batch).await;
+    };
+    let groups = nodes.split(batch.iter().map(|call| call.slot));
+    let mut batch: Vec<Option<ScriptCall>> = batch.into_iter().map(Some).collect();
+    let parts: Vec<_> = groups
+        .into_iter()
+        .map(|group| {
+            let calls: Vec<ScriptCall> = group
+                .members
+                .into_iter()
+                .filter_map(|i| batch[i].take())
+                .collect();
+            let nodes = &nodes;
+            let handle = &handle;
+            async move {
+                match group.primary {
+                    Some(primary) => {
+                        let place = Place::Primary(primary, group.slot);
+                        send_calls(handle, Some(nodes), place, calls).await;
+                    }
+                    // A slot the map names no primary for: the cluster client finds it.
+                    None => alone(handle, calls).await,
+                }
+            }
+        })
+        .collect();
+    join_all(parts).await;
+}
+
+/// Sends each call on its own through the pooled connection; in a Cluster, the cluster
+/// client routes each and follows its redirections.
+async fn alone(handle: &Handle, calls: Vec<ScriptCall>) {
+    join_all(calls.into_iter().map(|call| async move {
+        let _ = call
+            .reply
+            .send(scripts::evalsha(handle, &call.script, &call.cmd).await);
+    }))
+    .await;
+}
+
+/// Sends script calls to one node as one pipeline. The calls whose script Redis has lost
 /// (a restart, a failover, SCRIPT FLUSH) are sent again in a second pipeline, behind a
 /// `SCRIPT LOAD` of each script they need: two round trips for the batch, however many
-/// calls were refused.
-async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
+/// calls were refused. A call that a Cluster primary redirects (its slot has moved, or is
+/// moving) is sent again on its own (see [`alone`]).
+async fn send_calls(handle: &Handle, nodes: Option<&Nodes>, place: Place, batch: Vec<ScriptCall>) {
+    let send = async |pipe: &Pipeline| match (&place, nodes) {
+        (Place::Primary(primary, _), Some(nodes)) => nodes.send(primary, pipe).await,
+        _ => handle.send(pipe).await,
+    };
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut scripts = Vec::with_capacity(batch.len());
@@ -153,10 +211,21 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
         scripts.push(call.script);
         replies.push(call.reply);
     }
-    let values: Vec<Value> = match pipe.query_async(&mut handle.conn).await {
+    let values: Vec<Value> = match send(&pipe).await {
         Ok(values) => values,
+        // Sent again one by one, through the cluster client (see `nodes::unreachable`).
+        Err(e) if nodes.is_some() && nodes::unreachable(&e) => {
+            let calls = pipe.cmd_iter().zip(scripts).zip(replies);
+            let calls = calls.map(|((cmd, script), reply)| ScriptCall {
+                cmd: cmd.clone(),
+                script,
+                slot: 0,
+                reply,
+            });
+            return alone(handle, calls.collect()).await;
+        }
         Err(e) => {
-            let e = handle.failed(e);
+            let e = failed(handle, nodes, e);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
@@ -165,8 +234,11 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
     };
     let mut again = redis::pipe();
     again.ignore_errors();
+    // Which commands of `again` are a `SCRIPT LOAD`, whose replies answer no call.
+    let mut loads = Vec::new();
     let mut loaded: Vec<&str> = Vec::new();
     let mut refused = Vec::new();
+    let mut redirected = Vec::new();
     let calls = pipe.cmd_iter().zip(&scripts).zip(replies).zip(values);
     for (((cmd, script), reply), value) in calls {
         let outcome = match value {
@@ -174,10 +246,21 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
                 let hash = script.script.get_hash();
                 if !loaded.contains(&hash) {
                     loaded.push(hash);
-                    again.cmd("SCRIPT").arg("LOAD").arg(&script.code).ignore();
+                    again.cmd("SCRIPT").arg("LOAD").arg(&script.code);
+                    loads.push(true);
                 }
                 again.add_command(cmd.clone());
+                loads.push(false);
                 refused.push(reply);
+                continue;
+            }
+            value if nodes::is_redirection(&value) => {
+                redirected.push(ScriptCall {
+                    cmd: cmd.clone(),
+                    script: script.clone(),
+                    slot: 0,
+                    reply,
+                });
                 continue;
             }
             Value::ServerError(e) => Err(handle.failed(e.into())),
@@ -185,24 +268,37 @@ async fn run_calls(mut handle: Handle, batch: Vec<ScriptCall>) {
         };
         let _ = reply.send(outcome);
     }
-    if refused.is_empty() {
-        return;
-    }
-    let outcomes: Vec<Result<Value, StoreError>> =
-        match again.query_async::<Vec<Value>>(&mut handle.conn).await {
+    let resent = alone(handle, redirected);
+    let reloaded = async {
+        if refused.is_empty() {
+            return;
+        }
+        let outcomes: Vec<Result<Value, StoreError>> = match send(&again).await {
             Ok(values) => values
                 .into_iter()
-                .map(|value| match value {
+                .zip(loads)
+                .filter(|(_, load)| !load)
+                .map(|(value, _)| match value {
                     Value::ServerError(e) => Err(handle.failed(e.into())),
                     value => Ok(value),
                 })
                 .collect(),
             Err(e) => {
-                let e = handle.failed(e);
+                let e = failed(handle, nodes, e);
                 refused.iter().map(|_| Err(e.clone())).collect()
             }
         };
-    for (reply, outcome) in refused.into_iter().zip(outcomes) {
-        let _ = reply.send(outcome);
+        for (reply, outcome) in refused.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    };
+    tokio::join!(resent, reloaded);
+}
+
+/// A failed send, as the store reports it: on the pooled connection, or to a primary.
+fn failed(handle: &Handle, nodes: Option<&Nodes>, e: RedisError) -> StoreError {
+    match nodes {
+        Some(_) => nodes::failed(e),
+        None => handle.failed(e),
     }
 }

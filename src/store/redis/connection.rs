@@ -27,7 +27,8 @@ use std::sync::{
 
 use bb8::{ErrorSink, ManageConnection};
 use bb8_redis::redis::{
-    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value,
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
+    Value,
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
@@ -247,6 +248,12 @@ impl Handle {
             epoch: pooled.epoch,
             primary: pooled.primary.clone(),
         }
+    }
+
+    /// Sends `pipe` (which ignores errors, and none of whose commands is `ignore`d) on
+    /// this connection: every command's reply, a refusal as a `Value::ServerError`.
+    pub(crate) async fn send(&self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        pipe.query_async(&mut self.conn.clone()).await
     }
 
     /// Maps a Redis error. A connection that Redis dropped is marked broken so that the

@@ -58,8 +58,8 @@ use std::{
 
 use bb8::Pool;
 use bb8_redis::redis::{
-    self, AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, RedisError,
-    ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
+    self, AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo,
+    RedisConnectionInfo, RedisError, ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
 };
 use tokio::{
     sync::{mpsc, oneshot},
@@ -76,6 +76,7 @@ use super::{
 mod cluster;
 mod coalesce;
 mod connection;
+mod nodes;
 mod pool;
 mod primary;
 mod read;
@@ -83,6 +84,7 @@ mod readiness;
 mod scripts;
 mod sentinel;
 mod settings;
+mod slots;
 
 use connection::{DialErrors, Handle, Manager, Target};
 use pool::{DURABLE_CONNECTIONS, checkout, pool, pool_error};
@@ -140,6 +142,7 @@ impl RedisStore {
         });
         let primary = Arc::new(Primary::default());
         let stop = CancellationToken::new();
+        let map = slots::SlotMap::default();
         let (kind, target) = match &config.topology {
             RedisTopology::Url(url) => {
                 // Small requests and replies: send each at once instead of letting
@@ -173,7 +176,7 @@ impl RedisStore {
                 ("redis-sentinel", Target::Sentinel(resolver))
             }
             RedisTopology::Cluster(nodes) => {
-                let client = cluster::client(nodes, config, certificates.clone())?;
+                let client = cluster::client(nodes, config, certificates.clone(), map.clone())?;
                 ("redis-cluster", Target::Cluster(client))
             }
         };
@@ -183,6 +186,25 @@ impl RedisStore {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(config.timeout));
+        // Batches in a Cluster go on connections of their own to each primary (see
+        // `nodes`), dialled as the cluster client dials.
+        let nodes = cluster.then(|| {
+            let mut redis = RedisConnectionInfo::default();
+            if let Some(user) = &config.credentials.username {
+                redis = redis.set_username(user);
+            }
+            if let Some(password) = &config.credentials.password {
+                redis = redis.set_password(password);
+            }
+            Arc::new(nodes::Nodes::new(
+                map,
+                nodes::Dial {
+                    redis,
+                    tls: config.tls.then(|| certificates.clone()),
+                    config: connection.clone(),
+                },
+            ))
+        });
         let manager = Manager::new(target, connection, CONNECT_TIMEOUT, primary);
         let dial_errors = DialErrors::default();
         let shared =
@@ -198,13 +220,14 @@ impl RedisStore {
             script: scripts.get.clone(),
             margin: config.limits.clock_skew,
             mget: AtomicBool::new(true),
+            cluster: nodes.clone(),
         });
         Ok(RedisStore {
             kind,
             cluster,
             primaries: cluster::Primaries::default(),
             gets: coalesce::lookups(shared.clone(), reader.clone()),
-            calls: coalesce::calls(shared.clone()),
+            calls: coalesce::calls(shared.clone(), nodes),
             calling: AtomicUsize::new(0),
             reader,
             lookups: AtomicUsize::new(0),
@@ -254,17 +277,18 @@ impl RedisStore {
         .await
     }
 
-    /// Runs one script call (`cmd`, an `EVALSHA` of `script`) within `deadline`: outside
-    /// Cluster, through the coalescer when another call is in progress (see `coalesce`), else
-    /// straight away.
+    /// Runs one script call (`cmd`, an `EVALSHA` of `script` whose first key is `key`)
+    /// within `deadline`: through the coalescer when another call is in progress (see
+    /// `coalesce`), else straight away.
     async fn call<T: FromRedisValue>(
         &self,
         deadline: Instant,
         script: &Arc<Lua>,
+        key: &str,
         cmd: Cmd,
     ) -> Result<T, StoreError> {
         let counted = Counted::enter(&self.calling);
-        let value = if self.cluster || counted.alone {
+        let value = if counted.alone {
             self.within(deadline, async |handle| {
                 scripts::evalsha(handle, script, &cmd).await
             })
@@ -274,6 +298,7 @@ impl RedisStore {
             let call = coalesce::ScriptCall {
                 cmd,
                 script: script.clone(),
+                slot: slots::slot(key.as_bytes()),
                 reply,
             };
             self.calls
@@ -312,7 +337,9 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         let deadline = self.deadline();
         let Some(durable) = &self.durable else {
-            return self.call(deadline, lua, lua.evalsha(keys, args)).await;
+            return self
+                .call(deadline, lua, &keys[0], lua.evalsha(keys, args))
+                .await;
         };
         let call = async {
             let pooled = durable.get().await.map_err(pool_error)?;
@@ -357,8 +384,8 @@ impl RedisStore {
         .await
     }
 
-    /// Looks `key` up outside Cluster: directly when no other lookup is in progress,
-    /// else through the coalescer.
+    /// Looks `key` up: directly when no other lookup is in progress, else through the
+    /// coalescer.
     async fn lookup(&self, deadline: Instant, key: &str) -> Result<read::Looked, StoreError> {
         let counted = Counted::enter(&self.lookups);
         if counted.alone {
@@ -402,11 +429,7 @@ impl Store for RedisStore {
             raw,
             now,
             judgement,
-        } = if self.cluster {
-            self.lookup_in_cluster(deadline, &key).await?
-        } else {
-            self.lookup(deadline, &key).await?
-        };
+        } = self.lookup(deadline, &key).await?;
         let fence = Fence(now);
         match judgement {
             Judgement::Hit(session) => Ok(Lookup::Hit(session)),
@@ -457,14 +480,14 @@ impl Store for RedisStore {
         }
         let script = &self.scripts.set;
         let mut cmd = script.evalsha_of(keys.len());
-        cmd.arg(keys)
+        cmd.arg(&keys)
             .arg(entry::encode_head(session))
             .arg(expire.0)
             .arg(fence.map(|f| f.to_string()).unwrap_or_default())
             .arg(self.limits.ttl_seconds)
             .arg(self.limits.clock_skew.0)
             .arg(self.limits.marker_ttl_seconds);
-        let (outcome, ttl): (String, u32) = self.call(deadline, script, cmd).await?;
+        let (outcome, ttl): (String, u32) = self.call(deadline, script, &keys[0], cmd).await?;
         match outcome.as_str() {
             "stored" => Ok(Stored::Stored { ttl_seconds: ttl }),
             "revoked" => Ok(Stored::Revoked),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bb8_redis::redis::{self, Cmd, ErrorKind, Script, ScriptInvocation, ServerErrorKind, Value};
 
-use super::connection::Handle;
+use super::connection::{Conn, Handle};
 use crate::store::StoreError;
 
 /// The store's scripts, each with the shebang that keeps it off replicas.
@@ -118,32 +118,34 @@ impl Scripts {
 }
 
 /// Runs one script call (`cmd`, an `EVALSHA` of `script`) on `handle`.
-pub(super) async fn evalsha(
-    handle: &mut Handle,
-    script: &Lua,
-    cmd: &Cmd,
-) -> Result<Value, StoreError> {
-    match cmd.query_async::<Value>(&mut handle.conn).await {
+pub(super) async fn evalsha(handle: &Handle, script: &Lua, cmd: &Cmd) -> Result<Value, StoreError> {
+    let mut conn = handle.conn.clone();
+    match cmd.query_async::<Value>(&mut conn).await {
         Ok(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript) => {
-            reload(handle, script, cmd).await
+            reload(handle, &mut conn, script, cmd).await
         }
         Ok(Value::ServerError(e)) => Err(handle.failed(e.into())),
         Ok(value) => Ok(value),
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            reload(handle, script, cmd).await
+            reload(handle, &mut conn, script, cmd).await
         }
         Err(e) => Err(handle.failed(e)),
     }
 }
 
 /// Loads `script` and sends `cmd` again.
-async fn reload(handle: &mut Handle, script: &Lua, cmd: &Cmd) -> Result<Value, StoreError> {
+async fn reload(
+    handle: &Handle,
+    conn: &mut Conn,
+    script: &Lua,
+    cmd: &Cmd,
+) -> Result<Value, StoreError> {
     script
         .script
-        .load_async(&mut handle.conn)
+        .load_async(conn)
         .await
         .map_err(|e| handle.failed(e))?;
-    match cmd.query_async::<Value>(&mut handle.conn).await {
+    match cmd.query_async::<Value>(conn).await {
         Ok(Value::ServerError(e)) => Err(handle.failed(e.into())),
         Ok(value) => Ok(value),
         Err(e) => Err(handle.failed(e)),
