@@ -52,7 +52,7 @@ use super::{
     nodes::{self, Nodes, Place},
     scripts::READ_MARKER,
     settings::LookupMode,
-    slots,
+    slots::{self, PRIMARY_CHECK},
 };
 use crate::{
     clock::Micros,
@@ -60,12 +60,6 @@ use crate::{
     keys::marker_key,
     store::{Judgement, Lookup, StoreError, judge, judge_cached, read_marker},
 };
-
-/// A write that a replica, or a primary short of `min-replicas-to-write`, refuses, and
-/// that changes nothing anywhere else: the key is never written (entry keys end in 32
-/// hex digits), and deleting a missing key is neither replicated nor denied for want
-/// of memory. It is in the service's key family, so the documented ACL allows it.
-pub(super) const PRIMARY_CHECK: &str = "session_cache:primary-check";
 
 /// What a lookup found: the raw entry (for the removal of a dead one), the store's
 /// clock, and the judgement.

@@ -10,7 +10,7 @@
 //! `coalesce`'s matter.
 //!
 //! Each pipeline of plain reads ends with a write that only a primary fit to serve takes
-//! (see `read::PRIMARY_CHECK`); in Cluster that key must live on the pipeline's node, so
+//! (see [`PRIMARY_CHECK`]); in Cluster that key must live on the pipeline's node, so
 //! it takes a hash tag that puts it in the slot of the pipeline's first key
 //! ([`check_key`]).
 
@@ -114,15 +114,17 @@ impl ReadRoutingStrategy for Learner {
     }
 }
 
+/// A write that a replica, or a primary short of `min-replicas-to-write`, refuses, and
+/// that changes nothing anywhere else: the key is never written (entry keys end in 32
+/// hex digits), and deleting a missing key is neither replicated nor denied for want
+/// of memory. It is in the service's key family, so the documented ACL allows it.
+pub(super) const PRIMARY_CHECK: &str = "session_cache:primary-check";
+
 /// The primary check's key in `slot`: `session_cache:primary-check{<tag>}`, where the
 /// tag is the shortest decimal number that hashes to `slot`. Never written, in the
 /// service's key family like the one-Redis check (the documented ACLs allow it).
 pub(super) fn check_key(slot: u16) -> String {
-    format!(
-        "{}{{{}}}",
-        super::read::PRIMARY_CHECK,
-        tags()[usize::from(slot % SLOTS)]
-    )
+    format!("{}{{{}}}", PRIMARY_CHECK, tags()[usize::from(slot % SLOTS)])
 }
 
 /// For each slot, a number whose decimal text hashes to it; found once, on first use
