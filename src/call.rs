@@ -37,7 +37,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     auth,
-    rpc::{Access, CANCELLED, OK, Outcome, Rpc, TIMED_OUT, UNKNOWN, code_label},
+    rpc::{self, Access, CANCELLED, OK, Outcome, Rpc, TIMED_OUT, UNKNOWN, code_label},
 };
 
 /// The authenticated caller of a call, for the handlers' logs; absent (or `None`) when
@@ -189,29 +189,8 @@ fn span<B>(rpc: Rpc, request: &http::Request<B>) -> Span {
 /// When the request timeout cuts the call: `--request-timeout-ms` after it began, or
 /// the client's own `grpc-timeout` when shorter.
 fn deadline(started: Instant, timeout: Duration, headers: &http::HeaderMap) -> Instant {
-    let client = headers
-        .get("grpc-timeout")
-        .and_then(|value| value.to_str().ok())
-        .and_then(parse_grpc_timeout);
+    let client = rpc::grpc_timeout(headers);
     started + client.map_or(timeout, |client| client.min(timeout))
-}
-
-/// A `grpc-timeout` header's value: at most 8 digits and a unit (gRPC over HTTP/2).
-fn parse_grpc_timeout(text: &str) -> Option<Duration> {
-    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 /// One call's span and metrics, recorded once: when it is answered, refused or cut by
@@ -354,24 +333,5 @@ where
             let request = http::Request::from_parts(head, Body::new(Full::new(message)));
             inner.call(request).await
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `grpc-timeout` values read as gRPC defines them; malformed ones are ignored.
-    #[test]
-    fn grpc_timeouts() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
-        for bad in ["", "m", "100", "123456789m", "1x", "-1m", "1.5S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
-        }
     }
 }

@@ -4,7 +4,7 @@
 //! refuses a method the table does not know; the metrics export every row from start-up.
 //! A method cannot be half added: without a row it cannot be called at all.
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use serde::Deserialize;
 use tonic::Code;
@@ -294,9 +294,49 @@ pub const ENDINGS: [&str; 10] = [
 /// The `rpc` label of a call to a path the table does not know.
 pub const UNKNOWN: &str = "unknown";
 
+/// The `grpc-timeout` a gRPC client sent (`<up to 8 digits><H|M|S|m|u|n>`), if any
+/// and well formed.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// gRPC's timeout header in each unit, and malformed ones ignored.
+    #[test]
+    fn reads_grpc_timeout() {
+        let parse = |v: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("150m"), Some(Duration::from_millis(150)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse("9n"), Some(Duration::from_nanos(9)));
+        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
 
     /// Each row's path is its service and method, and reads back to the row; nothing
     /// else does.

@@ -200,10 +200,9 @@ impl<S: Store> SessionCache for SessionCacheService<S> {
         request: Request<pb::ValidateRequest>,
     ) -> Result<Response<pb::ValidateResponse>, Status> {
         let began = Instant::now();
-        let deadline = self.decider.deadline(
-            began,
-            crate::decision::grpc_timeout(request.metadata().as_ref()),
-        );
+        let deadline = self
+            .decider
+            .deadline(began, crate::rpc::grpc_timeout(request.metadata().as_ref()));
         answer(
             self.handle_validate(request.into_inner(), began, deadline)
                 .await,

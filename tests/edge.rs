@@ -6,69 +6,27 @@ mod support;
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, TimeZone, Utc};
 use session_cache::{
     edge::envoy_pb::envoy::{
         config::core::v3::{HeaderMap, HeaderValue},
         service::auth::v3::{
             AttributeContext, CheckRequest, CheckResponse,
-            attribute_context::{HttpRequest, Request as AttrRequest},
-            authorization_client::AuthorizationClient,
-            check_response::HttpResponse,
+            authorization_client::AuthorizationClient, check_response::HttpResponse,
         },
     },
-    entry::User,
     pb,
 };
 use sha2::{Digest, Sha256};
 use support::{
     Backend, Harness,
-    idp::{AppwriteStandIn, Mode},
+    envoy::envoy_request,
+    idp::{AppwriteStandIn, Mode, idp_user, in_a_day},
     pki::Dir,
 };
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const HEALTH_NAME: &str = "envoy.service.auth.v3.Authorization";
-
-fn idp_user(id: &str) -> User {
-    User {
-        id: id.into(),
-        email: format!("{id}@example.com"),
-        name: "Ada Lovelace".into(),
-        email_verified: true,
-        tier: "pro".into(),
-        created_at: Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 0).unwrap(),
-        updated_at: Utc.with_ymd_and_hms(2024, 6, 1, 8, 0, 0).unwrap(),
-    }
-}
-
-fn in_a_day() -> DateTime<Utc> {
-    DateTime::from_timestamp(Utc::now().timestamp() + 86_400, 0).unwrap()
-}
-
-/// A CheckRequest as Envoy's HTTP filter sends it: the request's headers in the map
-/// (names lowercase), method, path and host beside them.
-fn envoy_request(headers: &[(&str, &str)]) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(AttrRequest {
-                http: Some(HttpRequest {
-                    method: "GET".into(),
-                    path: "/orders".into(),
-                    host: "shop.example.com".into(),
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
 
 async fn check_client(h: &Harness) -> AuthorizationClient<Channel> {
     AuthorizationClient::new(h.server.channel().await)

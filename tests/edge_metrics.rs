@@ -3,51 +3,14 @@
 
 mod support;
 
-use chrono::{DateTime, TimeZone, Utc};
 use session_cache::{
-    edge::envoy_pb::envoy::service::auth::v3::{
-        AttributeContext, CheckRequest,
-        attribute_context::{HttpRequest, Request as AttrRequest},
-        authorization_client::AuthorizationClient,
-    },
-    entry::User,
-    pb,
+    edge::envoy_pb::envoy::service::auth::v3::authorization_client::AuthorizationClient, pb,
 };
-use support::{Backend, Harness, idp::AppwriteStandIn};
-
-fn idp_user(id: &str) -> User {
-    User {
-        id: id.into(),
-        email: format!("{id}@example.com"),
-        name: "Ada Lovelace".into(),
-        email_verified: true,
-        tier: "pro".into(),
-        created_at: Utc.with_ymd_and_hms(2024, 1, 15, 10, 30, 0).unwrap(),
-        updated_at: Utc.with_ymd_and_hms(2024, 6, 1, 8, 0, 0).unwrap(),
-    }
-}
-
-fn in_a_day() -> DateTime<Utc> {
-    DateTime::from_timestamp(Utc::now().timestamp() + 86_400, 0).unwrap()
-}
-
-fn envoy_request(headers: &[(&str, &str)]) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(AttrRequest {
-                http: Some(HttpRequest {
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
+use support::{
+    Backend, Harness,
+    envoy::envoy_request,
+    idp::{AppwriteStandIn, idp_user, in_a_day},
+};
 
 async fn scrape(port: u16) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -600,10 +600,8 @@ async fn the_provider_call_is_a_span_of_the_validates_trace() {
 /// never the token the request carried.
 #[tokio::test]
 async fn check_is_a_server_span_of_the_callers_trace() {
-    use session_cache::edge::envoy_pb::envoy::service::auth::v3::{
-        AttributeContext, CheckRequest, attribute_context,
-        authorization_client::AuthorizationClient,
-    };
+    use session_cache::edge::envoy_pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use support::envoy::envoy_request;
     const CHECK: &str = "envoy.service.auth.v3.Authorization/Check";
     let collector = Collector::start().await;
     let port = free_port();
@@ -620,26 +618,7 @@ async fn check_is_a_server_span_of_the_callers_trace() {
     let trace_id = random_hex(16);
     let traceparent = format!("00-{trace_id}-{}-01", random_hex(8));
     let token = format!("tok-never-exported-{}", random_hex(8));
-    let request = |headers: &[(&str, &str)]| {
-        traced(
-            CheckRequest {
-                attributes: Some(AttributeContext {
-                    request: Some(attribute_context::Request {
-                        http: Some(attribute_context::HttpRequest {
-                            headers: headers
-                                .iter()
-                                .map(|(k, v)| (k.to_string(), v.to_string()))
-                                .collect(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-            },
-            &traceparent,
-        )
-    };
+    let request = |headers: &[(&str, &str)]| traced(envoy_request(headers), &traceparent);
     client.check(request(&[])).await.unwrap();
     let bearer = format!("Bearer {token}");
     let refused = client

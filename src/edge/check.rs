@@ -38,7 +38,7 @@ use super::{
     },
 };
 use crate::{
-    decision::{Decider, Decision, Refused, Via, grpc_timeout},
+    decision::{Decider, Decision, Refused, Via},
     entry::Session,
     rpc::{CHECK_OUTCOMES, Outcome},
     store::Store,
@@ -82,7 +82,7 @@ impl<S: Store> Authorization for CheckService<S> {
         let began = Instant::now();
         let deadline = self
             .decider
-            .deadline(began, grpc_timeout(request.metadata().as_ref()));
+            .deadline(began, crate::rpc::grpc_timeout(request.metadata().as_ref()));
         let read = self.read(request.get_ref());
         drop(request);
         Box::pin(async move {

@@ -8,6 +8,7 @@
 
 pub mod acl;
 pub mod cluster;
+pub mod envoy;
 pub mod failover;
 pub mod hostile;
 pub mod http;
