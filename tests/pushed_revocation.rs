@@ -21,22 +21,11 @@ use support::{
     http::{self, Reply},
     idp::{AppwriteStandIn, IntrospectionStandIn, Mode, idp_user, in_a_day},
     oidc::{self, OidcStandIn},
-    race::{self, Revoke, Sessions},
+    race::{self, Revoke, Sessions, validate},
     webhooks::{self, AppwriteWebhooks},
 };
 use tokio::time::Instant;
 use tonic::transport::Channel;
-
-async fn validate(client: &mut SessionCacheClient<Channel>, token: &str) -> ValidateOutcome {
-    client
-        .validate(pb::ValidateRequest {
-            token: token.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .outcome()
-}
 
 async fn get(h: &mut Harness, token: &str) -> GetOutcome {
     support::get_outcome(&h.get(token).await)

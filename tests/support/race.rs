@@ -134,7 +134,8 @@ pub struct Tally {
     pub validates: usize,
 }
 
-async fn validate(client: &mut SessionCacheClient<Channel>, token: &str) -> ValidateOutcome {
+/// Validate of `token`, its outcome.
+pub async fn validate(client: &mut SessionCacheClient<Channel>, token: &str) -> ValidateOutcome {
     client
         .validate(pb::ValidateRequest {
             token: token.into(),
