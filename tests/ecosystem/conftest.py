@@ -9,11 +9,12 @@ Every session-cache started here asks the session's Appwrite stand-in
 from __future__ import annotations
 
 import signal
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from support import STORES, Redis, Server
+from support import AUDIENCE, STORES, WORK, KeySet, Redis, Server, free_port
 from testkit.appwrite import AppwriteStandIn, readme_session
 
 
@@ -76,3 +77,26 @@ def servers(start, redis) -> dict[str, Server]:
 def server(request, servers) -> Server:
     """Each test that takes it runs once per store."""
     return servers[request.param]
+
+
+@pytest.fixture(scope="session")
+def pushed(start):
+    """A server on its own Redis with the HTTP listener, an Appwrite webhook and
+    back-channel logout configured (SPEC §12); its webhook key written to a file as a
+    Secret would be."""
+    keys = KeySet()
+    directory = WORK / "pushed"
+    directory.mkdir(parents=True, exist_ok=True)
+    key_file = directory / "webhook-signature-key"
+    webhook_key = uuid.uuid4().hex * 4
+    key_file.write_text(webhook_key + "\n")
+    http_port = free_port()
+    url = f"http://127.0.0.1:{http_port}/webhooks/appwrite"
+    redis = start(Redis("pushed"))
+    server = start(Server("pushed", "redis", [
+        "--redis-url", f"redis://{redis.address}", "--http-listen", f"127.0.0.1:{http_port}",
+        "--appwrite-webhook-key-file", str(key_file), "--appwrite-webhook-url", url,
+        "--oidc-issuer", keys.issuer, "--oidc-audience", AUDIENCE, "--oidc-jwks-url", keys.jwks_url]))
+    server.wait_for("SERVING")
+    yield {"server": server, "url": url, "key": webhook_key, "keys": keys, "port": http_port}
+    keys.stop()

@@ -14,87 +14,15 @@ token, Cache-Control: no-store) and the metrics are checked as scraped."""
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import re
 import subprocess
-import threading
-import time
-import uuid
 from pathlib import Path
 
 import grpc
-import jwt
-import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from test_validate import fresh_session, validate_raw
 
-from support import WORK, Redis, Server, free_port
-
-BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
-AUDIENCE = "session-cache"
-
-
-class KeySet:
-    """An OpenID provider's signing key and its JWKS endpoint, on a free loopback port."""
-
-    def __init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        public.update({"kid": "kc-1", "use": "sig", "alg": "RS256"})
-        body = json.dumps({"keys": [public]}).encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        port = self.server.server_address[1]
-        self.issuer = f"http://127.0.0.1:{port}/realms/main"
-        self.jwks_url = f"{self.issuer}/protocol/openid-connect/certs"
-
-    def logout_token(self, sub: str) -> str:
-        """A logout token as Keycloak sends one: sub and sid, the logout event, a jti."""
-        now = int(time.time())
-        claims = {"iss": self.issuer, "aud": AUDIENCE, "iat": now, "exp": now + 120,
-                  "jti": str(uuid.uuid4()), "sub": sub, "sid": str(uuid.uuid4()),
-                  "events": {BACKCHANNEL_EVENT: {}}}
-        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": "kc-1", "typ": "logout+jwt"})
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def pushed(start):
-    """A server on Redis with the HTTP listener, an Appwrite webhook and back-channel
-    logout configured; its webhook key written to a file as a Secret would be."""
-    keys = KeySet()
-    directory = WORK / "pushed"
-    directory.mkdir(parents=True, exist_ok=True)
-    key_file = directory / "webhook-signature-key"
-    webhook_key = uuid.uuid4().hex * 4
-    key_file.write_text(webhook_key + "\n")
-    http_port = free_port()
-    url = f"http://127.0.0.1:{http_port}/webhooks/appwrite"
-    redis = start(Redis("pushed"))
-    server = start(Server("pushed", "redis", [
-        "--redis-url", f"redis://{redis.address}", "--http-listen", f"127.0.0.1:{http_port}",
-        "--appwrite-webhook-key-file", str(key_file), "--appwrite-webhook-url", url,
-        "--oidc-issuer", keys.issuer, "--oidc-audience", AUDIENCE, "--oidc-jwks-url", keys.jwks_url]))
-    server.wait_for("SERVING")
-    yield {"server": server, "url": url, "key": webhook_key, "keys": keys, "port": http_port}
-    keys.stop()
+from support import Server
 
 
 def curl(*args: str) -> tuple[int, dict[str, str], str]:
