@@ -701,7 +701,10 @@ def main():
                 cmd += ["--store-timeout-ms", "2000"]
             cmd += shlex.split(args.service_args)
             http_ports[store] = free_port()
-            cmd += ["--http-listen", f"127.0.0.1:{http_ports[store]}"]
+            # /auth at 500 in flight is 500 HTTP/1.1 connections from one address, as
+            # from one busy proxy: more than the default share of one address.
+            cmd += ["--http-listen", f"127.0.0.1:{http_ports[store]}",
+                    "--http-max-connections-per-peer", "1024"]
             subjects[store] = start_service(procs, workdir, cmd)
 
         hit_bodies = [get_request(token) for token in TOKENS]

@@ -10,6 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use support::{
     Backend, Harness, free_port,
+    hostile::{ATTACKER, tcp_from},
     http::{self, Reply},
     pki::{Ca, Dir},
 };
@@ -280,4 +281,39 @@ async fn a_taken_port_stops_the_start() {
         text.contains("--http-listen") && text.contains(&addr),
         "{text}"
     );
+}
+
+/// --http-max-connections-per-peer holds one client address to its share: its next
+/// connection is closed at accept, while another address is served. (Its count is
+/// scraped in tests/listeners.rs: this binary's metrics recorder belongs to another test.)
+#[tokio::test]
+async fn one_address_holds_at_most_its_share() {
+    let (_h, addr) = service(&[
+        "--http-max-connections",
+        "64",
+        "--http-max-connections-per-peer",
+        "3",
+    ])
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = tcp_from(ATTACKER, addr).await.unwrap();
+        let raw = "GET /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n";
+        tcp.write_all(raw.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 12];
+        tcp.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 404");
+        held.push(tcp);
+    }
+    let mut fourth = tcp_from(ATTACKER, addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(support::PATIENCE, fourth.read(&mut buf))
+        .await
+        .expect("the connection past the share was left open");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the connection past the share was answered: {read:?}"
+    );
+    // Another address (the test's own, 127.0.0.1) is served meanwhile.
+    assert_eq!(get(addr, "/x").await.status, 404);
 }

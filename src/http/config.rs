@@ -17,10 +17,20 @@ pub struct HttpFlags {
     pub http_listen: Option<SocketAddr>,
 
     /// Most connections open at once on --http-listen; one more is closed as soon as it
-    /// is accepted, and so is one past a client address's share (a quarter, at least
-    /// 4). A connection with no request for --idle-timeout-seconds is closed, and so is
-    /// one that leaves an answer unread for --stall-timeout-seconds.
+    /// is accepted, and so is one past a client address's share
+    /// (--http-max-connections-per-peer). A connection with no request for
+    /// --idle-timeout-seconds is closed, and so is one that leaves an answer unread for
+    /// --stall-timeout-seconds.
     #[arg(long, env = "SESSION_CACHE_HTTP_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub http_max_connections: u32,
+
+    /// Most connections one client address (an IPv4 address, an IPv6 /64) may hold on
+    /// --http-listen; past it its new connections are closed at accept. A proxy asking
+    /// /auth is one address, and HTTP/1.1 holds a connection per request in flight:
+    /// give it at least the proxy's auth requests at once. Default: a quarter of
+    /// --http-max-connections, at least 4.
+    #[arg(long, env = "SESSION_CACHE_HTTP_MAX_CONNECTIONS_PER_PEER",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections_per_peer: Option<u32>,
 }

@@ -205,8 +205,10 @@ async fn serve_store<S: Store>(
                 tls.clone(),
                 crate::http::Bounds {
                     max_connections: config.http.http_max_connections,
-                    // A quarter, as for every listener.
-                    per_peer: crate::config::share(None, config.http.http_max_connections),
+                    per_peer: crate::config::share(
+                        config.http.http_max_connections_per_peer,
+                        config.http.http_max_connections,
+                    ),
                     request_timeout,
                     idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
                     stall_timeout: Duration::from_secs(config.stall_timeout_seconds),
