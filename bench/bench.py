@@ -335,6 +335,24 @@ def service_on_redis(name, service_flags=(), redis_args=()):
         procs.stop()
 
 
+@contextlib.contextmanager
+def service_on_cluster(name, service_flags=()):
+    """A three-primary Redis Cluster of the run's own and the release session-cache on it
+    (revocations not waited for: the Cluster has no replicas): yields the work directory,
+    the primaries' ports, the service's port and its process."""
+    procs = Procs()
+    workdir = tempfile.mkdtemp(prefix=f"session-cache-{name}-")
+    try:
+        ports = start_cluster(procs, workdir)
+        port, proc = start_service(procs, workdir, [
+            os.path.join(RELEASE, "session-cache"),
+            "--redis-cluster-nodes", ",".join(f"127.0.0.1:{p}" for p in ports),
+            "--revocation-replicas", "0", *service_flags])
+        yield workdir, ports, port, proc
+    finally:
+        procs.stop()
+
+
 def wait_serving(port, workdir, deadline_s=10.0):
     """Waits until grpc.health.v1 says the service on `port` serves from its store (its
     first ping has passed); before that, calls would be refused."""

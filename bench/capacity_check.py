@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks docs/CAPACITY.md's model at one point: a fixed mix of calls per second
-against the service on one Redis, and the cores the service and Redis actually used.
+against the service on one Redis (or, with --cluster, a three-primary Redis Cluster),
+and the cores the service and Redis (all primaries) actually used.
 
     bench/capacity_check.py --get 8000 --set 800 --invalidate 200 --seconds 15
 
@@ -21,8 +22,8 @@ from testkit.measure import cpu_seconds
 CLIENTS = 50  # h2load --rps is per client; 50 connections, as bench.py
 
 
-def load(port, method, body, rate, seconds, workdir):
-    path = os.path.join(workdir, f"{method}.bin")
+def load(port, method, body, rate, seconds, workdir, name=None):
+    path = os.path.join(workdir, f"{name or method}.bin")
     with open(path, "wb") as f:
         f.write(body)
     return subprocess.Popen(
@@ -53,23 +54,35 @@ def main():
     parser.add_argument("--redis-get-us", type=float, required=True, help="Redis CPU per Get hit")
     parser.add_argument("--redis-set-us", type=float, required=True)
     parser.add_argument("--redis-invalidate-us", type=float, required=True)
+    parser.add_argument("--cluster", action="store_true",
+                        help="a three-primary Redis Cluster instead of one Redis")
     args = parser.parse_args()
 
-    with bench.service_on_redis("capacity") as (workdir, redis_port, port, service):
-        bench.call_once(port, "Set", bench.set_request("bench-token", "bench-user"), workdir)
-        cpu0, rcpu0, t0 = cpu_seconds(service.pid), bench.redis_cpu_seconds([redis_port]), time.time()
+    store = (bench.service_on_cluster if args.cluster else bench.service_on_redis)("capacity")
+    with store as (workdir, redis_ports, port, service):
+        redis_ports = redis_ports if args.cluster else [redis_ports]
+        # The hits spread over tokens of every primary, as bench.py's loads.
+        for token, user in zip(bench.TOKENS, bench.USERS):
+            bench.call_once(port, "Set", bench.set_request(token, user), workdir)
+        cpu0, rcpu0, t0 = cpu_seconds(service.pid), bench.redis_cpu_seconds(redis_ports), time.time()
+        gets = [(f"Get {i}", load(port, "Get", bench.get_request(token), args.get / len(bench.TOKENS),
+                                  args.seconds, workdir, f"get-{i}"))
+                for i, token in enumerate(bench.TOKENS)]
         runs = [
-            ("Get", load(port, "Get", bench.get_request("bench-token"), args.get, args.seconds, workdir)),
+            *gets,
             ("Set", load(port, "Set", bench.set_request("bench-set", "bench-set-user"), args.set,
                          args.seconds, workdir)),
             ("InvalidateUser", load(port, "InvalidateUser",
                                     bench.invalidate_user_request("bench-invalidated-user"),
                                     args.invalidate, args.seconds, workdir)),
         ]
-        calls = {method: done_calls(run.communicate()[0]) for method, run in runs}
+        calls = {}
+        for method, run in runs:
+            method = method.split()[0]
+            calls[method] = calls.get(method, 0) + done_calls(run.communicate()[0])
         elapsed = time.time() - t0
         cores = (cpu_seconds(service.pid) - cpu0) / elapsed
-        redis_cores = (bench.redis_cpu_seconds([redis_port]) - rcpu0) / elapsed
+        redis_cores = (bench.redis_cpu_seconds(redis_ports) - rcpu0) / elapsed
     rates = {m: n / elapsed for m, n in calls.items()}
     predicted = (rates["Get"] * args.get_us + rates["Set"] * args.set_us
                  + rates["InvalidateUser"] * args.invalidate_us) / 1e6
