@@ -322,13 +322,20 @@ async fn python_markers_from_a_slow_clock_need_the_margin() {
             .await;
         (set.outcome(), h.get(&token).await.outcome())
     }
-    let mut h = Harness::start(Backend::Redis, &[]).await;
+    // The race is about clocks, not time: a loaded machine must not turn a call
+    // UNAVAILABLE within the default store timeout of 100 ms.
+    let slack = ["--store-timeout-ms", "2000"];
+    let mut h = Harness::start(Backend::Redis, &slack).await;
     assert_eq!(
         race(&mut h, "u-no-margin").await,
         (SetOutcome::Stored, GetOutcome::Hit),
         "without a margin the slow clock revives the session"
     );
-    let mut h = Harness::start(Backend::Redis, &["--clock-skew-ms", "500"]).await;
+    let mut h = Harness::start(
+        Backend::Redis,
+        &[slack[0], slack[1], "--clock-skew-ms", "500"],
+    )
+    .await;
     assert_eq!(
         race(&mut h, "u-margin").await,
         (SetOutcome::Stale, GetOutcome::Miss)

@@ -726,6 +726,8 @@ async fn reset_loop(
             if ping_pong.ping(h2::Ping::opaque()).await.is_err() {
                 break;
             }
+            // And a moment for the server to take them from h2 (accept them).
+            tokio::time::sleep(Duration::from_millis(2)).await;
         } else {
             tokio::task::yield_now().await;
         }
@@ -764,7 +766,18 @@ async fn streams_reset_in_a_loop_cut_the_connection() {
         let cpu = service.process.cpu_seconds();
         let ((tight, paced), _) = during(&service, placement, async |from| {
             let tight = reset_loop(from, service.addr, 20_000, 1, false).await;
-            let paced = reset_loop(from, service.addr, 20_000, 10, true).await;
+            // On a loaded machine hyper may not have taken a batch's streams from h2
+            // when their resets arrive, and h2's own bound for resets of streams not
+            // yet accepted cuts first: a few tries, for a run where the streams were
+            // all accepted.
+            let mut paced = reset_loop(from, service.addr, 20_000, 10, true).await;
+            for _ in 0..3 {
+                if paced.accepted_resets {
+                    break;
+                }
+                eprintln!("  {placement:?}: ten at a time, cut by h2's own bound: {paced}");
+                paced = reset_loop(from, service.addr, 20_000, 10, true).await;
+            }
             (tight, paced)
         })
         .await;
