@@ -22,22 +22,20 @@ import argparse
 import base64
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 
 # bench.py beside this file (on the path as the script's own directory): processes,
 # h2load, protobuf by hand.
 import bench
+from testkit.oidc import KeySet
 
-BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 WRK_SCRIPT = """
 -- Each thread sends its share of the logout tokens in TOKENS (every other line, by its
 -- id), one request each: no token is sent twice while any is left.
@@ -79,46 +77,14 @@ end
 """
 
 
-class KeySet:
-    """An RSA signing key and its JWKS on a free loopback port, as Keycloak publishes it."""
-
-    def __init__(self):
-        import jwt  # PyJWT (tests/ecosystem/requirements.txt)
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        self.jwt = jwt
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        public.update({"kid": "bench-1", "use": "sig", "alg": "RS256"})
-        body = json.dumps({"keys": [public]}).encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}/realms/bench"
-
-    def tokens(self, count, path):
-        """Writes `count` logout tokens for users bench-0..99, one per line. Signing takes
-        about 0.5 ms a token, so each token's `iat` is its signing time plus 30 s: the
-        service accepts an `iat` within 60 s of its clock either way, so every token is
-        still acceptable when the run, up to a minute later, sends it."""
-        with open(path, "w") as f:
-            for i in range(count):
-                now = int(time.time()) + 30
-                claims = {"iss": self.issuer, "aud": "session-cache", "iat": now, "exp": now + 120,
-                          "jti": str(uuid.uuid4()), "sub": f"bench-{i % 100}", "sid": str(uuid.uuid4()),
-                          "events": {BACKCHANNEL_EVENT: {}}}
-                f.write(self.jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": "bench-1"}) + "\n")
+def write_logout_tokens(keys, count, path):
+    """Writes `count` logout tokens of `keys` (testkit.oidc) for users bench-0..99, one
+    per line. Signing takes about 0.5 ms a token, so each token's `iat` is its signing
+    time plus 30 s: the service accepts an `iat` within 60 s of its clock either way, so
+    every token is still acceptable when the run, up to a minute later, sends it."""
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(keys.logout_token(f"bench-{i % 100}", issued=int(time.time()) + 30) + "\n")
 
 
 def wrk(url, seconds, workdir, script=None, headers=(), body=None, env=None):
@@ -183,7 +149,7 @@ def main():
     binary = os.path.join(args.bin_dir, "session-cache")
     procs = bench.Procs()
     workdir = tempfile.mkdtemp(prefix="session-cache-pushed-")
-    keys = KeySet()
+    keys = KeySet(realm="bench", kid="bench-1")
     try:
         redis_port = bench.start_redis(procs, workdir)
         key, webhook_port = uuid.uuid4().hex * 4, bench.free_port()
@@ -225,7 +191,7 @@ def main():
         tokens = os.path.join(workdir, "tokens")
         count = 120_000 if not args.quick else 20_000
         started = time.time()
-        keys.tokens(count, tokens)
+        write_logout_tokens(keys, count, tokens)
         print(f"({count} logout tokens signed in {time.time() - started:.1f}s)", file=sys.stderr)
         script = os.path.join(workdir, "logout.lua")
         with open(script, "w") as f:
@@ -252,7 +218,7 @@ def main():
         return 0
     finally:
         procs.stop()
-        keys.server.shutdown()
+        keys.stop()
 
 
 if __name__ == "__main__":

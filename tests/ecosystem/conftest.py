@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from support import AUDIENCE, STORES, WORK, KeySet, Redis, Server, free_port
+from support import AUDIENCE, STORES, WORK, Redis, Server, free_port
 from testkit.appwrite import AppwriteStandIn, readme_session
+from testkit.oidc import KeySet
 
 
 def _interrupted(signum, frame):
@@ -84,7 +85,7 @@ def pushed(start):
     """A server on its own Redis with the HTTP listener, an Appwrite webhook and
     back-channel logout configured (SPEC §12); its webhook key written to a file as a
     Secret would be."""
-    keys = KeySet()
+    keys = KeySet(audience=AUDIENCE)
     directory = WORK / "pushed"
     directory.mkdir(parents=True, exist_ok=True)
     key_file = directory / "webhook-signature-key"

@@ -8,23 +8,17 @@ logs go to target/ecosystem/logs. redis-server must be on PATH, grpcurl too (the
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from testkit.local import eventually, free_port, stop_process, wait_redis
@@ -164,47 +158,5 @@ def grpcurl(address: str, *args: str, data: dict | None = None) -> subprocess.Co
     return done
 
 
-# Back-channel logout (SPEC §12): the audience the service is told, the event a logout
-# token carries.
-BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+# Back-channel logout (SPEC §12): the audience the service is told.
 AUDIENCE = "session-cache"
-
-
-class KeySet:
-    """An OpenID provider's signing key and its JWKS endpoint, on a free loopback port."""
-
-    def __init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        public.update({"kid": "kc-1", "use": "sig", "alg": "RS256"})
-        body = json.dumps({"keys": [public]}).encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        port = self.server.server_address[1]
-        self.issuer = f"http://127.0.0.1:{port}/realms/main"
-        self.jwks_url = f"{self.issuer}/protocol/openid-connect/certs"
-
-    def logout_token(self, sub: str) -> str:
-        """A logout token as Keycloak sends one: sub and sid, the logout event, a jti."""
-        now = int(time.time())
-        claims = {"iss": self.issuer, "aud": AUDIENCE, "iat": now, "exp": now + 120,
-                  "jti": str(uuid.uuid4()), "sub": sub, "sid": str(uuid.uuid4()),
-                  "events": {BACKCHANNEL_EVENT: {}}}
-        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": "kc-1", "typ": "logout+jwt"})
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
