@@ -74,6 +74,51 @@ pub(crate) struct Grpc<S> {
     pub proxy_protocol: bool,
 }
 
+/// What answers the calls of a connection: the layered routes, each answer's body a
+/// [`ReplyBody`].
+pub(crate) trait Routes<B>:
+    Service<
+        http::Request<GrpcBody>,
+        Response = http::Response<B>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, B> Routes<B> for T where
+    T: Service<
+            http::Request<GrpcBody>,
+            Response = http::Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The body of an answer, as hyper's HTTP/2 sends it.
+pub(crate) trait ReplyBody:
+    http_body::Body<
+        Data = hyper::body::Bytes,
+        Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    > + Send
+    + 'static
+{
+}
+
+impl<T> ReplyBody for T where
+    T: http_body::Body<
+            Data = hyper::body::Bytes,
+            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        > + Send
+        + 'static
+{
+}
+
 /// Serves `listener` until `stop` completes; then stops accepting, asks every
 /// connection to close gracefully, and returns once all have closed (the caller bounds
 /// that wait).
@@ -82,14 +127,8 @@ pub(crate) async fn serve<S, B>(
     grpc: Grpc<S>,
     stop: impl std::future::Future<Output = ()>,
 ) where
-    S: Service<http::Request<GrpcBody>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = hyper::body::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Routes<B> + Sync,
+    B: ReplyBody,
 {
     let grpc = Arc::new(grpc);
     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -134,13 +173,8 @@ async fn connection<S, B>(
     builder: Arc<http2::Builder<TokioExecutor>>,
     drain: CancellationToken,
 ) where
-    S: Service<http::Request<GrpcBody>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = hyper::body::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Routes<B>,
+    B: ReplyBody,
 {
     let Some((_, place)) = identify(&mut tcp, addr, entered, grpc.proxy_protocol, GRPC).await
     else {
@@ -176,13 +210,8 @@ async fn serve_connection<IO, S, B>(
     close_grace: Duration,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<http::Request<GrpcBody>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = hyper::body::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Routes<B>,
+    B: ReplyBody,
 {
     let activity = connection.activity().clone();
     let service = TowerToHyperService::new(PerConnection {
