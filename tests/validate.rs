@@ -445,16 +445,7 @@ async fn a_cold_burst_of_distinct_sessions_is_answered_not_shed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revocations_hold_through_validate() {
     for backend in STORES {
-        let tally = race(backend).await;
-        eprintln!("{backend:?}: {tally:?}");
-        assert_eq!(
-            tally.revived, 0,
-            "{backend:?}: a revoked session was served"
-        );
-        assert!(
-            tally.valid > 50,
-            "{backend:?}: the schedule produces VALIDs"
-        );
+        race(backend).await.assert_held(backend);
     }
 }
 

@@ -134,6 +134,16 @@ pub struct Tally {
     pub validates: usize,
 }
 
+impl Tally {
+    /// The race held on `backend`: no revoked session was served, and the schedule
+    /// produced enough VALIDs for that to mean something.
+    pub fn assert_held(&self, backend: impl std::fmt::Debug) {
+        eprintln!("{backend:?}: {self:?}");
+        assert_eq!(self.revived, 0, "{backend:?}: a revoked session was served");
+        assert!(self.valid > 50, "{backend:?}: the schedule produces VALIDs");
+    }
+}
+
 /// Validate of `token`, its outcome.
 pub async fn validate(client: &mut SessionCacheClient<Channel>, token: &str) -> ValidateOutcome {
     client
