@@ -17,7 +17,7 @@ use bb8_redis::redis::{self, aio::MultiplexedConnection};
 use session_cache::{
     clock::Micros,
     keys::{TokenHash, marker_key},
-    pb::SetOutcome,
+    pb::{self, GetOutcome, SetOutcome},
 };
 use support::{
     Harness, PATIENCE, Server,
@@ -315,6 +315,123 @@ async fn primary_killed_under_load() {
         changes.last().map(|(_, status)| *status),
         Some(ServingStatus::Serving),
         "SERVING after the failover: {changes:?}"
+    );
+}
+
+/// A batch on its way to a frozen primary (SIGSTOP: it holds its connections and
+/// answers nothing) holds back no later batch: lookups that start while it waits for
+/// the store timeout are sent on, and every one of sessions on the running primaries
+/// hits before the frozen primary is thawed. The batcher sends its next batch when the
+/// one on its way has been answered or has been on its way for a millisecond; waiting
+/// for the frozen primary would hold them all until the thaw. The store timeout is long
+/// here (the frozen batch waits for it), the freeze shorter than the Cluster's node
+/// timeout, and the health ping runs once a minute: a failed ping answers every Get
+/// UNAVAILABLE at once (SPEC §5), which is not what this test is about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_to_a_frozen_primary_holds_back_no_later_one() {
+    const BEFORE: Duration = Duration::from_millis(100);
+    const LOAD: Duration = Duration::from_millis(300);
+    let topology = ClusterTopology::start(Cluster {
+        primaries: 3,
+        replicas_per_primary: 0,
+    })
+    .await;
+    let args = [
+        "--health-interval-ms",
+        "60000",
+        "--store-timeout-ms",
+        "1500",
+    ];
+    let mut h = Harness::over_cluster(&topology, &args).await;
+    let primaries = topology.primaries().await;
+    let (frozen, running) = (primaries[0], [primaries[1], primaries[2]]);
+    // Sessions on each running primary, their users' markers on the other one.
+    let mut served = Vec::new();
+    for (i, (port, marker_port)) in [(running[0], running[1]), (running[1], running[0])]
+        .into_iter()
+        .enumerate()
+    {
+        let tokens = tokens_served_by(&topology, port, &format!("held-{i}-"), 4).await;
+        let prefix = format!("held-user-{i}-");
+        let users = names_served_by(&topology, marker_port, &prefix, marker_key, 4).await;
+        served.extend(tokens.into_iter().zip(users));
+    }
+    let stalled = tokens_served_by(&topology, frozen, "stalled-", 2).await;
+    for (token, user_id) in served
+        .iter()
+        .map(|(t, u)| (t.as_str(), u.as_str()))
+        .chain(stalled.iter().map(|t| (t.as_str(), "stalled-user")))
+    {
+        let set = h.set(token, user(user_id), in_an_hour(), "").await;
+        assert_eq!(set.outcome(), SetOutcome::Stored, "{token}");
+    }
+
+    topology.freeze(frozen);
+    let get = |token: String| {
+        let caller = h.caller();
+        async move {
+            let answer = caller.get(pb::GetRequest { token }).await;
+            answer.map(|got| got.outcome()).map_err(|e| e.code())
+        }
+    };
+    // Two at once: the first is read on its own, the second goes in a batch.
+    let waiting: Vec<_> = stalled
+        .iter()
+        .map(|t| tokio::spawn(get(t.clone())))
+        .collect();
+    tokio::time::sleep(BEFORE).await;
+    let started = Instant::now();
+    let load: Vec<_> = served
+        .chunks(2)
+        .map(|pairs| {
+            let calls: Vec<_> = pairs
+                .iter()
+                .cycle()
+                .take(500)
+                .map(|(t, _)| get(t.clone()))
+                .collect();
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for call in calls {
+                    if started.elapsed() >= LOAD {
+                        break;
+                    }
+                    answers.push(call.await);
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in load {
+        answers.extend(task.await.expect("a load task"));
+    }
+    let answered = started.elapsed();
+    let still_waiting = waiting.iter().filter(|task| !task.is_finished()).count();
+    topology.thaw(frozen);
+    let mut on_frozen = Vec::new();
+    for task in waiting {
+        on_frozen.push(task.await.expect("a Get of the frozen primary"));
+    }
+
+    let misses = answers
+        .iter()
+        .filter(|answer| **answer != Ok(GetOutcome::Hit))
+        .count();
+    eprintln!(
+        "a frozen primary: {} Gets of sessions on running primaries in {answered:?}, {misses} \
+         not a hit; {still_waiting} of the frozen primary's Gets still waiting then, answered \
+         {on_frozen:?} after the thaw",
+        answers.len(),
+    );
+    assert_eq!(
+        still_waiting, 2,
+        "the frozen primary's Gets did not wait for it"
+    );
+    assert!(answers.len() >= 8, "too few Gets to judge: {answers:?}");
+    assert_eq!(
+        misses, 0,
+        "Gets of running primaries held back: {answers:?}"
     );
 }
 

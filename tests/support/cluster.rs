@@ -263,6 +263,16 @@ impl ClusterTopology {
         self.nodes.kill(port);
     }
 
+    /// SIGSTOP of the node on `port`: it keeps its connections and answers nothing.
+    pub fn freeze(&self, port: u16) {
+        self.nodes.get(port).freeze();
+    }
+
+    /// SIGCONT of a node that [`ClusterTopology::freeze`] stopped.
+    pub fn thaw(&self, port: u16) {
+        self.nodes.get(port).thaw();
+    }
+
     /// Waits (at most [`FAILOVER_PATIENCE`]) until a replica of the killed primary `old`
     /// (as the cluster last settled) answers ROLE as master and serves every slot `old`
     /// served, and the cluster is settled on every running node; returns its port and

@@ -10,15 +10,28 @@
 //! progress does not come here at all (see `RedisStore::lookup`): with nothing to
 //! coalesce, the batcher's extra hop would only add latency.
 //!
+//! One batch is on its way at a time: the next gathers while it is, and goes when it
+//! is answered, or after [`HOLD`] if it is slow. Under load that makes the batches as
+//! large as the load is deep (about a hundred lookups at 500 in flight, against about
+//! thirty when each batch went as soon as it had gathered), which halves the pipelines
+//! Redis reads and answers per call and the service's system calls and wake-ups with
+//! them (BENCHMARKS.md, "One batch on its way at a time"). The bound on the wait keeps a
+//! slow node (a Cluster primary failing over, a stalled connection) from holding back
+//! the lookups bound elsewhere for longer than [`HOLD`], and lets a Redis far away (a
+//! round trip near a millisecond) have several batches on their way, as it needs to.
+//!
 //! Callers keep their own deadline: a caller that gave up is skipped if its lookup has
 //! not been sent, and ignored when its reply arrives.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use bb8::Pool;
 use bb8_redis::redis::{self, Cmd, Pipeline, RedisError, ServerErrorKind, Value};
 use futures_util::future::join_all;
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    time::sleep,
+};
 
 use super::{
     connection::{Handle, Manager},
@@ -74,6 +87,11 @@ impl Waiting for ScriptCall {
 /// Most calls in one pipeline; more wait for the next.
 const MAX_BATCH: usize = 256;
 
+/// How long a batch on its way holds the next one back (see the module's
+/// documentation): several round trips on loopback or within a zone, where batches are
+/// answered well within it.
+const HOLD: Duration = Duration::from_millis(1);
+
 /// Starts the lookups' batcher; it ends when the returned sender is dropped. The
 /// channel needs no bound of its own: `--max-in-flight` bounds the calls that can be
 /// waiting in it.
@@ -119,7 +137,12 @@ where
     F: Fn(Handle, Vec<J>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // The batch on its way (see the module's documentation).
+    let way = Arc::new(Semaphore::new(1));
     while let Some(first) = queue.recv().await {
+        let Ok(on_its_way) = way.clone().acquire_owned().await else {
+            return;
+        };
         // Let the handlers that are already runnable enqueue their calls too.
         tokio::task::yield_now().await;
         let mut batch = vec![first];
@@ -137,7 +160,16 @@ where
             // Sent from a task of its own, so that gathering goes on while this batch
             // waits for its reply.
             Ok(handle) => {
-                tokio::spawn(send(handle, batch));
+                let sent = send(handle, batch);
+                tokio::spawn(async move {
+                    tokio::pin!(sent);
+                    tokio::select! {
+                        () = &mut sent => return,
+                        () = sleep(HOLD) => {}
+                    }
+                    drop(on_its_way);
+                    sent.await;
+                });
             }
             Err(e) => {
                 for job in batch {
