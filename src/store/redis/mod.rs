@@ -62,7 +62,7 @@ use bb8_redis::redis::{
     RedisConnectionInfo, RedisError, ScriptInvocation, TlsCertificates, io::tcp::TcpSettings,
 };
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::mpsc,
     time::{Instant, timeout_at},
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -294,19 +294,20 @@ impl RedisStore {
             })
             .await?
         } else {
-            let (reply, replied) = oneshot::channel();
+            // No timer here: the batch answers by the deadline (see `coalesce`).
+            let (reply, replied) = coalesce::Reply::new();
             let call = coalesce::ScriptCall {
                 cmd,
                 script: script.clone(),
                 slot: slots::slot(key.as_bytes()),
+                deadline,
                 reply,
             };
             self.calls
                 .send(call)
                 .map_err(|_| StoreError::Failed("the call batcher has stopped".into()))?;
-            timeout_at(deadline, replied)
+            replied
                 .await
-                .map_err(|_| StoreError::Timeout)?
                 .map_err(|_| StoreError::Failed("the call batcher dropped a call".into()))??
         };
         T::from_redis_value(value).map_err(|e| StoreError::Failed(e.to_string()))
@@ -398,17 +399,18 @@ impl RedisStore {
                 })
                 .await;
         }
-        let (reply, replied) = oneshot::channel();
+        // No timer here: the batch answers by the deadline (see `coalesce`).
+        let (reply, replied) = coalesce::Reply::new();
         let job = coalesce::Job {
             key: key.to_owned(),
+            deadline,
             reply,
         };
         self.gets
             .send(job)
             .map_err(|_| StoreError::Failed("the get batcher has stopped".into()))?;
-        timeout_at(deadline, replied)
+        replied
             .await
-            .map_err(|_| StoreError::Timeout)?
             .map_err(|_| StoreError::Failed("the get batcher dropped a lookup".into()))?
     }
 
