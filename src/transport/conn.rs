@@ -12,7 +12,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -83,6 +83,9 @@ pub(crate) struct Activity {
     /// the peer reads; their number is the connection's open calls.
     pub(super) calls: Mutex<BTreeSet<(u64, u64)>>,
     pub(super) next_call: AtomicU64,
+    /// Streams whose request hyper has handed to the service and whose answer is not
+    /// ready yet (see `super::behind`).
+    pub(super) answering: AtomicU32,
     /// On a reserved place, until a call on it authenticates.
     pub(super) probation: AtomicBool,
     opened: u64,
@@ -125,6 +128,7 @@ impl Connections {
             streams: Mutex::new((0, now)),
             calls: Mutex::new(BTreeSet::new()),
             next_call: AtomicU64::new(0),
+            answering: AtomicU32::new(0),
             probation: AtomicBool::new(place.on_probation()),
             opened: now,
             resets: Mutex::new(Resets {
@@ -198,6 +202,12 @@ impl Activity {
 
     pub(super) fn calm(&self) -> &CancellationToken {
         &self.calm
+    }
+
+    /// Whether more than one stream of the connection is being answered: their answers
+    /// may be ready together, to be written together (see `super::behind`).
+    pub(super) fn answering_several(&self) -> bool {
+        self.answering.load(Ordering::Relaxed) > 1
     }
 
     /// Counts a stream that ended, `reset` (by the client before its answer was

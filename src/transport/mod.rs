@@ -12,6 +12,8 @@
 //! - [`peers`]: one listener's connections by peer, the piece each listener takes.
 //! - [`proxy`]: the PROXY protocol v2 header that names the peer behind a proxy.
 //! - [`serve`]: the gRPC listener, each connection served by hyper's HTTP/2.
+//! - [`behind`]: a connection's task polled behind the calls already runnable, so that
+//!   it writes their answers together.
 //! - [`conn`]: the gRPC listener's open connections, each one's activity, and the sweep
 //!   that closes the idle and the stalled.
 //! - [`track`]: the tower layer that counts each stream on its connection and admits
@@ -24,6 +26,7 @@
 //! updates keep no connection open.
 
 pub(crate) mod accept;
+pub(crate) mod behind;
 pub(crate) mod conn;
 pub(crate) mod frames;
 pub(crate) mod peers;

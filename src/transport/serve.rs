@@ -39,6 +39,7 @@ use tracing::debug;
 use super::{
     GRPC,
     accept::{accept, configure, enter, identify},
+    behind::{Answering, Behind},
     conn::{Activity, Connection, Connections},
     frames::Frames,
     peers::Entered,
@@ -220,6 +221,31 @@ async fn serve_connection<IO, S, B>(
         activity: activity.clone(),
     });
     let io = TokioIo::new(Frames::new(io, activity.calm().clone()));
+    let busy = {
+        let activity = activity.clone();
+        move || activity.answering_several()
+    };
+    Behind::new(
+        serve_until_closed(io, service, &activity, builder, drain, close_grace),
+        busy,
+    )
+    .await;
+}
+
+/// Serves `io` until the peer closes, or the connection is closed or cut (see
+/// [`serve_connection`]).
+async fn serve_until_closed<IO, S, B>(
+    io: TokioIo<Frames<IO>>,
+    service: TowerToHyperService<PerConnection<S>>,
+    activity: &Activity,
+    builder: &http2::Builder<TokioExecutor>,
+    drain: &CancellationToken,
+    close_grace: Duration,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Routes<B>,
+    B: ReplyBody,
+{
     let mut served = pin!(builder.serve_connection(io, service));
     // Until the connection ends, or is to be closed: gracefully within a grace (the
     // sweep's, or the drain's, which the caller bounds), or cut.
@@ -282,7 +308,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Answering<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -300,6 +326,6 @@ where
             }
         }
         extensions.insert(self.activity.clone());
-        self.inner.call(request)
+        Answering::new(self.inner.call(request), self.activity.clone())
     }
 }

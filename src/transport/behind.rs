@@ -1,0 +1,163 @@
+//! A busy connection's task polled behind the tasks already runnable on its worker, so
+//! that it writes the answers of every call that is ready in one go.
+//!
+//! Each call on an HTTP/2 connection is a task of its own (hyper spawns one per stream);
+//! a call that finishes wakes its connection's task to write the answer. Tokio runs a
+//! task woken from a running task next, before the tasks queued (its LIFO slot), so a
+//! connection wrote each answer on its own, one `writev` and one pass through h2 per
+//! call, while the other calls that the same batch of Redis replies (or the same read of
+//! requests) had finished waited in the queue behind it. Polled behind them, the
+//! connection finds all of their answers and writes them together (BENCHMARKS.md,
+//! "Connections polled behind their calls").
+//!
+//! Each time the task is woken while more than one stream of its connection is being
+//! answered ([`Answering`]), it first yields once: woken by itself while it runs, a tokio
+//! task goes to the back of its worker's queue, not to the LIFO slot. With one answer to
+//! come or none there is nothing to write together, and the yield would only cost a trip
+//! through the scheduler and, on an idle runtime, the wake-up of another worker: yielding
+//! on every wake cost a Get hit at one call in flight 1.5-2x its CPU, and yielding while
+//! one stream was being answered 1.1x.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+};
+
+use super::conn::Activity;
+
+/// `F`, polled only after it has yielded once since it was last woken, when `busy`
+/// says so when it is woken.
+pub(crate) struct Behind<F, B> {
+    inner: Pin<Box<F>>,
+    busy: B,
+    yielded: bool,
+}
+
+impl<F: Future, B: Fn() -> bool> Behind<F, B> {
+    pub(crate) fn new(inner: F, busy: B) -> Self {
+        Behind {
+            inner: Box::pin(inner),
+            busy,
+            yielded: false,
+        }
+    }
+}
+
+impl<F: Future, B: Fn() -> bool + Unpin> Future for Behind<F, B> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if !self.yielded && (self.busy)() {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.yielded = false;
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's answer being made: counted on its connection from the moment hyper
+    /// hands the request to the service until the answer is ready (or the stream is
+    /// dropped), so that the connection knows whether answers of its own may be about
+    /// to be ready, to be written together ([`Behind`]).
+    pub(crate) struct Answering<F> {
+        #[pin]
+        inner: F,
+        counted: Counted,
+    }
+}
+
+impl<F> Answering<F> {
+    pub(crate) fn new(inner: F, activity: Arc<Activity>) -> Self {
+        activity.answering.fetch_add(1, Ordering::Relaxed);
+        Answering {
+            inner,
+            counted: Counted(activity),
+        }
+    }
+}
+
+impl<F: Future> Future for Answering<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+/// One stream counted as being answered, until dropped.
+struct Counted(Arc<Activity>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        cell::Cell,
+        rc::Rc,
+        sync::atomic::AtomicUsize,
+        task::{Wake, Waker},
+    };
+
+    use super::*;
+
+    /// Counts the wakes it is given.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A future that counts its polls and is never ready.
+    fn polls_counted() -> (Rc<Cell<u32>>, impl Future<Output = ()>) {
+        let polls = Rc::new(Cell::new(0));
+        let counted = polls.clone();
+        let future = std::future::poll_fn(move |_| {
+            counted.set(counted.get() + 1);
+            Poll::<()>::Pending
+        });
+        (polls, future)
+    }
+
+    #[test]
+    fn a_busy_connection_yields_once_per_wake_before_it_is_polled() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (polls, inner) = polls_counted();
+        let mut behind = std::pin::pin!(Behind::new(inner, || true));
+        // Woken: it yields (wakes itself, not polled), then is polled.
+        assert!(behind.as_mut().poll(&mut cx).is_pending());
+        assert_eq!((polls.get(), wakes.0.load(Ordering::Relaxed)), (0, 1));
+        assert!(behind.as_mut().poll(&mut cx).is_pending());
+        assert_eq!((polls.get(), wakes.0.load(Ordering::Relaxed)), (1, 1));
+        // Woken again: the same.
+        assert!(behind.as_mut().poll(&mut cx).is_pending());
+        assert!(behind.as_mut().poll(&mut cx).is_pending());
+        assert_eq!((polls.get(), wakes.0.load(Ordering::Relaxed)), (2, 2));
+    }
+
+    #[test]
+    fn a_quiet_connection_is_polled_at_once() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (polls, inner) = polls_counted();
+        let mut behind = std::pin::pin!(Behind::new(inner, || false));
+        for _ in 0..3 {
+            assert!(behind.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!((polls.get(), wakes.0.load(Ordering::Relaxed)), (3, 0));
+    }
+}
