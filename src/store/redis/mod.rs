@@ -35,9 +35,8 @@
 //! tag puts it in the entry's slot, or a user's marker. The marker is in its user's slot,
 //! so in Cluster two things take two steps (SPEC §8): a lookup that finds an entry reads
 //! the marker after it, and a Set with a fence reads the marker before its script
-//! writes. Outside Cluster both stay one script and one round trip. Lookups are not
-//! batched in Cluster: a pipeline goes to one node, and consecutive lookups rarely
-//! share one.
+//! writes. Outside Cluster both stay one script and one round trip. Batches go to a
+//! Cluster as one pipeline per primary, by the slot map (`read`, `coalesce`, `nodes`).
 //!
 //! # The parts
 //! - `settings`: what the flags say; `pool` and `connection`: the connections, and
