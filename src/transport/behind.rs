@@ -1,5 +1,6 @@
-//! A busy connection's task polled behind the tasks already runnable on its worker, so
-//! that it writes the answers of every call that is ready in one go.
+//! A connection's task polled behind the tasks already runnable on its worker when the
+//! server is busy, so that it reads the requests that have come and writes the answers
+//! that are ready in one go.
 //!
 //! Each call on an HTTP/2 connection is a task of its own (hyper spawns one per stream);
 //! a call that finishes wakes its connection's task to write the answer. Tokio runs a
@@ -7,25 +8,26 @@
 //! connection wrote each answer on its own, one `writev` and one pass through h2 per
 //! call, while the other calls that the same batch of Redis replies (or the same read of
 //! requests) had finished waited in the queue behind it. Polled behind them, the
-//! connection finds all of their answers and writes them together (BENCHMARKS.md,
-//! "Connections polled behind their calls").
+//! connection finds all of their answers and writes them together, and on its next read
+//! finds more requests waiting (BENCHMARKS.md, "Connections polled behind their calls").
 //!
-//! Each time the task is woken while more than one stream of its connection is being
-//! answered ([`Answering`]), it first yields once: woken by itself while it runs, a tokio
-//! task goes to the back of its worker's queue, not to the LIFO slot. With one answer to
-//! come or none there is nothing to write together, and the yield would only cost a trip
-//! through the scheduler and, on an idle runtime, the wake-up of another worker: yielding
-//! on every wake cost a Get hit at one call in flight 1.5-2x its CPU, and yielding while
-//! one stream was being answered 1.1x.
+//! A connection's task, woken, first yields once ([`Behind`]) when the server is busy
+//! ([`Busy`]): more than one of its own streams is being answered ([`Answering`]), or
+//! more than one stream has started on the server since the connection last looked.
+//! Woken by itself while it runs, a tokio task goes to the back of its worker's queue,
+//! not to the LIFO slot. On a quiet server there is nothing to gather, and the yield would
+//! only cost a trip through the scheduler and the wake-up of another worker: yielding on
+//! every wake cost a Get hit at one call in flight 1.5-2x its CPU.
 
 use std::{
+    cell::Cell,
     future::Future,
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
 };
 
-use super::conn::Activity;
+use super::conn::{Activity, Connections};
 
 /// `F`, polled only after it has yielded once since it was last woken, when `busy`
 /// says so when it is woken.
@@ -56,6 +58,34 @@ impl<F: Future, B: Fn() -> bool + Unpin> Future for Behind<F, B> {
         }
         self.yielded = false;
         self.inner.as_mut().poll(cx)
+    }
+}
+
+/// Whether a connection's task, woken, should first yield (see the module's
+/// documentation).
+pub(crate) struct Busy {
+    activity: Arc<Activity>,
+    connections: Arc<Connections>,
+    /// Streams started on the server when the connection last looked.
+    seen: Cell<u64>,
+}
+
+impl Busy {
+    pub(crate) fn new(activity: Arc<Activity>, connections: Arc<Connections>) -> Self {
+        let seen = Cell::new(connections.started.load(Ordering::Relaxed));
+        Busy {
+            activity,
+            connections,
+            seen,
+        }
+    }
+
+    /// More than one of the connection's streams being answered, or more than one
+    /// stream started on the server since it last looked.
+    pub(crate) fn now(&self) -> bool {
+        let started = self.connections.started.load(Ordering::Relaxed);
+        let since = started.wrapping_sub(self.seen.replace(started));
+        since > 1 || self.activity.answering.load(Ordering::Relaxed) > 1
     }
 }
 

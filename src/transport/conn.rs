@@ -63,6 +63,8 @@ pub(crate) struct Connections {
     next_id: AtomicU64,
     /// Calls over all connections whose answer is not yet delivered.
     pub(super) open_calls: AtomicUsize,
+    /// Streams started over all connections, ever (see `super::behind`).
+    pub(super) started: AtomicU64,
     epoch: Instant,
 }
 
@@ -108,6 +110,7 @@ impl Connections {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             open_calls: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
             epoch: Instant::now(),
         })
     }
@@ -202,12 +205,6 @@ impl Activity {
 
     pub(super) fn calm(&self) -> &CancellationToken {
         &self.calm
-    }
-
-    /// Whether more than one stream of the connection is being answered: their answers
-    /// may be ready together, to be written together (see `super::behind`).
-    pub(super) fn answering_several(&self) -> bool {
-        self.answering.load(Ordering::Relaxed) > 1
     }
 
     /// Counts a stream that ended, `reset` (by the client before its answer was

@@ -39,7 +39,7 @@ use tracing::debug;
 use super::{
     GRPC,
     accept::{accept, configure, enter, identify},
-    behind::{Answering, Behind},
+    behind::{Answering, Behind, Busy},
     conn::{Activity, Connection, Connections},
     frames::Frames,
     peers::Entered,
@@ -221,13 +221,10 @@ async fn serve_connection<IO, S, B>(
         activity: activity.clone(),
     });
     let io = TokioIo::new(Frames::new(io, activity.calm().clone()));
-    let busy = {
-        let activity = activity.clone();
-        move || activity.answering_several()
-    };
+    let busy = Busy::new(activity.clone(), grpc.connections.clone());
     Behind::new(
         serve_until_closed(io, service, &activity, builder, drain, close_grace),
-        busy,
+        move || busy.now(),
     )
     .await;
 }

@@ -125,6 +125,7 @@ impl InFlight {
             let mut streams = activity.streams.lock().unwrap();
             *streams = (streams.0 + 1, now);
         }
+        connections.started.fetch_add(1, Ordering::Relaxed);
         Ok(InFlight {
             activity,
             connections: connections.clone(),
