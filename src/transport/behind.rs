@@ -29,35 +29,39 @@ use std::{
 
 use super::conn::{Activity, Connections};
 
-/// `F`, polled only after it has yielded once since it was last woken, when `busy`
-/// says so when it is woken.
-pub(crate) struct Behind<F, B> {
-    inner: Pin<Box<F>>,
-    busy: B,
-    yielded: bool,
+pin_project_lite::pin_project! {
+    /// `F`, polled only after it has yielded once since it was last woken, when `busy`
+    /// says so when it is woken.
+    pub(crate) struct Behind<F, B> {
+        #[pin]
+        inner: F,
+        busy: B,
+        yielded: bool,
+    }
 }
 
 impl<F: Future, B: Fn() -> bool> Behind<F, B> {
     pub(crate) fn new(inner: F, busy: B) -> Self {
         Behind {
-            inner: Box::pin(inner),
+            inner,
             busy,
             yielded: false,
         }
     }
 }
 
-impl<F: Future, B: Fn() -> bool + Unpin> Future for Behind<F, B> {
+impl<F: Future, B: Fn() -> bool> Future for Behind<F, B> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        if !self.yielded && (self.busy)() {
-            self.yielded = true;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if !*this.yielded && (this.busy)() {
+            *this.yielded = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        self.yielded = false;
-        self.inner.as_mut().poll(cx)
+        *this.yielded = false;
+        this.inner.poll(cx)
     }
 }
 
@@ -149,6 +153,12 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wakes, and the count.
+    fn counting_waker() -> (Arc<Wakes>, Waker) {
+        let wakes = Arc::new(Wakes::default());
+        (wakes.clone(), Waker::from(wakes))
+    }
+
     /// A future that counts its polls and is never ready.
     fn polls_counted() -> (Rc<Cell<u32>>, impl Future<Output = ()>) {
         let polls = Rc::new(Cell::new(0));
@@ -162,8 +172,7 @@ mod tests {
 
     #[test]
     fn a_busy_connection_yields_once_per_wake_before_it_is_polled() {
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let (polls, inner) = polls_counted();
         let mut behind = std::pin::pin!(Behind::new(inner, || true));
@@ -180,8 +189,7 @@ mod tests {
 
     #[test]
     fn a_quiet_connection_is_polled_at_once() {
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let (polls, inner) = polls_counted();
         let mut behind = std::pin::pin!(Behind::new(inner, || false));
